@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vggtrain.synthetic import write_synthetic_cifar10
+
+
+@pytest.fixture(scope="session")
+def cifar_bin(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar_bin")
+    write_synthetic_cifar10(root, "bin", per_batch=200, test_size=400, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_py(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar_py")
+    write_synthetic_cifar10(root, "py", per_batch=200, test_size=400, seed=1)
+    return root
+
+
+def tiny_config(data_root: Path, out_dir: Path, **sections) -> dict:
+    """A config for a VGG-style net small enough to train in seconds on two CPU cores."""
+    cfg = {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"root": str(data_root), "val_size": 200},
+        "model": {"arch": "custom", "layers": [8, "M", 16, "M", 16, "M"], "global_pool": "max"},
+        "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5.0e-4},
+        "schedule": {"step_size": 2, "gamma": 0.5},
+        "train": {"epochs": 3, "batch_size": 50, "eval_batch_size": 200, "device": "cpu",
+                  "log_every": 4, "out_dir": str(out_dir)},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg[section].update(values)
+        else:
+            cfg[section] = values
+    return cfg
+
+
+def write_yaml(path: Path, data: object) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

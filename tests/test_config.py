@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vggtrain.cli import main
+from vggtrain.config import PROJECT_CONFIGS, TrainConfig, config_from_dict, dump_config, load_config
+from vggtrain.errors import ConfigError
+
+SHIPPED = sorted(p.name for p in PROJECT_CONFIGS.glob("*.yaml"))
+
+
+def test_shipped_configs_are_valid():
+    assert {"vgg11_cifar.yaml", "vgg13_cifar.yaml", "vgg16_cifar.yaml", "vgg19_cifar.yaml",
+            "smoke.yaml"} <= set(SHIPPED)
+    for name in SHIPPED:
+        cfg = load_config(name)
+        assert isinstance(cfg, TrainConfig)
+    cfg = load_config("vgg16_cifar.yaml")
+    assert (cfg.model.arch, cfg.model.batch_norm, cfg.optim.momentum, cfg.optim.weight_decay) == \
+        ("vgg16", True, 0.9, 5e-4)
+
+
+def test_bare_name_is_found_in_project_configs_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config("vgg13_cifar.yaml").model.arch == "vgg13"
+    assert load_config("vgg13_cifar").model.arch == "vgg13"
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config("vgg19_cifar.yaml", ["optim.lr=0.2", "model.layers=null"])
+    import yaml
+
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)), "round-trip")
+    assert again == cfg and again.optim.lr == 0.2
+
+
+def test_set_values_are_parsed_as_yaml_scalars():
+    cfg = load_config("smoke.yaml", ["optim.lr=1e-3", "optim.nesterov=true", "train.epochs=7",
+                                     "model.layers=[8, M, 16]", "data.root=/x/y"])
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.optim.nesterov is True and cfg.train.epochs == 7
+    assert cfg.model.layers == [8, "M", 16] and cfg.data.root == "/x/y"
+
+
+def _error(tmp_path: Path, text: str | bytes, overrides: list[str] = ()) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path), overrides)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("config error: ")
+    return msg
+
+
+def test_error_names_file_and_dotted_key(tmp_path):
+    msg = _error(tmp_path, "optim:\n  lr: -1\n")
+    assert msg == f"config error: {tmp_path / 'c.yaml'}: optim.lr must be > 0 (got -1)"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("optim:\n  lr: 0\n", "optim.lr must be > 0"),
+    ("optim:\n  lr: .nan\n", "optim.lr must be a number"),
+    ("optim:\n  lr: .inf\n", "optim.lr must be a number"),
+    ("optim:\n  lr: fast\n", "optim.lr must be a number (got 'fast')"),
+    ("optim:\n  lr: 1e999\n", "optim.lr must be a number"),
+    ("optim:\n  momentum: 1.0\n", "optim.momentum must be in [0, 1)"),
+    ("optim:\n  weight_decay: -0.1\n", "optim.weight_decay must be in [0, 1)"),
+    ("optim:\n  nesterov: 1\n", "optim.nesterov must be true or false (got 1)"),
+    ("optim:\n  label_smoothing: 1\n", "optim.label_smoothing must be in [0, 1)"),
+    ("schedule:\n  gamma: 0\n", "schedule.gamma must be in (0, 1]"),
+    ("schedule:\n  gamma: 1.5\n", "schedule.gamma must be in (0, 1]"),
+    ("schedule:\n  step_size: 0\n", "schedule.step_size must be >= 1"),
+    ("train:\n  batch_size: 0\n", "train.batch_size must be >= 1"),
+    ("train:\n  batch_size: 12.5\n", "train.batch_size must be an integer (got 12.5)"),
+    ("train:\n  batch_size: true\n", "train.batch_size must be an integer (got True)"),
+    ("train:\n  epochs: 100000000000000000000000000000\n", "train.epochs must be <= 1e+06"),
+    ("train:\n  precision: fp8\n", "train.precision must be one of fp32, bf16, fp16"),
+    ("train:\n  device: tpu\n", "train.device must be auto, cpu, cuda, cuda:N or mps"),
+    ("data:\n  val_size: -5\n", "data.val_size must be >= 0"),
+    ("model:\n  arch: vgg17\n", "model.arch must be one of vgg11, vgg13, vgg16, vgg19, custom"),
+    ("model:\n  width: 0\n", "model.width must be > 0"),
+    ("model:\n  width: 17\n", "model.width must be <= 16"),
+    ("optim:\n  lr: 1000\n", "optim.lr must be <= 100"),
+    ("model:\n  head: conv\n", "model.head must be one of linear, mlp"),
+    ("model:\n  arch: custom\n", "model.layers is required when model.arch is custom"),
+    ("model:\n  layers: [8, M]\n", "model.layers is only used with model.arch: custom"),
+    ("model:\n  arch: custom\n  layers: [8, X]\n", "model.layers entries must be channel counts"),
+    ("model:\n  arch: custom\n  layers: [M, M]\n", "model.layers must contain at least one"),
+    ("model:\n  arch: custom\n  layers: [8, M, M, M, M, M, M]\n", "at most 5 'M' pools"),
+    ("model:\n  arch: custom\n  layers: 8\n", "model.layers must be a list or null (got 8)"),
+    ("optim:\n  lrr: 0.1\n", "unknown key optim.lrr (expected one of: lr, momentum"),
+    ("trainer:\n  epochs: 1\n", "unknown key trainer (expected one of: name, seed, data"),
+    ("optim: 3\n", "optim must be a mapping (got 3)"),
+    ("name: ../escape\n", "name must be 1-100 letters"),
+    ("", "file is empty"),
+    ("- 1\n- 2\n", "the top level must be a mapping"),
+    ("optim: {lr: [1\n", "invalid YAML"),
+    ("!!python/object/apply:os.system ['touch pwned']\n", "invalid YAML"),
+    (b"name: caf\xe9\n", "not UTF-8"),
+])
+def test_invalid_values_are_one_line_errors(tmp_path, text, expected):
+    assert expected in _error(tmp_path, text)
+
+
+def test_yaml_tags_execute_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _error(tmp_path, "!!python/object/apply:os.system ['touch pwned']\n")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_scientific_notation_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  weight_decay: 5e-4\n")
+    assert load_config(str(path)).optim.weight_decay == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=-1", "--set optim.lr=-1: optim.lr must be > 0 (got -1)"),
+    ("optim.lrr=1", "unknown key optim.lrr"),
+    ("optim", "--set optim: expected key.sub=value"),
+    ("optim.lr.x=1", "--set optim.lr.x=1: lr is not a section"),
+    ("train.epochs=[1", "value is not valid YAML"),
+])
+def test_set_overrides_are_validated_the_same_way(tmp_path, override, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.1\n")
+    assert expected in _error(tmp_path, path.read_text(), [override])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="no-such.yaml: no such config file"):
+        load_config("no-such.yaml")
+
+
+def test_cli_config_error_exits_2_with_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: -1\n")
+    assert main(["fit", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "optim.lr must be > 0 (got -1)" in err and "Traceback" not in err
+
+
+def test_cli_usage_error_exits_2_with_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--bogus"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1

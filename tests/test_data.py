@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from vggtrain.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    Split,
+    crop_flip,
+    eval_batches,
+    load_cifar10,
+    normalize,
+    split_train_val,
+    train_batches,
+)
+from vggtrain.errors import DataError
+from vggtrain.synthetic import CLASS_NAMES
+
+
+def test_both_layouts_hold_the_same_images(cifar_bin, cifar_py):
+    tr_b, te_b, names_b = load_cifar10(cifar_bin)
+    tr_p, te_p, names_p = load_cifar10(cifar_py)
+    assert names_b == names_p == CLASS_NAMES
+    assert tr_b.images.shape == (1000, 3, 32, 32) and tr_b.images.dtype == torch.uint8
+    assert te_b.images.shape == (400, 3, 32, 32) and tr_b.labels.dtype == torch.int64
+    assert torch.equal(tr_b.images, tr_p.images) and torch.equal(tr_b.labels, tr_p.labels)
+    assert torch.equal(te_b.images, te_p.images) and torch.equal(te_b.labels, te_p.labels)
+
+
+def test_root_may_be_the_layout_directory_itself(cifar_bin):
+    train, _, _ = load_cifar10(cifar_bin / "cifar-10-batches-bin")
+    assert len(train) == 1000
+
+
+def _copy(src, tmp_path, layout):
+    dst = tmp_path / "root"
+    shutil.copytree(src, dst)
+    return dst, dst / layout
+
+
+def test_missing_data_names_the_path(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path}: no CIFAR-10 found .*cifar-10-batches-py"):
+        load_cifar10(tmp_path)
+
+
+def test_missing_batch_file(cifar_bin, tmp_path):
+    root, base = _copy(cifar_bin, tmp_path, "cifar-10-batches-bin")
+    (base / "data_batch_3.bin").unlink()
+    with pytest.raises(DataError, match="data_batch_3.bin: missing"):
+        load_cifar10(root)
+
+
+def test_truncated_binary_batch(cifar_bin, tmp_path):
+    root, base = _copy(cifar_bin, tmp_path, "cifar-10-batches-bin")
+    path = base / "test_batch.bin"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match="test_batch.bin: .* not a whole number of 3073-byte"):
+        load_cifar10(root)
+
+
+def test_label_out_of_range(cifar_bin, tmp_path):
+    root, base = _copy(cifar_bin, tmp_path, "cifar-10-batches-bin")
+    raw = bytearray((base / "data_batch_1.bin").read_bytes())
+    raw[0] = 12
+    (base / "data_batch_1.bin").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="label 12 out of range for 10 classes"):
+        load_cifar10(root)
+
+
+def test_truncated_python_batch(cifar_py, tmp_path):
+    root, base = _copy(cifar_py, tmp_path, "cifar-10-batches-py")
+    path = base / "data_batch_2"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(DataError, match="data_batch_2: not a CIFAR python batch"):
+        load_cifar10(root)
+
+
+def test_python_batch_with_wrong_dtype(cifar_py, tmp_path):
+    import numpy as np
+
+    root, base = _copy(cifar_py, tmp_path, "cifar-10-batches-py")
+    bad = {b"data": np.zeros((4, 3072), dtype=np.float32), b"labels": [0, 1, 2, 3]}
+    (base / "data_batch_1").write_bytes(pickle.dumps(bad, protocol=2))
+    with pytest.raises(DataError, match="expected 'data' as a uint8 array"):
+        load_cifar10(root)
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_hostile_pickle_is_refused_without_running(cifar_py, tmp_path):
+    root, base = _copy(cifar_py, tmp_path, "cifar-10-batches-py")
+    marker = tmp_path / "pwned"
+    (base / "data_batch_4").write_bytes(pickle.dumps({b"data": _Payload(marker), b"labels": []}))
+    with pytest.raises(DataError, match=r"data_batch_4: .*refusing to load global (posix|os)\.system"):
+        load_cifar10(root)
+    assert not marker.exists()
+
+
+def test_download_is_atomic_and_verified(tmp_path, monkeypatch):
+    """A download whose files fail the md5 check leaves nothing behind under root."""
+    from torchvision.datasets import utils
+
+    def fake_download(url, download_root, filename=None, md5=None, **kw):
+        from vggtrain.synthetic import write_synthetic_cifar10
+
+        write_synthetic_cifar10(download_root, "py", per_batch=10, test_size=10)
+
+    monkeypatch.setattr(utils, "download_and_extract_archive", fake_download)
+    with pytest.raises(DataError, match="failed its integrity check: data_batch_1"):
+        load_cifar10(tmp_path / "data", download=True)
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_download_failure_is_a_data_error(tmp_path, monkeypatch):
+    from torchvision.datasets import utils
+
+    def offline(*a, **kw):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(utils, "download_and_extract_archive", offline)
+    with pytest.raises(DataError, match="could not download CIFAR-10 .*Name or service not known"):
+        load_cifar10(tmp_path, download=True)
+
+
+def test_split_is_seeded_and_disjoint(cifar_bin):
+    train, _, _ = load_cifar10(cifar_bin)
+    tagged = Split(train.images, torch.arange(len(train)))  # labels as ids, to trace images
+    a_train, a_val = split_train_val(tagged, 100, seed=3)
+    b_train, b_val = split_train_val(tagged, 100, seed=3)
+    _, c_val = split_train_val(tagged, 100, seed=4)
+    assert torch.equal(a_val.labels, b_val.labels) and not torch.equal(a_val.labels, c_val.labels)
+    ids = torch.cat([a_train.labels, a_val.labels]).sort().values
+    assert torch.equal(ids, torch.arange(len(train))) and len(a_val) == 100
+    assert len(split_train_val(train, 0, seed=0)[1]) == 0
+    with pytest.raises(DataError, match="leaves no training images"):
+        split_train_val(train, len(train), seed=0)
+
+
+def test_crop_flip_matches_per_image_reference():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8)
+    shifts = torch.randint(0, 9, (16, 2), generator=g)
+    flips = torch.randint(0, 2, (16,), generator=g).bool()
+    out = crop_flip(images, shifts, flips)
+    for i in range(16):
+        padded = TF.pad(images[i], [4, 4, 4, 4], fill=0)
+        dy, dx = shifts[i].tolist()
+        ref = TF.crop(padded, dy, dx, 32, 32)
+        if flips[i]:
+            ref = TF.horizontal_flip(ref)
+        assert torch.equal(out[i], ref), i
+
+
+def test_normalize_matches_torchvision():
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    ref = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), CIFAR10_MEAN, CIFAR10_STD)
+    torch.testing.assert_close(normalize(images), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_train_batches_shuffle_cover_and_repeat(cifar_bin):
+    train, _, _ = load_cifar10(cifar_bin)
+    tagged = Split(train.images, torch.arange(len(train)))
+    first = list(train_batches(tagged, 128, torch.Generator().manual_seed(1)))
+    again = list(train_batches(tagged, 128, torch.Generator().manual_seed(1)))
+    assert len(first) == 1000 // 128  # the last partial batch is dropped
+    seen = torch.cat([y for _, y in first])
+    assert len(seen.unique()) == len(seen) == 7 * 128
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+    x, _ = first[0]
+    assert x.dtype == torch.float32 and x.shape == (128, 3, 32, 32)
+    cl = next(train_batches(tagged, 128, torch.Generator().manual_seed(1), channels_last=True))[0]
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, x)
+
+
+def test_eval_batches_keep_order_and_remainder(cifar_bin):
+    _, test, _ = load_cifar10(cifar_bin)
+    batches = list(eval_batches(test, 150))
+    assert [len(y) for _, y in batches] == [150, 150, 100]
+    assert torch.equal(torch.cat([y for _, y in batches]), test.labels)

@@ -1,0 +1,5 @@
+import sys
+
+from vggtrain.cli import main
+
+sys.exit(main())

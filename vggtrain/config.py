@@ -1,0 +1,326 @@
+"""The run's configuration: YAML in, typed and validated dataclasses out.
+
+Every rule lives next to its field (``check=``), so one loop validates a file, a ``--set``
+override and a config read back from a checkpoint the same way, and every error names the
+source and the dotted key on one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vggtrain.errors import ConfigError
+
+Check = Callable[[Any], "str | None"]
+ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "custom")
+PROJECT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Check:
+    left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
+
+    def check(v: float) -> str | None:
+        ok_lo = v > lo if lo_open else v >= lo
+        ok_hi = v < hi if hi_open else v <= hi
+        if ok_lo and ok_hi:
+            return None
+        if hi <= 1:  # a fraction: the whole interval says it best
+            return f"must be in {left}{lo:g}, {hi:g}{right}"
+        if not ok_lo:
+            return f"must be {'>' if lo_open else '>='} {lo:g}"
+        return f"must be {'<' if hi_open else '<='} {hi:g}"
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(v: str) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _opt(default: Any, check: Check | None = None) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+def _check_layers(layers: list | None) -> str | None:
+    if layers is None:
+        return None
+    if not layers or not any(isinstance(x, int) for x in layers):
+        return "must contain at least one convolution width"
+    for x in layers:
+        if x != "M" and not (isinstance(x, int) and 1 <= x <= 8192):
+            return f"entries must be channel counts in [1, 8192] or 'M' (bad entry {x!r})"
+    if layers.count("M") > 5:
+        return "may hold at most 5 'M' pools (a 32x32 image is 1x1 after five)"
+    return None
+
+
+@dataclass
+class DataConfig:
+    root: str = _opt("data")
+    download: bool = _opt(False)
+    val_size: int = _opt(5000, _between(0, 50_000))
+    # Random crop (zero padding 4) and horizontal flip, applied batched on the device.
+    augment: bool = _opt(True)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _opt("vgg16", _one_of(*ARCHS))
+    layers: list[int | str] | None = _opt(None, _check_layers)  # only for arch: custom
+    batch_norm: bool = _opt(True)
+    width: float = _opt(1.0, _between(0, 16, lo_open=True))
+    num_classes: int = _opt(10, _between(2, 100_000))
+    head: str = _opt("linear", _one_of("linear", "mlp"))
+    hidden: int = _opt(512, _between(1, 65_536))
+    dropout: float = _opt(0.5, _between(0, 1, hi_open=True))
+    global_pool: str = _opt("none", _one_of("none", "max", "avg"))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _opt(0.05, _between(0, 100, lo_open=True))
+    momentum: float = _opt(0.9, _between(0, 1, hi_open=True))
+    nesterov: bool = _opt(False)
+    weight_decay: float = _opt(5e-4, _between(0, 1, hi_open=True))
+    label_smoothing: float = _opt(0.0, _between(0, 1, hi_open=True))
+
+
+@dataclass
+class ScheduleConfig:
+    step_size: int = _opt(30, _between(1, 1_000_000))
+    gamma: float = _opt(0.1, _between(0, 1, lo_open=True))
+
+
+@dataclass
+class LoopConfig:
+    """The YAML's ``train:`` section: how the loop runs, not what it optimises."""
+
+    epochs: int = _opt(30, _between(1, 1_000_000))
+    batch_size: int = _opt(128, _between(1, 65_536))
+    eval_batch_size: int = _opt(1000, _between(1, 65_536))
+    device: str = _opt("auto")
+    precision: str = _opt("fp32", _one_of("fp32", "bf16", "fp16"))
+    channels_last: bool = _opt(False)
+    log_every: int = _opt(20, _between(1, 1_000_000))
+    out_dir: str = _opt("runs")
+
+
+@dataclass
+class TrainConfig:
+    name: str | None = _opt(None)
+    seed: int = _opt(0, _between(0, 2**63 - 1))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _show(v: Any) -> str:
+    text = repr(v) if isinstance(v, str) else str(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _convert(hint: Any, value: Any) -> tuple[bool, Any]:
+    """(ok, converted value) for a YAML value against a field's type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            ok, out = _convert(arg, value)
+            if ok:
+                return True, out
+        return False, None
+    if origin is list:
+        if not isinstance(value, list):
+            return False, None
+        (item_hint,) = typing.get_args(hint)
+        items = [_convert(item_hint, v) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if hint is type(None):
+        return value is None, None
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        # YAML 1.1 reads "5e-4" (no dot) as a string; accept it as the number it plainly is.
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                out = float(value)
+            except OverflowError:
+                return False, None
+            return math.isfinite(out), out
+        return False, None
+    if hint is str:
+        return isinstance(value, str), value
+    return False, None
+
+
+def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any:
+    if not isinstance(raw, dict):
+        what = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"{where(prefix.rstrip('.'))}: {what} must be a mapping (got {_show(raw)})")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{where(prefix + str(key))}: unknown key {prefix}{key} "
+                              f"(expected one of: {', '.join(names)})")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        key, value, hint = prefix + f.name, raw[f.name], hints[f.name]
+        if is_dataclass(hint):
+            kwargs[f.name] = _build(hint, value, key + ".", where)
+            continue
+        ok, converted = _convert(hint, value)
+        if not ok:
+            raise ConfigError(f"{where(key)}: {key} must be {_type_name(hint)} (got {_show(value)})")
+        check = f.metadata.get("check")
+        problem = check(converted) if check else None
+        if problem:
+            raise ConfigError(f"{where(key)}: {key} {problem} (got {_show(value)})")
+        kwargs[f.name] = converted
+    return cls(**kwargs)
+
+
+def _cross_check(cfg: TrainConfig, where: Callable[[str], str]) -> None:
+    m = cfg.model
+    if m.arch == "custom" and m.layers is None:
+        raise ConfigError(f"{where('model.layers')}: model.layers is required when model.arch is custom")
+    if m.arch != "custom" and m.layers is not None:
+        raise ConfigError(f"{where('model.layers')}: model.layers is only used with model.arch: custom "
+                          f"(got arch {m.arch!r})")
+    if not _DEVICE_RE.match(cfg.train.device):
+        raise ConfigError(f"{where('train.device')}: train.device must be auto, cpu, cuda, cuda:N or mps "
+                          f"(got {_show(cfg.train.device)})")
+    if cfg.name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", cfg.name):
+        raise ConfigError(f"{where('name')}: name must be 1-100 letters, digits, '.', '_' or '-' "
+                          f"(got {_show(cfg.name)})")
+
+
+def config_from_dict(raw: Any, source: str, overridden: dict[str, str] | None = None) -> TrainConfig:
+    """Validate a plain mapping (a parsed YAML file, or one read back from a checkpoint)."""
+    overridden = overridden or {}
+
+    def where(key: str) -> str:
+        return f"--set {overridden[key]}" if key in overridden else source
+
+    cfg = _build(TrainConfig, raw, "", where)
+    _cross_check(cfg, where)
+    return cfg
+
+
+def resolve_config_path(path_or_name: str) -> Path:
+    """A path as given; else a bare name looked up in ./configs, then in the project's configs/."""
+    candidates = [Path(path_or_name)]
+    if not Path(path_or_name).parent.parts:
+        for name in (path_or_name, path_or_name + ".yaml"):
+            candidates += [Path("configs") / name, PROJECT_CONFIGS / name]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"{path_or_name}: no such config file (also looked in configs/ and {PROJECT_CONFIGS})")
+
+
+def _apply_override(raw: dict, item: str) -> str:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item}: value is not valid YAML ({_yaml_problem(e)})") from None
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part, {}), dict):
+            raise ConfigError(f"--set {item}: {part} is not a section")
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return key
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def load_config(path_or_name: str, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read, override and validate a YAML config. Raises ConfigError with a one-line message."""
+    path = resolve_config_path(path_or_name)
+    source = str(path_or_name)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not UTF-8 text (bad byte at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    if raw is None:
+        raise ConfigError(f"{source}: file is empty (expected a mapping of config sections)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping (got {_show(raw)})")
+    cfg = config_with_overrides(raw, source, overrides)
+    if cfg.name is None:
+        cfg.name = path.stem
+    return cfg
+
+
+def config_with_overrides(raw: dict, source: str, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a mapping, then validate."""
+    raw = copy.deepcopy(raw)
+    overridden = {}
+    for item in overrides:
+        overridden[_apply_override(raw, item)] = item
+    return config_from_dict(raw, source, overridden)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+__all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
+           "load_config", "config_from_dict", "config_with_overrides", "dump_config",
+           "resolve_config_path"]

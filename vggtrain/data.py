@@ -1,0 +1,236 @@
+"""CIFAR-10 on the training device: read, validate, split, augment in batches.
+
+The whole split is one uint8 tensor (N, 3, 32, 32) on the device, as in Keller Jordan's
+airbench: no DataLoader workers, no per-image Python. A batch is cropped, flipped and
+normalised with a single gather and one fused multiply-add on the device.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vggtrain.errors import DataError
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+PY_DIR, BIN_DIR = "cifar-10-batches-py", "cifar-10-batches-bin"
+TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_BATCHES = ["test_batch"]
+IMAGE_BYTES = 3 * 32 * 32
+PAD = 4
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, 3, 32, 32)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+# --- reading -------------------------------------------------------------------------------
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR's python batches hold: dicts, lists, bytes and uint8 arrays.
+
+    Written by hand because neither torchvision (plain pickle.load) nor numpy offers a
+    restricted loader; pickle's documented way is exactly this find_class override.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3's protocol 2 spells a bytes object
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        obj = _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, MemoryError, OverflowError) as e:
+        raise DataError(f"{path}: not a CIFAR python batch ({e or type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a CIFAR python batch (expected a dict, got {type(obj).__name__})")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _read_py_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np  # numpy arrives with torchvision; only this layout needs it
+
+    d = _unpickle(path)
+    data, labels = d.get("data"), d.get("labels", d.get("fine_labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != IMAGE_BYTES:
+        raise DataError(f"{path}: expected 'data' as a uint8 array of shape (N, {IMAGE_BYTES})")
+    if not isinstance(labels, list) or len(labels) != len(data) \
+            or not all(isinstance(x, int) for x in labels):
+        raise DataError(f"{path}: expected 'labels' as a list of {len(data)} integers")
+    images = torch.from_numpy(data.copy()).view(-1, 3, 32, 32)
+    return images, torch.tensor(labels, dtype=torch.int64)
+
+
+def _read_bin_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    raw = path.read_bytes()
+    record = 1 + IMAGE_BYTES
+    if not raw or len(raw) % record:
+        raise DataError(f"{path}: {len(raw)} bytes is not a whole number of {record}-byte "
+                        f"CIFAR-10 records (truncated or not a CIFAR-10 binary batch)")
+    rows = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, record)
+    return rows[:, 1:].reshape(-1, 3, 32, 32).clone(), rows[:, 0].to(torch.int64)
+
+
+def _class_names(base: Path, layout: str) -> list[str]:
+    if layout == PY_DIR:
+        meta = _unpickle(base / "batches.meta").get("label_names")
+        names = [n.decode() if isinstance(n, bytes) else n for n in meta] if isinstance(meta, list) else None
+    else:
+        lines = (base / "batches.meta.txt").read_text(encoding="utf-8", errors="replace").splitlines()
+        names = [line.strip() for line in lines if line.strip()]
+    if not names or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{base}: batches.meta holds no class names")
+    return names
+
+
+def find_layout(root: Path) -> Path | None:
+    """The CIFAR-10 directory under root (python layout first), or root itself if it is one."""
+    for base in (root / PY_DIR, root / BIN_DIR, root):
+        if (base / "batches.meta").is_file() or (base / "batches.meta.txt").is_file():
+            return base
+    return None
+
+
+def download_cifar10(root: Path) -> None:
+    """Fetch and verify the python layout with torchvision's utilities, then move it into place
+    in one rename, so an interrupted download never leaves a half-written dataset behind."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+        try:
+            download_and_extract_archive(CIFAR10.url, download_root=tmp,
+                                         filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        except Exception as e:  # urllib, socket and tarfile all raise their own types
+            raise DataError(f"could not download CIFAR-10 from {CIFAR10.url} into {root}: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        base = Path(tmp) / CIFAR10.base_folder
+        files = CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+        for name, md5 in files:
+            if not check_integrity(str(base / name), md5):
+                raise DataError(f"downloaded CIFAR-10 failed its integrity check: {name}")
+        os.replace(base, root / CIFAR10.base_folder)
+
+
+def load_cifar10(root: str | Path, download: bool = False) -> tuple[Split, Split, list[str]]:
+    """(train, test, class names) from either published layout under root."""
+    root = Path(root)
+    base = find_layout(root)
+    if base is None and download:
+        download_cifar10(root)
+        base = find_layout(root)
+    if base is None:
+        raise DataError(f"{root}: no CIFAR-10 found (expected {PY_DIR}/ or {BIN_DIR}/ inside it; "
+                        f"set data.root, or data.download: true to fetch it)")
+    layout = PY_DIR if (base / "batches.meta").is_file() else BIN_DIR
+    names = _class_names(base, layout)
+    read, suffix = (_read_py_batch, "") if layout == PY_DIR else (_read_bin_batch, ".bin")
+
+    def read_all(batches: list[str]) -> Split:
+        parts = []
+        for b in batches:
+            path = base / (b + suffix)
+            if not path.is_file():
+                raise DataError(f"{path}: missing (expected {len(batches)} batch files "
+                                f"{', '.join(x + suffix for x in batches)} in {base})")
+            images, labels = read(path)
+            if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+                raise DataError(f"{path}: label {int(labels.max())} out of range for "
+                                f"{len(names)} classes")
+            parts.append((images, labels))
+        return Split(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+    return read_all(TRAIN_BATCHES), read_all(TEST_BATCHES), names
+
+
+def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
+    """A seeded, fixed validation split carved out of the training set."""
+    if val_size >= len(train):
+        raise DataError(f"data.val_size {val_size} leaves no training images "
+                        f"(the training set has {len(train)})")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    val, rest = perm[:val_size], perm[val_size:]
+    return Split(train.images[rest], train.labels[rest]), Split(train.images[val], train.labels[val])
+
+
+# --- batches on the device -----------------------------------------------------------------
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> normalised float32, as one fused multiply-add."""
+    mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
+    return torch.addcmul(-mean / std, images.float(), 1.0 / (255.0 * std))
+
+
+def crop_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Per-image random crop of the zero-padded (pad 4) image and horizontal flip, in one gather.
+
+    shifts: (B, 2) int offsets in [0, 2*PAD]; flips: (B,) bool. Returns uint8 (B, 3, 32, 32)
+    laid out channels_last, which is what the gather produces for free.
+    """
+    b, _, h, w = images.shape
+    padded = F.pad(images, (PAD, PAD, PAD, PAD))
+    ar_h = torch.arange(h, device=images.device)
+    ar_w = torch.arange(w, device=images.device)
+    cols = torch.where(flips[:, None], ar_w.flip(0), ar_w) + shifts[:, 1:2]
+    rows = ar_h + shifts[:, 0:1]
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)
+
+
+def train_batches(split: Split, batch_size: int, generator: torch.Generator, augment: bool = True,
+                  channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled, augmented, normalised batches; the last partial batch is dropped
+    (a BN net with a batch of one fails, and a ragged batch would recompile compiled models).
+
+    All randomness is drawn up front on the CPU generator, so the epoch is the same on any device.
+    """
+    n = len(split)
+    device = split.images.device
+    perm = torch.randperm(n, generator=generator).to(device)
+    shifts = torch.randint(0, 2 * PAD + 1, (n, 2), generator=generator).to(device)
+    flips = torch.randint(0, 2, (n,), generator=generator).bool().to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for start in range(0, n - batch_size + 1, batch_size):
+        idx = perm[start:start + batch_size]
+        images = split.images[idx]
+        if augment:
+            images = crop_flip(images, shifts[idx], flips[idx])
+        yield normalize(images).contiguous(memory_format=fmt), split.labels[idx]
+
+
+def eval_batches(split: Split, batch_size: int, channels_last: bool = False
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for start in range(0, len(split), batch_size):
+        sl = slice(start, start + batch_size)
+        yield normalize(split.images[sl]).contiguous(memory_format=fmt), split.labels[sl]

@@ -1,0 +1,74 @@
+"""Small synthetic datasets in CIFAR-10's published layouts, for tests and `make smoke`.
+
+Each image is noise with a class-coloured square in its centre: learnable in a few epochs by a
+tiny VGG, and the signal sits in a known region (rows and columns 8..23).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from pathlib import Path
+
+import torch
+
+from vggtrain.data import BIN_DIR, PY_DIR, TEST_BATCHES, TRAIN_BATCHES
+
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
+               "dog", "frog", "horse", "ship", "truck"]
+SIGNAL = slice(8, 24)  # rows and columns of the class-coloured square
+
+
+def synthetic_images(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """uint8 (N, 3, 32, 32): noise, plus a square whose colour encodes the label."""
+    n = len(labels)
+    images = torch.randint(0, 128, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
+    # Ten distinct colours: the three bits of k for k = 1..7, then three mixed ones.
+    palette = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1],
+                            [0, 1, 1], [1, 1, 1], [1, .5, 0], [0, .5, 1], [.5, 0, 1]])
+    colour = (palette[labels % 10] * 255).to(torch.uint8)  # (N, 3)
+    images[:, :, SIGNAL, SIGNAL] = colour[:, :, None, None]
+    return images
+
+
+def write_synthetic_cifar10(root: str | Path, layout: str = "bin", per_batch: int = 200,
+                            test_size: int = 500, seed: int = 0) -> Path:
+    """Write five training batches of per_batch images and a test batch; returns the layout dir."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(seed)
+    base = Path(root) / (BIN_DIR if layout == "bin" else PY_DIR)
+    base.mkdir(parents=True, exist_ok=True)
+    for name, n in [(b, per_batch) for b in TRAIN_BATCHES] + [(TEST_BATCHES[0], test_size)]:
+        labels = torch.randint(0, 10, (n,), generator=g)
+        images = synthetic_images(labels, g)
+        if layout == "bin":
+            records = torch.cat([labels.to(torch.uint8)[:, None], images.view(n, -1)], dim=1)
+            (base / f"{name}.bin").write_bytes(records.numpy().tobytes())
+        else:
+            batch = {b"batch_label": name.encode(), b"labels": labels.tolist(),
+                     b"data": images.view(n, -1).numpy().astype(np.uint8),
+                     b"filenames": [f"{i}.png".encode() for i in range(n)]}
+            (base / name).write_bytes(pickle.dumps(batch, protocol=2))
+    if layout == "bin":
+        (base / "batches.meta.txt").write_text("\n".join(CLASS_NAMES) + "\n\n")
+    else:
+        meta = {b"label_names": [c.encode() for c in CLASS_NAMES],
+                b"num_cases_per_batch": per_batch, b"num_vis": 3072}
+        (base / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return base
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Write a small synthetic CIFAR-10 for smoke tests.")
+    p.add_argument("root")
+    p.add_argument("--layout", choices=["bin", "py"], default="bin")
+    p.add_argument("--per-batch", type=int, default=200)
+    p.add_argument("--test-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    print(write_synthetic_cifar10(a.root, a.layout, a.per_batch, a.test_size, a.seed))
+
+
+if __name__ == "__main__":
+    main()
