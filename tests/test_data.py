@@ -64,6 +64,19 @@ def test_truncated_binary_batch(cifar_bin, tmp_path):
         load_cifar10(root)
 
 
+def test_oversized_batches_are_refused(cifar_bin, cifar_py, tmp_path):
+    root, base = _copy(cifar_bin, tmp_path / "b", "cifar-10-batches-bin")
+    with (base / "data_batch_5.bin").open("r+b") as f:
+        f.truncate(10_001 * 3073)  # a sparse file: one record more than CIFAR's 10,000
+    with pytest.raises(DataError, match="data_batch_5.bin: .* more than a CIFAR-10 binary batch"):
+        load_cifar10(root)
+    root, base = _copy(cifar_py, tmp_path / "p", "cifar-10-batches-py")
+    with (base / "test_batch").open("r+b") as f:
+        f.truncate(200_000_000)
+    with pytest.raises(DataError, match="test_batch: .* larger than a CIFAR python batch"):
+        load_cifar10(root)
+
+
 def test_label_out_of_range(cifar_bin, tmp_path):
     root, base = _copy(cifar_bin, tmp_path, "cifar-10-batches-bin")
     raw = bytearray((base / "data_batch_1.bin").read_bytes())

@@ -31,7 +31,8 @@ def test_fit_learns_and_writes_every_artefact(cifar_bin, tmp_path, capsys):
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "tiny"
     assert sorted(p.name for p in run.iterdir()) == \
-        ["best.pt", "config.yaml", "last.pt", "report.json", "tb"]
+        ["best.pt", "config.yaml", "confusion_matrix.png", "last.pt", "misclassified.png", "report.json",
+         "report.md", "tb"]
 
     # Plain lines when stdout is not a terminal: one per epoch, no bar redraws.
     assert [line.split(" |")[0] for line in out.splitlines() if line.startswith("epoch ")] == \
@@ -140,3 +141,22 @@ def test_python_layout_through_python_m(cifar_py, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "runs" / "py-run" / "report.json").read_text())
     assert report["precision"] == "bf16" and report["test"]["acc"] > 0.3
+
+
+def test_compile_trains_and_saves_the_plain_model(cifar_bin, tmp_path):
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                         train={"epochs": 1, "compile": True}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    state = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
+    assert not any(k.startswith("_orig_mod") for k in state["model"])
+
+
+def test_compile_without_a_compiler_falls_back_with_a_warning(monkeypatch):
+    import shutil
+
+    from vggtrain.train import compile_model
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    model = torch.nn.Linear(2, 2)
+    with pytest.warns(UserWarning, match="train.compile: no C\\+\\+ compiler on PATH"):
+        assert compile_model(model, torch.device("cpu")) is model

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,30 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def _check_container(path: Path) -> None:
+    """Name plainly a file that is not a torch.save archive at all, or one cut short: torch's own
+    errors for these read "invalid load key" or "[Errno 22] Invalid argument"."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+        what = "an empty file" if size == 0 else "not a zip archive, as torch.save writes"
+        raise CheckpointError(f"{path}: not a checkpoint ({what})")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: truncated or damaged checkpoint (the end of its zip archive is "
+                              f"missing; {size:,} bytes)")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by save_checkpoint. Raises CheckpointError on anything else."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    _check_container(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a refused file gets one line from us, not torch's noise
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refuses any global it does not know, before calling it.
         lines = [ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln]
@@ -66,6 +84,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable vggtrain checkpoint ({first[:200]})") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) \
+            or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path}: not a vggtrain checkpoint (no model/config entries)")
     return state
+
+
+def load_model_state(model: torch.nn.Module, weights: Any, path: str | Path) -> None:
+    """load_state_dict, with a mismatch (another architecture or class count) as one clear line."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        # torch's message is a header line, then one line per mismatched or missing key.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"{path}: weights do not fit this model, it was saved from another "
+                              f"architecture or class count ({detail[:200]})") from None

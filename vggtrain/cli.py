@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from vggtrain import __version__
-from vggtrain.errors import UserError
+from vggtrain.errors import RunStopped, UserError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+ALLOCATOR_COMMANDS = {"fit", "eval", "bench", "info"}  # the ones that train or evaluate
+BENCH_PARTS = ("bare", "data", "reference", "fit", "eval", "allocator")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,12 +41,117 @@ def build_parser() -> argparse.ArgumentParser:
                           "given run directory / checkpoint (its stored config is used)")
     fit.add_argument("--force", action="store_true",
                      help="delete an existing run directory of the same name and start over")
+
+    ckpt_help = "a checkpoint (.pt), or a run directory for its best.pt"
+    device_help = "auto | cpu | cuda | cuda:N | mps (default: auto)"
+    ev = sub.add_parser("eval", help="measure a checkpoint: top-1/top-5, loss, per class, confusion",
+                        description="Evaluate a checkpoint on CIFAR-10's test split (or its run's "
+                                    "validation split); needs nothing but the checkpoint and the data.")
+    ev.add_argument("--ckpt", required=True, metavar="PATH", help=ckpt_help)
+    ev.add_argument("--split", choices=["test", "val"], default="test",
+                    help="test (default) or the validation images the run held out")
+    ev.add_argument("--data-root", metavar="DIR", help="default: data.root of the stored config")
+    ev.add_argument("--batch-size", type=_positive_int, metavar="N",
+                    help="default: train.eval_batch_size of the stored config")
+    ev.add_argument("--device", type=_device, default="auto", help=device_help)
+    ev.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT ('-': print "
+                                                  "only the JSON, to stdout)")
+    ev.add_argument("--tta", action="store_true",
+                    help="average the probabilities of each image and its mirror image")
+
+    pr = sub.add_parser("predict", help="top-k classes for image files",
+                        description="Classify PNG/JPEG images (converted to RGB, resized to 32x32).")
+    pr.add_argument("--ckpt", required=True, metavar="PATH", help=ckpt_help)
+    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("--topk", type=_positive_int, default=3, metavar="K", help="classes per image (3)")
+    pr.add_argument("--json", metavar="OUT", help="also write the predictions as JSON to OUT ('-': "
+                                                  "print only the JSON, to stdout)")
+    pr.add_argument("--device", type=_device, default="auto", help=device_help)
+
+    gc = sub.add_parser("gradcam", help="Grad-CAM heat maps: where the model looks",
+                        description="Write a Grad-CAM overlay PNG per image into --out.")
+    gc.add_argument("--ckpt", required=True, metavar="PATH", help=ckpt_help)
+    gc.add_argument("images", nargs="+", metavar="IMAGE")
+    gc.add_argument("--out", required=True, metavar="DIR", help="directory for <image>.gradcam.png")
+    gc.add_argument("--layer", help="a layer as `vggtrain summary` names it, e.g. conv4_3 "
+                                    "(default: the last convolution)")
+    gc.add_argument("--class", dest="class_name", metavar="NAME",
+                    help="explain this class (default: the predicted one)")
+    gc.add_argument("--device", type=_device, default="auto", help=device_help)
+
+    sm = sub.add_parser("summary", help="per-layer shapes, parameters and multiply-accumulates",
+                        description="Summarise the model a config builds (no data, no weights).")
+    sm.add_argument("--config", required=True, metavar="PATH_OR_NAME",
+                    help="YAML file, or a name in configs/ (e.g. vgg16_cifar)")
+    sm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set model.width=0.5 (repeatable)")
+
+    be = sub.add_parser("bench", help="measure training speed: step, data path, loop, eval, allocator",
+                        description="Measure where the time goes for one config (random images, "
+                                    "no dataset needed) and write JSON.")
+    be.add_argument("--config", default="vgg16_cifar.yaml", metavar="PATH_OR_NAME",
+                    help="YAML file or a name in configs/ (default: vgg16_cifar.yaml)")
+    be.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set train.precision=bf16 (repeatable)")
+    be.add_argument("--steps", type=_positive_int, default=20, metavar="N",
+                    help="timed steps per measurement (20)")
+    be.add_argument("--warmup", type=_positive_int, default=3, metavar="N", help="untimed steps first (3)")
+    be.add_argument("--data-steps", type=_positive_int, default=200, metavar="N",
+                    help="timed batches for the data paths (200; the reference uses a quarter)")
+    be.add_argument("--parts", default=",".join(BENCH_PARTS), metavar="LIST",
+                    help=f"comma-separated subset of {','.join(BENCH_PARTS)}")
+    be.add_argument("--json", default="bench/results.json", metavar="OUT",
+                    help="where to write the results (default: bench/results.json)")
+    be.add_argument("--quiet", action="store_true", help="write the JSON only, print nothing")
+
+    inf = sub.add_parser("info", help="versions, devices and the memory allocator in effect",
+                         description="What a bug report needs: versions, devices, allocator.")
+    inf.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from vggtrain.bench import format_table, run_bench, write_results
+    from vggtrain.config import load_config
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(BENCH_PARTS))
+    if unknown or not parts:
+        raise UserError(f"usage error: --parts takes {','.join(BENCH_PARTS)} (got {args.parts!r})")
+    cfg = load_config(args.config, args.overrides)
+    res = run_bench(cfg, args.config, args.overrides, parts, args.warmup, args.steps, args.data_steps)
+    write_results(Path(args.json), res)
+    if not args.quiet:
+        print(format_table(res))
+        print(f"\nwrote {args.json}")
+    return EXIT_OK
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    import torch
+
+    from vggtrain import allocator
+
+    keys = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_CONF", allocator.SWITCH, allocator.APPLIED)
+    info = {"vggtrain": __version__, "torch": str(torch.__version__), "python": platform.python_version(),
+            "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
+            "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "mps": torch.backends.mps.is_available(), "allocator": allocator.in_effect(),
+            "allocator_env": {k: os.environ[k] for k in keys if k in os.environ}, "pid": os.getpid()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k + ':':<16}{v}")
+    return EXIT_OK
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from vggtrain.checkpoint import load_checkpoint
-    from vggtrain.config import config_with_overrides, load_config
+    from vggtrain.config import check_resume_changes, config_with_overrides, load_config
     from vggtrain.train import fit
 
     extra = list(args.overrides)
@@ -55,12 +162,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.resume is not None and args.force:
         raise UserError("usage error: --resume and --force exclude each other")
 
-    state = None
+    resume = None
     if isinstance(args.resume, str):
         ckpt = Path(args.resume)
         ckpt = ckpt / "last.pt" if ckpt.is_dir() else ckpt
-        state = load_checkpoint(ckpt)
-        cfg = config_with_overrides(state["config"], str(ckpt), extra)
+        resume = (ckpt, load_checkpoint(ckpt))
+        cfg = config_with_overrides(resume[1]["config"], str(ckpt), extra)
         run_dir = ckpt.parent
     else:
         if args.config is None:
@@ -71,18 +178,118 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             last = run_dir / "last.pt"
             if not last.is_file():
                 raise UserError(f"nothing to resume: {last} does not exist")
-            state = load_checkpoint(last)
-    fit(cfg, run_dir, resume_state=state, force=args.force)
+            resume = (last, load_checkpoint(last))
+    if resume is not None:
+        check_resume_changes(resume[1]["config"], cfg, "--resume")
+    fit(cfg, run_dir, resume=resume, force=args.force)
+    return EXIT_OK
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.match(r"^(auto|cpu|mps|cuda(:\d+)?)$", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def _write_output(out: str, text: str) -> None:
+    """Write a command's --json file atomically; '-' means stdout."""
+    from vggtrain.checkpoint import atomic_write_text
+
+    if out == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        atomic_write_text(Path(out), text)
+    except OSError as e:
+        raise UserError(f"--json {out}: cannot write it ({e.strerror or e})") from None
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vggtrain.evaluate import evaluate_checkpoint, report_json
+    from vggtrain.report import format_text
+
+    report = evaluate_checkpoint(args.ckpt, args.split, args.data_root, args.batch_size, args.device,
+                                 args.tta)
+    if args.json != "-":
+        print(format_text(report), end="")
+    if args.json is not None:
+        _write_output(args.json, report_json(report))
+    return EXIT_OK
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from vggtrain.device import select_device
+    from vggtrain.evaluate import load_model, resolve_checkpoint
+    from vggtrain.predict import format_predictions, predict_files, predictions_json
+
+    device = select_device(args.device)
+    loaded = load_model(resolve_checkpoint(args.ckpt), device)
+    results, errors = predict_files(loaded, args.images, device, args.topk)
+    for e in errors:
+        print(f"vggtrain: {e['error']}", file=sys.stderr)
+    if args.json != "-":
+        print(format_predictions(results), end="")
+    if args.json is not None:
+        _write_output(args.json, json.dumps(predictions_json(loaded, results, errors, args.topk), indent=2)
+                      + "\n")
+    return EXIT_USAGE if errors else EXIT_OK
+
+
+def _cmd_gradcam(args: argparse.Namespace) -> int:
+    from vggtrain.device import select_device
+    from vggtrain.evaluate import load_model, resolve_checkpoint
+    from vggtrain.gradcam import explain_files
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    device = select_device(args.device)
+    loaded = load_model(resolve_checkpoint(args.ckpt), device)
+    done, errors = explain_files(loaded, args.images, out, args.layer, args.class_name)
+    for line in done:
+        print(line)
+    for e in errors:
+        print(f"vggtrain: {e}", file=sys.stderr)
+    return EXIT_USAGE if errors else EXIT_OK
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from vggtrain.config import load_config
+    from vggtrain.summary import format_summary, summarize
+
+    cfg = load_config(args.config, args.overrides)
+    print(format_summary(cfg.model, summarize(cfg.model)), end="")
     return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in ALLOCATOR_COMMANDS:
+        # Only as the program itself (never inside a caller's process), and before torch loads.
+        from vggtrain.allocator import reexec_with_fast_allocator
+
+        reexec_with_fast_allocator()
     try:
-        return {"fit": _cmd_fit}[args.command](args)
+        return {"fit": _cmd_fit, "eval": _cmd_eval, "predict": _cmd_predict, "gradcam": _cmd_gradcam,
+                "summary": _cmd_summary, "bench": _cmd_bench, "info": _cmd_info}[args.command](args)
     except UserError as e:
         print(f"vggtrain: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RunStopped as e:
+        print(f"vggtrain: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("\nvggtrain: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -116,7 +116,10 @@ class LoopConfig:
     device: str = _opt("auto")
     precision: str = _opt("fp32", _one_of("fp32", "bf16", "fp16"))
     channels_last: bool = _opt(False)
+    compile: bool = _opt(False)  # torch.compile the train step (falls back, with a warning)
     log_every: int = _opt(20, _between(1, 1_000_000))
+    # Also write last.pt every N steps inside an epoch (0: only at the end of each epoch).
+    checkpoint_every_steps: int = _opt(0, _between(0, 1_000_000_000))
     out_dir: str = _opt("runs")
 
 
@@ -197,7 +200,8 @@ def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any
     names = [f.name for f in fields(cls)]
     for key in raw:
         if key not in names:
-            raise ConfigError(f"{where(prefix + str(key))}: unknown key {prefix}{key} "
+            shown = key if isinstance(key, str) and key.isidentifier() else repr(key)
+            raise ConfigError(f"{where(prefix + str(key))}: unknown key {prefix}{shown} "
                               f"(expected one of: {', '.join(names)})")
     kwargs = {}
     for f in fields(cls):
@@ -317,10 +321,33 @@ def config_with_overrides(raw: dict, source: str, overrides: Sequence[str] = ())
     return config_from_dict(raw, source, overridden)
 
 
+# What may differ between a run and its resumption: where and how fast it runs, and how long.
+# Anything else (model, optimizer, data split, seed) would silently not apply or corrupt the run.
+RESUMABLE_KEYS = {"train.epochs", "train.device", "train.log_every", "train.checkpoint_every_steps",
+                  "train.eval_batch_size", "data.root", "data.download"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_resume_changes(stored: dict, cfg: TrainConfig, source: str) -> None:
+    """Refuse a resumed config that changes more than RESUMABLE_KEYS allows."""
+    old, new = _flatten(stored), _flatten(cfg.to_dict())
+    for key in sorted(old.keys() | new.keys()):
+        if key not in RESUMABLE_KEYS and old.get(key) != new.get(key):
+            raise ConfigError(f"{source}: {key} cannot change when resuming (the run has "
+                              f"{_show(old.get(key))}, asked {_show(new.get(key))}); "
+                              f"only {', '.join(sorted(RESUMABLE_KEYS))} may")
+
+
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
            "load_config", "config_from_dict", "config_with_overrides", "dump_config",
-           "resolve_config_path"]
+           "resolve_config_path", "check_resume_changes", "RESUMABLE_KEYS"]

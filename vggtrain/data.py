@@ -26,6 +26,7 @@ PY_DIR, BIN_DIR = "cifar-10-batches-py", "cifar-10-batches-bin"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCHES = ["test_batch"]
 IMAGE_BYTES = 3 * 32 * 32
+MAX_PER_BATCH = 10_000  # the published batch size; larger files are refused before being read
 PAD = 4
 
 
@@ -63,6 +64,10 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: Path) -> dict:
+    size = path.stat().st_size
+    if size > MAX_PER_BATCH * (IMAGE_BYTES + 64) + 1_000_000:
+        raise DataError(f"{path}: {size} bytes is larger than a CIFAR python batch of "
+                        f"{MAX_PER_BATCH} images can be")
     try:
         obj = _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
@@ -84,13 +89,19 @@ def _read_py_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(labels, list) or len(labels) != len(data) \
             or not all(isinstance(x, int) for x in labels):
         raise DataError(f"{path}: expected 'labels' as a list of {len(data)} integers")
+    if len(data) > MAX_PER_BATCH:
+        raise DataError(f"{path}: {len(data)} images, more than a CIFAR batch holds ({MAX_PER_BATCH})")
     images = torch.from_numpy(data.copy()).view(-1, 3, 32, 32)
     return images, torch.tensor(labels, dtype=torch.int64)
 
 
 def _read_bin_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    raw = path.read_bytes()
     record = 1 + IMAGE_BYTES
+    size = path.stat().st_size
+    if size > MAX_PER_BATCH * record:
+        raise DataError(f"{path}: {size} bytes is more than a CIFAR-10 binary batch of "
+                        f"{MAX_PER_BATCH} records ({MAX_PER_BATCH * record} bytes)")
+    raw = path.read_bytes()
     if not raw or len(raw) % record:
         raise DataError(f"{path}: {len(raw)} bytes is not a whole number of {record}-byte "
                         f"CIFAR-10 records (truncated or not a CIFAR-10 binary batch)")
@@ -208,11 +219,13 @@ def crop_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor) -
 
 
 def train_batches(split: Split, batch_size: int, generator: torch.Generator, augment: bool = True,
-                  channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  channels_last: bool = False, start: int = 0
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled, augmented, normalised batches; the last partial batch is dropped
     (a BN net with a batch of one fails, and a ragged batch would recompile compiled models).
 
-    All randomness is drawn up front on the CPU generator, so the epoch is the same on any device.
+    All randomness is drawn up front on the CPU generator, so the epoch is the same on any device,
+    and a resumed epoch skips its first ``start`` batches without changing the rest.
     """
     n = len(split)
     device = split.images.device
@@ -220,8 +233,8 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
     shifts = torch.randint(0, 2 * PAD + 1, (n, 2), generator=generator).to(device)
     flips = torch.randint(0, 2, (n,), generator=generator).bool().to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for start in range(0, n - batch_size + 1, batch_size):
-        idx = perm[start:start + batch_size]
+    for first in range(start * batch_size, n - batch_size + 1, batch_size):
+        idx = perm[first:first + batch_size]
         images = split.images[idx]
         if augment:
             images = crop_flip(images, shifts[idx], flips[idx])

@@ -1,8 +1,16 @@
 """Errors that are the user's to fix: the CLI prints them as one line and exits 2."""
 
 
+def _one_line(message: str) -> str:
+    # The contract is one line: a newline smuggled in through a key, a value or a path is escaped.
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class UserError(Exception):
     """Bad input (usage, config, data, checkpoint). Its message is the whole report."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_one_line(message))
 
 
 class ConfigError(UserError):
@@ -18,3 +26,11 @@ class DataError(UserError):
 class CheckpointError(UserError):
     def __init__(self, message: str) -> None:
         super().__init__(f"checkpoint error: {message}")
+
+
+class RunStopped(Exception):
+    """A run that ended early on purpose (a signal, a diverged loss): one line, its own exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

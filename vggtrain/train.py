@@ -2,68 +2,44 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 import vggtrain
-from vggtrain.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from vggtrain import allocator
+from vggtrain.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from vggtrain.config import TrainConfig, dump_config
-from vggtrain.data import Split, eval_batches, load_cifar10, split_train_val, train_batches
-from vggtrain.errors import UserError
+from vggtrain.data import Split, load_cifar10, split_train_val, train_batches
+from vggtrain.device import autocast, select_device
+from vggtrain.errors import CheckpointError, RunStopped, UserError
+from vggtrain.evaluate import Evaluation, build_report, evaluate_split
 from vggtrain.model import build_model, count_parameters
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+@dataclass
+class EpochProgress:
+    """How far the current epoch got: a mid-epoch checkpoint resumes it exactly."""
 
-def select_device(spec: str) -> torch.device:
-    """auto picks cuda, then mps, then cpu; an explicit device that is absent is a usage error."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and (not torch.cuda.is_available()
-                                  or (device.index or 0) >= torch.cuda.device_count()):
-        raise UserError(f"device {spec} is not available (CUDA devices: {torch.cuda.device_count()})")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device mps is not available on this machine")
-    return device
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int, device: torch.device,
-             precision: str = "fp32", channels_last: bool = False) -> dict[str, float]:
-    """Loss and top-1 accuracy over a whole split; one host sync at the end."""
-    model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    for x, y in eval_batches(split, batch_size, channels_last):
-        with autocast(device, precision):
-            logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    n = max(len(split), 1)
-    return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "images": len(split)}
+    step: int = 0  # batches done in this epoch
+    seen: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    time_s: float = 0.0
 
 
 @dataclass
@@ -83,42 +59,68 @@ class Run:
     best_acc: float = -1.0
     best_epoch: int = 0
     train_time_s: float = 0.0
+    progress: EpochProgress = field(default_factory=EpochProgress)
+    forward: Any = None  # what the train step calls: the model, or its torch.compile'd twin
+
+    def __post_init__(self) -> None:
+        if self.forward is None:
+            self.forward = self.model
 
     def state(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch, "global_step": self.global_step,
+            "epoch": self.epoch, "global_step": self.global_step, "progress": asdict(self.progress),
             "best_metric": self.best_acc, "best_epoch": self.best_epoch,
             "train_time_s": self.train_time_s, "config": self.cfg.to_dict(),
-            "class_names": self.class_names,
-            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "class_names": self.class_names, "rng": _rng_state(),
             "versions": {"vggtrain": vggtrain.__version__, "torch": str(torch.__version__)},
         }
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any], source: Path) -> None:
+        load_model_state(self.model, state["model"], source)
         try:
-            self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+            self.progress = EpochProgress(**state["progress"])
             self.best_acc, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
             self.train_time_s = float(state["train_time_s"])
-            random.setstate(state["rng"]["python"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if state["rng"]["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            _set_rng_state(state["rng"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise UserError(f"checkpoint error: cannot resume from it "
-                            f"({str(e).strip().splitlines()[0][:200]})") from None
+            raise CheckpointError(f"{source}: cannot resume from it: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every generator a run may draw from. The data order and augmentation need none of these:
+    they come from a generator seeded by (seed, epoch), see train_one_epoch."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # as plain data: weights_only loading refuses numpy arrays
+            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
 def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str]) -> Run:
     device = select_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
     model = build_model(cfg.model).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -127,7 +129,31 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str]) -> Run:
                                 nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.schedule.step_size, cfg.schedule.gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    return Run(cfg, run_dir, device, model, optimizer, scheduler, scaler, class_names)
+    forward = compile_model(model, device) if cfg.train.compile else model
+    return Run(cfg, run_dir, device, model, optimizer, scheduler, scaler, class_names, forward=forward)
+
+
+def compile_model(model: nn.Module, device: torch.device) -> Any:
+    """torch.compile for the train step, or the model itself (with a warning) where the compiler
+    cannot work. Checkpoints keep saving the plain model's state_dict either way."""
+    import shutil as _shutil
+
+    missing = None
+    if device.type == "cpu" and not any(_shutil.which(c) for c in ("c++", "g++", "clang++")):
+        missing = "no C++ compiler on PATH"
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        missing = None if has_triton() else "triton is not installed"
+    elif device.type not in ("cpu", "cuda"):
+        missing = f"not supported on {device.type}"
+    if missing:
+        warnings.warn(f"train.compile: {missing}; training uncompiled", stacklevel=2)
+        return model
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly
+    return torch.compile(model)
 
 
 def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
@@ -137,98 +163,131 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
                         f"or --force to delete it and start over")
 
 
-def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm) -> dict[str, float]:
-    cfg, model, device = run.cfg, run.model, run.device
+class StopSignals:
+    """The first SIGINT or SIGTERM asks the loop to stop after the current step and checkpoint;
+    a second one aborts at once (atomic writes still leave every file whole)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: stopping after this step "
+                  f"(send it again to abort at once)", file=sys.stderr, flush=True)
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise RunStopped(f"aborted by a second {signal.Signals(signum).name}", 128 + signum)
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, optimizer step. Returns the detached loss and logits; no host sync."""
+    with autocast(run.device, run.cfg.train.precision):
+        logits = run.forward(x)
+        loss = criterion(logits.float(), y)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss.detach(), logits.detach()
+
+
+def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSignals) -> dict[str, float]:
+    cfg, device, p = run.cfg, run.device, run.progress
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     # Derived from (seed, epoch) rather than carried along, so a resumed run draws the same batches.
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.epoch + 1)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    pending: list[torch.Tensor] = []  # per-step losses, read once per log interval
-    seen, t0 = 0, time.perf_counter()
-    model.train()
+    # Running sums stay on the device: the host reads them once per log interval, not per step.
+    loss_sum = torch.tensor(p.loss_sum, device=device, dtype=torch.float32)
+    correct = torch.tensor(p.correct, device=device, dtype=torch.int64)
+    pending: list[torch.Tensor] = []  # per-step losses not yet written to TensorBoard
+    every = cfg.train.checkpoint_every_steps
+    t0 = time.perf_counter() - p.time_s
+    bar.update(p.step)
+    run.model.train()
     for x, y in train_batches(train, cfg.train.batch_size, generator, cfg.data.augment,
-                              cfg.train.channels_last):
-        with autocast(device, cfg.train.precision):
-            logits = model(x)
-            loss = criterion(logits.float(), y)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-
+                              cfg.train.channels_last, start=p.step):
+        loss, logits = train_step(run, x, y, criterion)
         run.global_step += 1
-        seen += len(y)
-        pending.append(loss.detach())
-        loss_sum += loss.detach() * len(y)
+        p.step += 1
+        p.seen += len(y)
+        pending.append(loss)
+        loss_sum += loss * len(y)
         correct += (logits.argmax(1) == y).sum()
         bar.update(1)
-        if len(pending) == cfg.train.log_every:
-            _flush_step_losses(writer, pending, run.global_step)
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+        checkpoint_now = stop.signum is not None or (every and run.global_step % every == 0)
+        if len(pending) == cfg.train.log_every or checkpoint_now:
+            _flush_step_losses(run, writer, pending)
+            bar.set_postfix(loss=f"{loss_sum.item() / p.seen:.3f}", acc=f"{correct.item() / p.seen:.3f}",
                             lr=f"{run.optimizer.param_groups[0]['lr']:.3g}",
-                            img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
-    _flush_step_losses(writer, pending, run.global_step)
+                            img_s=f"{p.seen / (time.perf_counter() - t0):.0f}", refresh=False)
+        if checkpoint_now:
+            p.loss_sum, p.correct, p.time_s = loss_sum.item(), int(correct.item()), time.perf_counter() - t0
+            writer.flush()
+            save_checkpoint(run.dir / "last.pt", run.state())
+            if stop.signum is not None:
+                name = signal.Signals(stop.signum).name
+                raise RunStopped(f"stopped by {name} at epoch {run.epoch + 1}, step {p.step}; saved "
+                                 f"{run.dir / 'last.pt'}. Resume with: vggtrain fit --resume {run.dir}",
+                                 128 + stop.signum)
+    _flush_step_losses(run, writer, pending)
     elapsed = time.perf_counter() - t0
-    return {"loss": loss_sum.item() / max(seen, 1), "acc": correct.item() / max(seen, 1),
-            "images_per_s": seen / elapsed, "time_s": elapsed}
+    return {"loss": loss_sum.item() / max(p.seen, 1), "acc": correct.item() / max(p.seen, 1),
+            "images_per_s": p.seen / elapsed, "time_s": elapsed}
 
 
-def _flush_step_losses(writer: Any, pending: list[torch.Tensor], last_step: int) -> None:
+def _flush_step_losses(run: Run, writer: Any, pending: list[torch.Tensor]) -> None:
+    """Write the interval's per-step losses (one host sync) and stop on a non-finite one."""
     if not pending:
         return
-    first = last_step - len(pending) + 1
-    for i, value in enumerate(torch.stack(pending).tolist()):
-        writer.add_scalar("train/loss_step", value, first + i)
+    first = run.global_step - len(pending) + 1
+    values = torch.stack(pending).tolist()
     pending.clear()
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            last = run.dir / "last.pt"
+            kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint yet"
+            raise RunStopped(f"non-finite loss ({value}) at epoch {run.epoch + 1}, step {first + i}; "
+                             f"{kept} (try a lower optim.lr)", 1)
+        writer.add_scalar("train/loss_step", value, first + i)
 
 
-def fit(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, force: bool = False) -> dict:
-    """Train, checkpoint every epoch, then test the best checkpoint. Returns the report."""
-    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed here
-
-    check_run_dir(run_dir, resume_state is not None, force)
-    train_full, test, class_names = load_cifar10(cfg.data.root, cfg.data.download)
-    if len(class_names) != cfg.model.num_classes:
-        raise UserError(f"config error: model.num_classes is {cfg.model.num_classes} but the data "
-                        f"in {cfg.data.root} has {len(class_names)} classes")
-    train, val = split_train_val(train_full, cfg.data.val_size, cfg.seed)
-    if len(train) < cfg.train.batch_size:
-        raise UserError(f"config error: train.batch_size {cfg.train.batch_size} is larger than the "
-                        f"{len(train)} training images")
-    run = build_run(cfg, run_dir, class_names)
-    if resume_state is not None:
-        run.restore(resume_state)
-    if run.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    train, val, test = train.to(run.device), val.to(run.device), test.to(run.device)
-    if force and resume_state is None and run_dir.exists():
-        shutil.rmtree(run_dir)  # only now that data, config and device have all checked out
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-
-    print(f"run {run_dir}: {cfg.model.arch} ({count_parameters(run.model):,} parameters) on "
-          f"{run.device}, {cfg.train.precision}; {len(train)} train / {len(val)} val / "
-          f"{len(test)} test images" + (f"; resuming after epoch {run.epoch}" if run.epoch else ""),
-          flush=True)
+def train_epochs(run: Run, train: Split, val: Split, writer: Any) -> None:
+    """Epochs until cfg.train.epochs: train, validate, log, checkpoint (last.pt, best.pt)."""
+    cfg = run.cfg
     steps = len(train) // cfg.train.batch_size
-    # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps.
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=run.global_step + 1 if run.epoch else None)
-    evaluate_kw = dict(batch_size=cfg.train.eval_batch_size, device=run.device,
-                       precision=cfg.train.precision, channels_last=cfg.train.channels_last)
-    try:
+    with StopSignals() as stop:
         while run.epoch < cfg.train.epochs:
             lr = run.optimizer.param_groups[0]["lr"]
             with tqdm(total=steps, desc=f"epoch {run.epoch + 1}/{cfg.train.epochs}", leave=False,
                       file=sys.stdout, disable=not sys.stdout.isatty(), dynamic_ncols=True) as bar:
-                tr = train_one_epoch(run, train, writer, bar)
+                tr = train_one_epoch(run, train, writer, bar, stop)
             run.scheduler.step()
             run.epoch += 1
+            run.progress = EpochProgress()
             run.train_time_s += tr["time_s"]
-            va = evaluate(run.model, val, **evaluate_kw) if len(val) else None
+            va = None
+            if len(val):
+                ev = evaluate_split(run.model, val, cfg.model.num_classes, cfg.train.eval_batch_size,
+                                    run.device, cfg.train.precision, cfg.train.channels_last)
+                va = {"loss": ev.loss, "acc": ev.top1}
             improved = va is None or va["acc"] > run.best_acc
             if improved:
                 run.best_acc, run.best_epoch = (va["acc"] if va else -1.0), run.epoch
+
             step = run.global_step
             for tag, value in [("train/loss", tr["loss"]), ("train/acc", tr["acc"]), ("train/lr", lr),
                                ("train/images_per_s", tr["images_per_s"]), ("train/epoch", run.epoch)]:
@@ -238,48 +297,94 @@ def fit(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, force
                 writer.add_scalar("val/acc", va["acc"], step)
             writer.flush()  # before the checkpoint: a resume purges whatever came after it
             state = run.state()
-            save_checkpoint(run_dir / "last.pt", state)
+            save_checkpoint(run.dir / "last.pt", state)
             if improved:
-                save_checkpoint(run_dir / "best.pt", state)
+                save_checkpoint(run.dir / "best.pt", state)
             val_text = f" | val loss {va['loss']:.4f} acc {va['acc']:.2%}" if va else ""
             print(f"epoch {run.epoch}/{cfg.train.epochs} | train loss {tr['loss']:.4f} "
                   f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
                   f"{tr['time_s']:.1f}s{' | best' if improved and va else ''}", flush=True)
+            if stop.signum is not None:  # arrived during validation or checkpointing
+                raise RunStopped(f"stopped by {signal.Signals(stop.signum).name} after epoch {run.epoch}; "
+                                 f"resume with: vggtrain fit --resume {run.dir}", 128 + stop.signum)
 
-        report = test_report(run, test)
-        writer.add_scalar("test/acc", report["test"]["acc"], run.global_step)
-        writer.add_scalar("test/loss", report["test"]["loss"], run.global_step)
+
+def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None,
+        force: bool = False) -> dict:
+    """Train, checkpoint every epoch, then test the best checkpoint. Returns the report.
+
+    resume: (path, state) of the checkpoint to continue from, as load_checkpoint read it.
+    """
+    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed here
+
+    check_run_dir(run_dir, resume is not None, force)
+    train_full, test, class_names = load_cifar10(cfg.data.root, cfg.data.download)
+    if len(class_names) != cfg.model.num_classes:
+        raise UserError(f"config error: model.num_classes is {cfg.model.num_classes} but the data "
+                        f"in {cfg.data.root} has {len(class_names)} classes")
+    train, val = split_train_val(train_full, cfg.data.val_size, cfg.seed)
+    if len(train) < cfg.train.batch_size:
+        raise UserError(f"config error: train.batch_size {cfg.train.batch_size} is larger than the "
+                        f"{len(train)} training images")
+    run = build_run(cfg, run_dir, class_names)
+    if resume is not None:
+        run.restore(resume[1], resume[0])
+    if run.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train, val, test = train.to(run.device), val.to(run.device), test.to(run.device)
+    if force and resume is None and run_dir.exists():
+        shutil.rmtree(run_dir)  # only now that data, config and device have all checked out
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+
+    where = f"; resuming at epoch {run.epoch + 1}, step {run.progress.step}" if resume else ""
+    print(f"run {run_dir}: {cfg.model.arch} ({count_parameters(run.model):,} parameters) on "
+          f"{run.device}, {cfg.train.precision}; {len(train)} train / {len(val)} val / "
+          f"{len(test)} test images{where}", flush=True)
+    print(f"allocator: {allocator.in_effect()}", flush=True)
+    # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps.
+    writer = SummaryWriter(str(run_dir / "tb"),
+                           purge_step=run.global_step + 1 if resume else None)
+    try:
+        train_epochs(run, train, val, writer)
+        from vggtrain.report import log_report, report_pictures, write_report_files  # imports evaluate
+
+        report, evaluation = test_report(run, test)
+        pictures = report_pictures(report, evaluation, test)
+        log_report(writer, report, pictures, run.global_step)
     finally:
         writer.close()
-    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    print(f"test accuracy {report['test']['acc']:.2%} (loss {report['test']['loss']:.4f}, "
-          f"{report['test']['images']} images) with best.pt from epoch {report['best_epoch']}; "
-          f"report in {run_dir / 'report.json'}", flush=True)
+    write_report_files(run_dir, report, pictures)
+    # Last: a report.json means the pictures and report.md beside it are complete.
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    m = report["metrics"]
+    loss = "n/a" if m["loss"] is None else f"{m['loss']:.4f}"
+    print(f"test accuracy {m['top1']:.2%} (top-5 {m['top5']:.2%}, loss {loss}, {m['images']} images) "
+          f"with best.pt from epoch {report['best_epoch']}; report in {run_dir / 'report.md'}", flush=True)
     return report
 
 
-def test_report(run: Run, test: Split) -> dict[str, Any]:
-    """Load best.pt into the model and measure it on the test set, which nothing else touches."""
+def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
+    """Load best.pt into the model and measure it on the test set, which nothing else touches.
+
+    Returns the report (the schema `vggtrain eval` writes, plus the run's training facts) and the
+    evaluation itself, whose per-image predictions the report's pictures need.
+    """
     best = load_checkpoint(run.dir / "best.pt", map_location=run.device)
     run.model.load_state_dict(best["model"])
     cfg = run.cfg
-    t0 = time.perf_counter()
-    metrics = evaluate(run.model, test, cfg.train.eval_batch_size, run.device, cfg.train.precision,
-                       cfg.train.channels_last)
-    eval_s = time.perf_counter() - t0
-    return {
-        "test": metrics,
+    ev = evaluate_split(run.model, test, len(run.class_names), cfg.train.eval_batch_size, run.device,
+                        cfg.train.precision, cfg.train.channels_last)
+    report = build_report(ev, split="test", model=run.model, cfg=cfg, class_names=run.class_names,
+                          checkpoint=run.dir / "best.pt", checkpoint_epoch=int(best["epoch"]),
+                          device=run.device, precision=cfg.train.precision)
+    m = report["metrics"]
+    report.update({
+        "test": {"loss": m["loss"], "acc": m["top1"], "images": m["images"]},  # fit's first keys
         "best_epoch": int(best["epoch"]),
         "val_acc": best["best_metric"] if cfg.data.val_size else None,
         "epochs": run.epoch,
-        "checkpoint": str(run.dir / "best.pt"),
         "train_time_s": run.train_time_s,
-        "eval_images_per_s": len(test) / eval_s if eval_s > 0 else None,
-        "parameters": count_parameters(run.model),
-        "device": str(run.device),
-        "precision": cfg.train.precision,
-        "torch_version": str(torch.__version__),
-        "vggtrain_version": vggtrain.__version__,
-        "class_names": run.class_names,
-        "config": cfg.to_dict(),
-    }
+        "allocator": allocator.in_effect(),  # the CPU memory allocator the run trained with
+    })
+    return report, ev

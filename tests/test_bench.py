@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import json
+
+from conftest import tiny_config, write_yaml
+from vggtrain.cli import main
+
+
+def test_bench_writes_positive_numbers(tmp_path, capsys):
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(tmp_path / "unused", tmp_path / "runs"))
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--config", str(cfg), "--steps", "3", "--warmup", "1", "--data-steps", "8",
+                 "--json", str(out)])
+    assert code == 0
+    res = json.loads(out.read_text())
+    for key in ("bare_step", "data_path", "reference_data_path", "fit", "eval", "peak_memory_mib",
+                "fit_over_bare_step", "data_over_reference"):
+        assert isinstance(res[key], float) and res[key] > 0, key
+    assert res["batch_size"] == 50 and res["precision"] == "fp32" and res["machine"]["cores"] >= 1
+    alloc = res["allocators"]
+    assert alloc["system"]["allocator"].startswith("system")
+    assert alloc["system"]["bare_step_images_per_s"] > 0 and alloc["configured"]["peak_rss_mib"] > 0
+    assert alloc["ratio"] > 0
+    table = capsys.readouterr().out
+    assert "bare step" in table and "fit / bare step" in table and "ratio" in table
+
+
+def test_bench_rejects_unknown_parts(tmp_path, capsys):
+    assert main(["bench", "--config", "smoke.yaml", "--parts", "bare,warp"]) == 2
+    assert "--parts takes" in capsys.readouterr().err

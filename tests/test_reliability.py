@@ -1,0 +1,206 @@
+"""Crash safety, exact resume, graceful stop and hostile input (the reliability issue)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config, write_yaml
+from vggtrain.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from vggtrain.cli import main
+from vggtrain.errors import CheckpointError
+from vggtrain.train import StopSignals
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _start_fit(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "vggtrain", "fit", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return
+        assert time.monotonic() < deadline, f"no line starting {prefix!r}"
+    raise AssertionError(f"process ended before printing {prefix!r}: {proc.stderr.read()}")
+
+
+def _same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# --- graceful stop ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_after_the_step_saves_and_resumes(cifar_bin, tmp_path, sig, code):
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                         train={"epochs": 500}))
+    proc = _start_fit("--config", str(cfg))
+    _wait_for_line(proc, "epoch 1/500")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    run = tmp_path / "runs" / "tiny"
+    assert f"stopped by {signal.Signals(sig).name}" in err and f"vggtrain fit --resume {run}" in err
+    last = load_checkpoint(run / "last.pt")
+    assert 1 <= last["epoch"] < 500 and not (run / "report.json").exists()
+    # The stop landed mid-epoch: the resumed epoch must pick up at the saved step.
+    assert main(["fit", "--resume", str(run), "--set", f"train.epochs={last['epoch'] + 1}"]) == 0
+    assert json.loads((run / "report.json").read_text())["epochs"] == last["epoch"] + 1
+
+
+def test_second_signal_aborts_at_once():
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT  # the first one only asks
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(cifar_bin, tmp_path):
+    cfg = tiny_config(cifar_bin, tmp_path / "runs", train={"epochs": 6, "batch_size": 25,
+                                                          "checkpoint_every_steps": 5})
+    killed = write_yaml(tmp_path / "killed.yaml", {**cfg, "name": "killed"})
+    proc = _start_fit("--config", str(killed))
+    _wait_for_line(proc, "epoch 2/6")
+    time.sleep(0.2)
+    proc.kill()
+    proc.wait(timeout=30)
+    run = tmp_path / "runs" / "killed"
+    assert not (run / "report.json").exists(), "the kill came too late to test anything"
+    saved = load_checkpoint(run / "last.pt")  # loadable whatever instant the kill hit
+    load_checkpoint(run / "best.pt")
+    assert saved["global_step"] >= 2 * 32
+    assert main(["fit", "--resume", str(run)]) == 0
+
+    straight = write_yaml(tmp_path / "straight.yaml", {**cfg, "name": "straight"})
+    assert main(["fit", "--config", str(straight)]) == 0
+    a = load_checkpoint(tmp_path / "runs" / "straight" / "last.pt")
+    b = load_checkpoint(run / "last.pt")
+    assert a["global_step"] == b["global_step"] == 6 * 32
+    _same_weights(a["model"], b["model"])
+    report_a = json.loads((tmp_path / "runs" / "straight" / "report.json").read_text())
+    report_b = json.loads((run / "report.json").read_text())
+    assert report_a["test"] == report_b["test"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_bin, tmp_path, capsys):
+    # An absurd learning rate and no batch norm to lean on: the loss blows up within steps.
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(
+        cifar_bin, tmp_path / "runs", model={"batch_norm": False},
+        optim={"lr": 100.0, "momentum": 0.99}, train={"checkpoint_every_steps": 1, "log_every": 1}))
+    assert main(["fit", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "at epoch 1, step" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    bad_step = int(err.split("step ")[1].split(";")[0])
+    last = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
+    assert last["global_step"] == bad_step - 1  # the step before the bad one
+    assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
+
+
+def test_resume_refuses_changes_that_would_not_apply(cifar_bin, tmp_path, capsys):
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                         train={"epochs": 1}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["fit", "--resume", str(tmp_path / "runs" / "tiny"), "--set", "optim.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr cannot change when resuming (the run has 0.05, asked 0.5)" in err
+    assert main(["fit", "--config", str(cfg), "--resume", "--set", "seed=3"]) == 2
+    assert "seed cannot change when resuming" in capsys.readouterr().err
+
+
+# --- atomic writes ---------------------------------------------------------------------------
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {}, "config": {}, "epoch": 1})
+
+    def torn(f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, torn)
+    assert load_checkpoint(path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+# --- hostile and broken checkpoints -------------------------------------------------------------
+
+class _Payload:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def _broken_checkpoints(tmp_path: Path, good: Path) -> dict[str, Path]:
+    files = {}
+    marker = tmp_path / "pwned"
+    files["payload"] = tmp_path / "payload.pt"
+    torch.save({"model": {}, "config": {}, "x": _Payload(marker)}, files["payload"])
+    files["raw-pickle"] = tmp_path / "raw.pt"
+    files["raw-pickle"].write_bytes(pickle.dumps(_Payload(marker)))
+    files["empty"] = tmp_path / "empty.pt"
+    files["empty"].write_bytes(b"")
+    files["random"] = tmp_path / "random.pt"
+    files["random"].write_bytes(os.urandom(4096))
+    files["truncated"] = tmp_path / "truncated.pt"
+    files["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    files["not-ours"] = tmp_path / "plain.pt"
+    torch.save({"weight": torch.zeros(3)}, files["not-ours"])
+    return files
+
+
+def test_hostile_and_broken_checkpoints_are_refused(cifar_bin, tmp_path, capsys):
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                         train={"epochs": 1}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    good = tmp_path / "runs" / "tiny" / "last.pt"
+    capsys.readouterr()
+    for kind, path in _broken_checkpoints(tmp_path, good).items():
+        with pytest.raises(CheckpointError):
+            load_checkpoint(path)
+        assert main(["fit", "--resume", str(path)]) == 2, kind
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "checkpoint error" in err and "Traceback" not in err, (kind, err)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_wrong_architecture_or_class_count_is_refused(cifar_bin, tmp_path, capsys):
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                         train={"epochs": 1}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    capsys.readouterr()
+    assert main(["fit", "--resume", str(run), "--set", "model.layers=[8, M, 32, M]"]) == 2
+    assert "model.layers cannot change when resuming" in capsys.readouterr().err
+
+    state = load_checkpoint(run / "last.pt")
+    state["model"]["classifier.weight"] = state["model"]["classifier.weight"][:5]
+    state["model"]["classifier.bias"] = state["model"]["classifier.bias"][:5]
+    save_checkpoint(tmp_path / "five.pt", state)
+    assert main(["fit", "--resume", str(tmp_path / "five.pt"), "--set", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "weights do not fit this model" in err and "classifier.weight" in err

@@ -1,0 +1,282 @@
+"""`vggtrain bench`: where the time goes, measured on one model, batch size and precision.
+
+bare step       forward + backward + SGD on one fixed device-resident batch: the ceiling
+data path       vggtrain's batched sampling + crop/flip + normalisation on the device
+reference data  torchvision's RandomCrop/RandomHorizontalFlip/ToTensor/Normalize, DataLoader(2 workers)
+fit             the real training loop (train_one_epoch) over N steps, TensorBoard logging included
+eval            evaluate_split() over a few batches
+allocator       the bare step in two fresh processes: system allocator vs the configured one
+
+Images are random uint8 (speed does not depend on content), so no dataset is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vggtrain import allocator
+from vggtrain.checkpoint import atomic_write_text
+from vggtrain.config import TrainConfig
+from vggtrain.data import Split, train_batches
+from vggtrain.device import select_device
+from vggtrain.evaluate import evaluate_split
+from vggtrain.model import build_model, count_parameters
+from vggtrain.train import EpochProgress, StopSignals, build_run, train_one_epoch, train_step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _rate(fn: Callable[[], int], device: torch.device, warmup: int, steps: int) -> float:
+    """Images per second of fn (which returns how many images it did), after warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0, images = time.perf_counter(), 0
+    for _ in range(steps):
+        images += fn()
+    _sync(device)
+    return images / (time.perf_counter() - t0)
+
+
+def random_split(n: int, device: torch.device, seed: int = 0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return Split(images, torch.randint(0, 10, (n,), generator=g)).to(device)
+
+
+def bench_bare_step(cfg: TrainConfig, run_dir: Path, warmup: int, steps: int) -> float:
+    run = build_run(cfg, run_dir, [str(i) for i in range(cfg.model.num_classes)])
+    batch = next(train_batches(random_split(cfg.train.batch_size, run.device), cfg.train.batch_size,
+                               torch.Generator().manual_seed(0), cfg.data.augment, cfg.train.channels_last))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    run.model.train()
+
+    def step() -> int:
+        train_step(run, *batch, criterion)
+        return cfg.train.batch_size
+
+    return _rate(step, run.device, warmup, steps)
+
+
+def bench_data_path(cfg: TrainConfig, split: Split, steps: int) -> float:
+    device = split.images.device
+    it = iter(())
+
+    def batch() -> int:
+        nonlocal it
+        x = next(it, None)
+        if x is None:
+            it = train_batches(split, cfg.train.batch_size, torch.Generator().manual_seed(0),
+                               cfg.data.augment, cfg.train.channels_last)
+            x = next(it)
+        return len(x[1])
+
+    return _rate(batch, device, 2, steps)
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: a PIL image, then the transform."""
+
+    def __init__(self, images_hwc: Any, labels: list[int], transform: Callable) -> None:
+        self.images, self.labels, self.transform = images_hwc, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def bench_reference_data_path(cfg: TrainConfig, split: Split, steps: int, workers: int = 2) -> float:
+    from torchvision import transforms as T
+
+    from vggtrain.data import CIFAR10_MEAN, CIFAR10_STD
+
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+    hwc = split.images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
+    ds = _PILDataset(hwc, split.labels.cpu().tolist(), transform)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True,
+                                         num_workers=workers, drop_last=True, persistent_workers=True)
+    it = iter(loader)
+
+    def batch() -> int:
+        nonlocal it
+        x = next(it, None)
+        if x is None:
+            it = iter(loader)
+            x = next(it)
+        return len(x[1])
+
+    return _rate(batch, torch.device("cpu"), 3, steps)
+
+
+def bench_fit(cfg: TrainConfig, run_dir: Path, steps: int, warmup: int) -> float:
+    """The real loop over `steps` steps, after a short warm-up epoch (first-call costs excluded)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = build_run(cfg, run_dir, [str(i) for i in range(cfg.model.num_classes)])
+    bs = cfg.train.batch_size
+    with SummaryWriter(str(run_dir / "tb")) as writer, StopSignals() as stop:
+        bar = tqdm(disable=True)
+        train_one_epoch(run, random_split(bs * max(warmup, 1), run.device, seed=1), writer, bar, stop)
+        run.progress = EpochProgress()
+        split = random_split(bs * steps, run.device, seed=2)
+        _sync(run.device)
+        t0 = time.perf_counter()
+        train_one_epoch(run, split, writer, bar, stop)  # ends with a host read of its sums
+        return bs * steps / (time.perf_counter() - t0)
+
+
+def bench_eval(cfg: TrainConfig, run_dir: Path, split: Split) -> float:
+    run = build_run(cfg, run_dir, [str(i) for i in range(cfg.model.num_classes)])
+    args = (run.model, split, cfg.model.num_classes, cfg.train.eval_batch_size, run.device,
+            cfg.train.precision, cfg.train.channels_last)
+    evaluate_split(*args)  # warm-up
+    return evaluate_split(*args).images_per_s  # timed inside, to its final host read
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's peak at fork.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def bench_allocators(config: str, overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
+    """The bare step in two fresh processes, with the system allocator and the configured one."""
+    results = {}
+    for label, switch in (("system", "system"), ("configured", os.environ.get(allocator.SWITCH, "auto"))):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "r.json"
+            env = {k: v for k, v in os.environ.items()
+                   if k not in (allocator.APPLIED, "LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_CONF")}
+            # A user's own settings are what "configured" means for them: keep those.
+            if label == "configured":
+                env.update(_users_settings())
+            env[allocator.SWITCH] = switch
+            cmd = [sys.executable, "-m", "vggtrain", "bench", "--config", config, "--parts", "bare",
+                   "--warmup", str(warmup), "--steps", str(steps), "--json", str(out), "--quiet"]
+            for o in overrides:
+                cmd += ["--set", o]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"allocator bench ({label}) failed: {proc.stderr.strip()[-500:]}")
+            r = json.loads(out.read_text())
+            results[label] = {"allocator": r["allocator"], "bare_step_images_per_s": r["bare_step"],
+                              "peak_rss_mib": r["peak_memory_mib"]}
+    s, c = results["system"], results["configured"]
+    results["ratio"] = c["bare_step_images_per_s"] / s["bare_step_images_per_s"]
+    results["rss_ratio"] = c["peak_rss_mib"] / s["peak_rss_mib"]
+    return results
+
+
+def _users_settings() -> dict[str, str]:
+    applied = os.environ.get(allocator.APPLIED, "")
+    if not applied.startswith("user's own"):
+        return {}
+    return {k: os.environ[k] for k in ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_CONF") if k in os.environ}
+
+
+def machine_description() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": str(torch.__version__), "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def run_bench(cfg: TrainConfig, config_arg: str, overrides: list[str], parts: list[str], warmup: int,
+              steps: int, data_steps: int) -> dict[str, Any]:
+    device = select_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    res: dict[str, Any] = {
+        "config": config_arg, "overrides": overrides, "model": cfg.model.arch,
+        "parameters": count_parameters(build_model(cfg.model)),
+        "batch_size": cfg.train.batch_size, "precision": cfg.train.precision,
+        "channels_last": cfg.train.channels_last, "device": str(device),
+        "allocator": allocator.in_effect(), "machine": machine_description(), "steps": steps,
+    }
+    data_split = random_split(cfg.train.batch_size * min(data_steps, 100), device, seed=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        if "bare" in parts:
+            res["bare_step"] = bench_bare_step(cfg, Path(tmp), warmup, steps)
+        if "data" in parts:
+            res["data_path"] = bench_data_path(cfg, data_split, data_steps)
+        if "reference" in parts:
+            res["reference_data_path"] = bench_reference_data_path(cfg, data_split.to(torch.device("cpu")),
+                                                                   max(data_steps // 4, 10))
+        if "fit" in parts:
+            res["fit"] = bench_fit(cfg, Path(tmp), steps, warmup)
+        if "eval" in parts:
+            res["eval"] = bench_eval(cfg, Path(tmp), random_split(cfg.train.eval_batch_size * 4, device, 4))
+    res["peak_memory_mib"] = peak_memory_mib(device)
+    if "allocator" in parts and device.type == "cpu":
+        res["allocators"] = bench_allocators(config_arg, overrides, warmup, steps)
+    if "fit" in res and "bare_step" in res:
+        res["fit_over_bare_step"] = res["fit"] / res["bare_step"]
+    if "data_path" in res and "reference_data_path" in res:
+        res["data_over_reference"] = res["data_path"] / res["reference_data_path"]
+    return res
+
+
+def format_table(res: dict[str, Any]) -> str:
+    rows = [("bare step", res.get("bare_step"), "img/s"), ("data path", res.get("data_path"), "img/s"),
+            ("reference data path", res.get("reference_data_path"), "img/s"),
+            ("fit (loop, logging)", res.get("fit"), "img/s"), ("eval", res.get("eval"), "img/s"),
+            ("fit / bare step", res.get("fit_over_bare_step"), "x"),
+            ("data / reference", res.get("data_over_reference"), "x"),
+            ("peak memory", res.get("peak_memory_mib"), "MiB")]
+    m = res["machine"]
+    lines = [f"{res['model']} ({res['parameters']:,} params), batch {res['batch_size']}, {res['precision']}"
+             f"{', channels_last' if res['channels_last'] else ''} on {res['device']} "
+             f"({m['cuda'] or m['cpu']}, {m['cores']} cores, torch {m['torch']})",
+             f"allocator: {res['allocator']}", ""]
+    lines += [f"  {name:<22}{value:>12,.2f} {unit}" for name, value, unit in rows if value is not None]
+    a = res.get("allocators")
+    if a:
+        lines += ["", "  bare step by allocator (fresh processes):"]
+        for label in ("system", "configured"):
+            lines.append(f"    {label:<11}{a[label]['bare_step_images_per_s']:>10,.1f} img/s  peak RSS "
+                         f"{a[label]['peak_rss_mib']:>8,.0f} MiB  {a[label]['allocator']}")
+        lines.append(f"    ratio {a['ratio']:.3f}x, peak RSS ratio {a['rss_ratio']:.3f}x")
+    return "\n".join(lines)
+
+
+def write_results(path: Path, res: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(res, indent=2) + "\n")

@@ -1,0 +1,103 @@
+"""`vggtrain predict`: class probabilities for image files, from a checkpoint alone.
+
+An image is decoded to RGB (grey, palette and alpha images too), resized as a whole to the 32x32
+the model was trained on (no crop: CIFAR's objects fill their frame), and normalised exactly as
+training batches are (data.normalize).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vggtrain.data import normalize
+from vggtrain.errors import DataError
+from vggtrain.evaluate import LoadedModel
+from vggtrain.model import IMAGE_SIZE
+
+SCHEMA = "vggtrain.predict/1"
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file as uint8 RGB (3, H, W), EXIF orientation applied. DataError naming the file
+    if it is missing or cannot be decoded.
+
+    Pillow decodes it: its failures are Python exceptions, where libpng (under torchvision.io)
+    also writes its own complaint to stderr, and it reads more than PNG and JPEG.
+    """
+    import numpy as np  # arrives with torchvision
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey: scale, do not clip
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255)
+                                      .astype(np.uint8))
+            rgb = np.asarray(img.convert("RGB"))
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image file Pillow can read (PNG, JPEG, ...)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot decode the image ({why})") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
+def to_model_size(img: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, 32, 32), antialiased when shrinking."""
+    from torchvision.transforms.v2.functional import resize
+
+    if tuple(img.shape[1:]) == (IMAGE_SIZE, IMAGE_SIZE):
+        return img
+    return resize(img, [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
+
+
+@torch.no_grad()
+def probabilities(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
+                  batch_size: int = 256) -> torch.Tensor:
+    """uint8 (N, 3, 32, 32) -> float32 class probabilities (N, C) on the CPU."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size].to(device))
+        out.append(torch.softmax(model(x).float(), dim=1).cpu())
+    return torch.cat(out)
+
+
+def predict_files(loaded: LoadedModel, paths: Sequence[str], device: torch.device, topk: int
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """(one result per readable image, one error per unreadable one), each in input order."""
+    ok_paths, images, errors = [], [], []
+    for p in paths:
+        try:
+            images.append(to_model_size(read_image(p)))
+            ok_paths.append(p)
+        except DataError as e:
+            errors.append({"image": p, "error": str(e)})
+    results = []
+    if images:
+        probs = probabilities(loaded.model, torch.stack(images), device)
+        k = min(topk, probs.shape[1])
+        values, indices = probs.topk(k, dim=1)
+        for p, vs, ix in zip(ok_paths, values.tolist(), indices.tolist(), strict=True):
+            results.append({"image": p, "top": [{"class": loaded.class_names[i], "index": i, "prob": v}
+                                                for v, i in zip(vs, ix, strict=True)]})
+    return results, errors
+
+
+def predictions_json(loaded: LoadedModel, results: list[dict[str, Any]], errors: list[dict[str, str]],
+                     topk: int) -> dict[str, Any]:
+    return {"schema": SCHEMA, "checkpoint": str(loaded.path), "checkpoint_epoch": loaded.epoch,
+            "class_names": loaded.class_names, "topk": topk, "predictions": results, "errors": errors}
+
+
+def format_predictions(results: list[dict[str, Any]]) -> str:
+    """One line per image: `path: class 91.2%, class 6.1%, ...`."""
+    return "".join(f"{r['image']}: " + ", ".join(f"{t['class']} {t['prob']:.1%}" for t in r["top"]) + "\n"
+                   for r in results)

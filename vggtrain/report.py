@@ -1,0 +1,339 @@
+"""Presenting a report: terminal text, report.md, the confusion-matrix and mistakes pictures, and
+TensorBoard (images, and the run's hparams with its final metrics).
+
+Everything textual is rendered from the report dict alone (what report.json holds), so report.md
+can always be rebuilt from report.json. Pictures are drawn with Pillow and torchvision's
+make_grid: a confusion matrix needs labelled text, which is all matplotlib would have added.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from vggtrain.checkpoint import atomic_write, atomic_write_text
+from vggtrain.data import Split
+from vggtrain.evaluate import Evaluation
+
+# A white-to-blue ramp (ColorBrewer "Blues") for rates, and "jet" for Grad-CAM heat maps.
+BLUES = [(0.0, (247, 251, 255)), (0.25, (198, 219, 239)), (0.5, (107, 174, 214)),
+         (0.75, (33, 113, 181)), (1.0, (8, 48, 107))]
+JET = [(0.0, (0, 0, 143)), (0.125, (0, 0, 255)), (0.375, (0, 255, 255)), (0.625, (255, 255, 0)),
+       (0.875, (255, 0, 0)), (1.0, (128, 0, 0))]
+MISTAKES_SHOWN = 32
+
+
+# --- drawing helpers ------------------------------------------------------------------------
+
+def font(size: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, str]:
+    """(font, arrow): DejaVu Sans where installed (it has an arrow glyph), else Pillow's own."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size), "\u2192"
+    except OSError:
+        pass
+    try:
+        return ImageFont.load_default(size=size), "->"  # Pillow >= 10.1 with FreeType
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default(), "->"
+
+
+def text_size(draw: ImageDraw.ImageDraw, text: str, f: Any) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=f)
+    return right - left, bottom - top
+
+
+def apply_colormap(values: torch.Tensor, stops: list[tuple[float, tuple[int, int, int]]]) -> torch.Tensor:
+    """values in [0, 1], any shape -> uint8 RGB with a leading channel axis, by linear interpolation."""
+    pos = torch.tensor([p for p, _ in stops])
+    col = torch.tensor([c for _, c in stops], dtype=torch.float32)
+    v = values.float().clamp(0, 1).contiguous()
+    i = torch.searchsorted(pos, v, right=True).clamp(1, len(stops) - 1)
+    t = ((v - pos[i - 1]) / (pos[i] - pos[i - 1])).unsqueeze(-1)
+    rgb = col[i - 1] * (1 - t) + col[i] * t
+    return rgb.round().to(torch.uint8).movedim(-1, 0)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """A Pillow RGB image as a uint8 (3, H, W) tensor, what TensorBoard's add_image takes."""
+    return torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8) \
+        .view(img.height, img.width, 3).permute(2, 0, 1).contiguous()
+
+
+def to_pil(chw: torch.Tensor) -> Image.Image:
+    return Image.fromarray(chw.permute(1, 2, 0).contiguous().numpy(), "RGB")
+
+
+def save_png(path: Path, img: Image.Image | torch.Tensor) -> None:
+    pil = to_pil(img) if isinstance(img, torch.Tensor) else img
+    atomic_write(path, lambda f: pil.save(f, format="PNG", optimize=True))
+
+
+def _text_rotated(img: Image.Image, xy: tuple[int, int], text: str, f: Any, fill: tuple) -> None:
+    """Text reading bottom to top, its top-left corner at xy (after rotation)."""
+    probe = ImageDraw.Draw(img)
+    left, top, right, bottom = probe.textbbox((0, 0), text, font=f)
+    mask = Image.new("L", (right - left + 2, bottom - top + 2), 0)
+    ImageDraw.Draw(mask).text((-left + 1, -top + 1), text, font=f, fill=255)
+    mask = mask.rotate(90, expand=True)
+    img.paste(Image.new("RGB", mask.size, fill), xy, mask)
+
+
+# --- the confusion matrix picture -------------------------------------------------------------
+
+def confusion_image(confusion: list[list[int]] | torch.Tensor, class_names: list[str],
+                    title: str = "") -> torch.Tensor:
+    """Labelled confusion matrix: rows true class, columns predicted; each cell coloured by its
+    share of the true class (row-normalised) with its count written in, recall down the right."""
+    cm = torch.as_tensor(confusion, dtype=torch.int64)
+    c = len(class_names)
+    totals = cm.sum(1)
+    rates = cm.float() / totals.clamp(min=1)[:, None]
+    cell = max(14, min(48, 560 // c))
+    label_f, _ = font(max(9, min(15, cell // 3 + 1)))
+    count_f, _ = font(max(8, min(14, cell // 3 + 1)))
+    title_f, _ = font(16)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(text_size(scratch, n, label_f)[0] for n in class_names) + 12
+    axis_h = text_size(scratch, "predicted class", label_f)[1] + 10
+    pad, title_h = 16, (48 if title else 8)
+    right_w = text_size(scratch, "100.0%", label_f)[0] + 16
+    x0 = pad + axis_h + label_w  # the grid's top-left corner
+    y0 = pad + title_h + axis_h + label_w
+    subtitle = "colour: share of the true class (row); numbers: image counts"
+    width, height = x0 + c * cell + right_w + pad, y0 + c * cell + pad
+    if title:  # a matrix of few classes is narrower than its title
+        width = max(width, 2 * pad + max(text_size(scratch, title, title_f)[0],
+                                         text_size(scratch, subtitle, label_f)[0]))
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    black, grey = (20, 20, 20), (110, 110, 110)
+
+    if title:
+        draw.text((pad, pad), title, font=title_f, fill=black)
+        draw.text((pad, pad + 22), subtitle, font=label_f, fill=grey)
+    tw, _ = text_size(draw, "predicted class", label_f)
+    draw.text((x0 + (c * cell - tw) // 2, pad + title_h), "predicted class", font=label_f, fill=black)
+    tw, th = text_size(draw, "true class", label_f)
+    _text_rotated(img, (pad, y0 + (c * cell - tw) // 2), "true class", label_f, black)
+
+    colours = apply_colormap(rates, BLUES)  # (3, C, C)
+    # Counts in every cell or in none: a matrix with only the small ones written in misleads.
+    widest = text_size(draw, str(int(cm.max())) if c else "0", count_f)
+    show_counts = widest[0] <= cell - 4 and widest[1] <= cell - 4
+    for i in range(c):
+        name_w, name_h = text_size(draw, class_names[i], label_f)
+        draw.text((x0 - 6 - name_w, y0 + i * cell + (cell - name_h) // 2 - 2), class_names[i],
+                  font=label_f, fill=black)
+        _text_rotated(img, (x0 + i * cell + (cell - name_h) // 2 - 2, y0 - 6 - name_w), class_names[i],
+                      label_f, black)
+        for j in range(c):
+            box = (x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1)
+            draw.rectangle(box, fill=tuple(colours[:, i, j].tolist()), outline=(225, 225, 225))
+            count = int(cm[i, j])
+            if show_counts and count:
+                cw, ch = text_size(draw, str(count), count_f)
+                ink = "white" if rates[i, j] > 0.5 else black
+                draw.text((box[0] + (cell - cw) // 2, box[1] + (cell - ch) // 2 - 2), str(count),
+                          font=count_f, fill=ink)
+        recall = f"{rates[i, i].item():.1%}" if totals[i] else "-"
+        draw.text((x0 + c * cell + 8, y0 + i * cell + (cell - name_h) // 2 - 2), recall,
+                  font=label_f, fill=black)
+    draw.text((x0 + c * cell + 8, y0 - axis_h), "acc", font=label_f, fill=black)
+    # The diagonal is the story: frame it so it reads at a glance whatever the colours.
+    for i in range(c):
+        draw.rectangle((x0 + i * cell, y0 + i * cell, x0 + (i + 1) * cell - 1, y0 + (i + 1) * cell - 1),
+                       outline=(230, 120, 0))
+    return to_tensor(img)
+
+
+# --- the mistakes picture -----------------------------------------------------------------------
+
+def mistakes_image(split: Split, ev: Evaluation, class_names: list[str],
+                   count: int = MISTAKES_SHOWN, scale: int = 4) -> torch.Tensor:
+    """The most confidently misclassified images, upscaled and captioned true -> predicted
+    (probability); a picture saying so when there is none, so a run always has the same files."""
+    from torchvision.utils import make_grid
+
+    labels = split.labels.cpu()
+    wrong = (ev.predictions != labels).nonzero().flatten()
+    title_f, _ = font(16)
+    if len(wrong) == 0:
+        canvas = Image.new("RGB", (520, 44), "white")
+        ImageDraw.Draw(canvas).text((8, 12), f"no misclassified images: all {len(labels):,} are right",
+                                    font=title_f, fill=(20, 20, 20))
+        return to_tensor(canvas)
+    wrong = wrong[ev.confidence[wrong].argsort(descending=True, stable=True)]
+    # The most confident mistake of every (true, predicted) pair before any pair's second one, so
+    # one dominant confusion does not fill the picture.
+    pairs = (labels[wrong] * len(class_names) + ev.predictions[wrong]).tolist()
+    seen: dict[int, int] = {}
+    rank = []
+    for p in pairs:
+        seen[p] = seen.get(p, -1) + 1
+        rank.append(seen[p])
+    wrong = wrong[torch.tensor(rank).argsort(stable=True)][:count]
+    images = split.images[wrong.to(split.images.device)].cpu()
+    side = images.shape[-1] * scale
+    f, arrow = font(13)
+    tiles = []
+    for img, i in zip(images, wrong.tolist(), strict=True):
+        tile = Image.new("RGB", (side, side + 36), "white")
+        tile.paste(to_pil(img).resize((side, side), Image.NEAREST), (0, 0))
+        draw = ImageDraw.Draw(tile)
+        draw.text((2, side + 2), class_names[int(labels[i])], font=f, fill=(0, 110, 0))
+        pred = f"{arrow} {class_names[int(ev.predictions[i])]} {ev.confidence[i].item():.0%}"
+        draw.text((2, side + 18), pred, font=f, fill=(190, 0, 0))
+        tiles.append(to_tensor(tile))
+    grid = make_grid(torch.stack(tiles), nrow=8, padding=4, pad_value=255)
+    title = (f"{len(wrong)} of {int((ev.predictions != labels).sum())} mistakes, most confident of each "
+             f"kind first (true class in green, prediction in red)")
+    title_w, _ = text_size(ImageDraw.Draw(Image.new("RGB", (1, 1))), title, title_f)
+    canvas = Image.new("RGB", (max(grid.shape[2], title_w + 12), grid.shape[1] + 32), "white")
+    canvas.paste(to_pil(grid), (0, 32))
+    ImageDraw.Draw(canvas).text((6, 6), title, font=title_f, fill=(20, 20, 20))
+    return to_tensor(canvas)
+
+
+# --- text -------------------------------------------------------------------------------------
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+def _short_labels(names: list[str], width: int) -> list[str]:
+    """Column headers cut to width; indices when cutting makes two of them equal."""
+    cut = [n[:width] for n in names]
+    return cut if len(set(cut)) == len(cut) else [str(i) for i in range(len(names))]
+
+
+def headline(report: dict[str, Any]) -> str:
+    m = report["metrics"]
+    loss = "-" if m["loss"] is None else f"{m['loss']:.4f}"
+    return f"top-1 {_pct(m['top1'])}   top-5 {_pct(m['top5'])}   loss {loss}"
+
+
+def format_text(report: dict[str, Any]) -> str:
+    """What `vggtrain eval` prints: header, headline, per-class table, confusion matrix."""
+    m, names = report["metrics"], report["class_names"]
+    ips = report.get("images_per_s")
+    lines = [
+        f"checkpoint {report['checkpoint']} (epoch {report['checkpoint_epoch']}): "
+        f"{report['config']['model']['arch']}, {report['parameters']:,} parameters",
+        f"{report['split']} split, {m['images']:,} images on {report['device']} ({report['precision']}"
+        f"{', flip TTA' if report['tta'] else ''})" + (f", {ips:,.0f} images/s" if ips else ""),
+        "",
+        headline(report),
+        "",
+    ]
+    name_w = max(8, *(len(n) for n in names))
+    digits = len(str(max((r["total"] for r in report["per_class"]), default=0)))
+    cw, tw = max(digits, len("correct")), max(digits, len("total"))
+    lines.append(f"{'class':<{name_w}}  {'correct':>{cw}} / {'total':<{tw}}  {'acc':>7}")
+    for r in report["per_class"]:
+        lines.append(f"{r['class']:<{name_w}}  {r['correct']:>{cw}} / {r['total']:<{tw}}  "
+                     f"{_pct(r['acc']):>7}")
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class)"]
+    cm = report["confusion_matrix"]
+    cell_w = max(5, len(str(max((max(row) for row in cm), default=0))))
+    heads = _short_labels(names, cell_w)
+    lines.append(" " * name_w + "".join(f" {h:>{cell_w}}" for h in heads))
+    for name, row in zip(names, cm, strict=True):
+        lines.append(f"{name:<{name_w}}" + "".join(f" {v:>{cell_w}}" for v in row))
+    if heads[0] != names[0][:cell_w]:
+        lines.append("columns: " + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h {rest // 60:02d}m {rest % 60:02d}s" if h else f"{rest // 60}m {rest % 60:02d}s"
+
+
+def format_markdown(report: dict[str, Any], images: list[tuple[str, str]] = ()) -> str:
+    """report.md: the same facts as report.json, for a person. images: (alt text, file name)."""
+    m, names, cfg = report["metrics"], report["class_names"], report["config"]
+    ips = report.get("images_per_s")
+    out = [f"# {cfg.get('name') or 'vggtrain'}: {report['split']} report", "",
+           f"**{headline(report).replace('   ', ' · ')}** on {m['images']:,} {report['split']} images"
+           + (" (flip TTA)" if report["tta"] else ""), "",
+           "| | |", "|---|---|",
+           f"| model | {cfg['model']['arch']}, {report['parameters']:,} parameters |",
+           f"| checkpoint | `{report['checkpoint']}` (epoch {report['checkpoint_epoch']}) |"]
+    if "best_epoch" in report:
+        val = report.get("val_acc")
+        out.append(f"| best epoch | {report['best_epoch']} of {report['epochs']}"
+                   + (f" (validation accuracy {_pct(val)})" if val is not None else "") + " |")
+    if "train_time_s" in report:
+        out.append(f"| training time | {_duration(report['train_time_s'])} |")
+    out += [f"| evaluation | {report['device']}, {report['precision']}"
+            + (f", {ips:,.0f} images/s" if ips else "") + " |",
+            f"| config digest | `{report['config_digest'][:19]}` |",
+            f"| versions | torch {report['torch_version']}, vggtrain {report['vggtrain_version']} |",
+            "", "## Per class", "", "| class | correct | total | accuracy |", "|---|--:|--:|--:|"]
+    for r in report["per_class"]:
+        out.append(f"| {r['class']} | {r['correct']} | {r['total']} | {_pct(r['acc'])} |")
+    out += ["", "## Confusion matrix", "", "Rows: true class; columns: predicted class.", "",
+            "| true \\ predicted | " + " | ".join(names) + " |",
+            "|---|" + "--:|" * len(names)]
+    for name, row in zip(names, report["confusion_matrix"], strict=True):
+        out.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    for alt, file in images:
+        out += ["", f"![{alt}]({file})"]
+    return "\n".join(out) + "\n"
+
+
+# --- TensorBoard and the run directory ------------------------------------------------------------
+
+def _hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config flattened to dotted keys with the scalar types the hparams plugin takes."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_hparams(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix + key] = value
+        elif value is not None:
+            flat[prefix + key] = str(value)  # model.layers
+    return flat
+
+
+def log_report(writer: Any, report: dict[str, Any], pictures: dict[str, torch.Tensor], step: int) -> None:
+    """Final metrics as scalars, the pictures as images, and the run's hparams with those
+    metrics, written into the run's own event files so the hparams view links to its curves."""
+    from torch.utils.tensorboard.summary import hparams
+
+    split, m = report["split"], report["metrics"]
+    metrics = {f"{split}/acc": m["top1"], f"{split}/top5": m["top5"]}
+    if m["loss"] is not None:
+        metrics[f"{split}/loss"] = m["loss"]
+    for tag, value in metrics.items():
+        writer.add_scalar(tag, value, step)
+    for name, img in pictures.items():
+        writer.add_image(f"{split}/{name}", img, step, dataformats="CHW")
+    if report.get("val_acc") is not None:
+        metrics["val/acc"] = report["val_acc"]  # the latest val/acc scalar is what the view shows
+    for summary in hparams(_hparams(report["config"]), metrics):
+        writer.file_writer.add_summary(summary, step)
+    writer.flush()
+
+
+def report_pictures(report: dict[str, Any], ev: Evaluation, split: Split) -> dict[str, torch.Tensor]:
+    m = report["metrics"]
+    title = (f"{report['config'].get('name') or 'model'}: {report['split']} set, {m['images']:,} images, "
+             f"top-1 {_pct(m['top1'])}")
+    return {"confusion_matrix": confusion_image(report["confusion_matrix"], report["class_names"], title),
+            "misclassified": mistakes_image(split, ev, report["class_names"])}
+
+
+def write_report_files(out_dir: Path, report: dict[str, Any], pictures: dict[str, torch.Tensor]) -> None:
+    """The pictures, then report.md. The caller writes report.json after these: once it exists,
+    everything it describes does too."""
+    images = []
+    for name, img in pictures.items():
+        save_png(out_dir / f"{name}.png", img)
+        images.append((name.replace("_", " "), f"{name}.png"))
+    atomic_write_text(out_dir / "report.md", format_markdown(report, images))
