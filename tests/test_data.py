@@ -168,9 +168,12 @@ def test_crop_flip_matches_per_image_reference():
     images = torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8)
     shifts = torch.randint(0, 9, (16, 2), generator=g)
     flips = torch.randint(0, 2, (16,), generator=g).bool()
-    out = crop_flip(images, shifts, flips)
+    idx = torch.arange(16).flip(0)
+    split = Split(images, torch.zeros(16, dtype=torch.int64))
+    out = crop_flip(split, idx, shifts, flips)
+    assert torch.equal(crop_flip(split, idx, shifts, flips, channels_last=True), out)
     for i in range(16):
-        padded = TF.pad(images[i], [4, 4, 4, 4], fill=0)
+        padded = TF.pad(images[idx[i]], [4, 4, 4, 4], fill=0)
         dy, dx = shifts[i].tolist()
         ref = TF.crop(padded, dy, dx, 32, 32)
         if flips[i]:

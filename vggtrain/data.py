@@ -1,8 +1,8 @@
 """CIFAR-10 on the training device: read, validate, split, augment in batches.
 
 The whole split is one uint8 tensor (N, 3, 32, 32) on the device, as in Keller Jordan's
-airbench: no DataLoader workers, no per-image Python. A batch is cropped, flipped and
-normalised with a single gather and one fused multiply-add on the device.
+airbench: no DataLoader workers, no per-image Python. A batch is cropped and flipped with one
+gather from the padded split and its mirror image, then normalised in place on the device.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import os
 import pickle
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -34,12 +35,24 @@ PAD = 4
 class Split:
     images: torch.Tensor  # uint8 (N, 3, 32, 32)
     labels: torch.Tensor  # int64 (N,)
+    _crop_sources: dict[bool, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device: torch.device) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
+
+    def crop_source(self, channels_last: bool = False) -> torch.Tensor:
+        """The zero-padded images followed by their mirror images, (2N, 3, 40, 40) uint8 in the
+        asked memory layout, made once: a flipped crop is then a plain crop of the mirror, so
+        crop and flip are one gather, and the gather reads and writes memory in order."""
+        if channels_last not in self._crop_sources:
+            padded = F.pad(self.images, (PAD, PAD, PAD, PAD))
+            both = torch.cat([padded, padded.flip(3)])
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            self._crop_sources = {channels_last: both.contiguous(memory_format=fmt)}
+        return self._crop_sources[channels_last]
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -194,28 +207,40 @@ def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Spli
 
 # --- batches on the device -----------------------------------------------------------------
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> normalised float32, as one fused multiply-add."""
-    mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
-    return torch.addcmul(-mean / std, images.float(), 1.0 / (255.0 * std))
+@lru_cache(maxsize=8)
+def _normalization(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+    return 1.0 / (255.0 * std), mean / std
 
 
-def crop_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Per-image random crop of the zero-padded (pad 4) image and horizontal flip, in one gather.
+def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> normalised float32, laid out as asked: one converting copy, then
+    in place."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty_like(images, dtype=torch.float32, memory_format=fmt).copy_(images)
+    scale, shift = _normalization(images.device)
+    return out.mul_(scale).sub_(shift)
 
-    shifts: (B, 2) int offsets in [0, 2*PAD]; flips: (B,) bool. Returns uint8 (B, 3, 32, 32)
-    laid out channels_last, which is what the gather produces for free.
+
+def crop_flip(split: Split, idx: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor,
+              channels_last: bool = False) -> torch.Tensor:
+    """Images idx of the split, each cropped from its zero-padded (pad 4) self at its own offset
+    and mirrored where flips says: uint8 (B, 3, 32, 32) from a single gather.
+
+    shifts: (B, 2) int row/column offsets in [0, 2*PAD]; flips: (B,) bool. The crops are a view
+    (unfold) of every 32x32 window of split.crop_source(), indexed per image.
     """
-    b, _, h, w = images.shape
-    padded = F.pad(images, (PAD, PAD, PAD, PAD))
-    ar_h = torch.arange(h, device=images.device)
-    ar_w = torch.arange(w, device=images.device)
-    cols = torch.where(flips[:, None], ar_w.flip(0), ar_w) + shifts[:, 1:2]
-    rows = ar_h + shifts[:, 0:1]
-    batch = torch.arange(b, device=images.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2)
+    source = split.crop_source(channels_last)
+    size = source.shape[-1] - 2 * PAD
+    windows = source.unfold(2, size, 1).unfold(3, size, 1)  # (2N, 3, 9, 9, 32, 32), no copy
+    if channels_last:  # gather into (B, 32, 32, 3): NHWC memory, viewed back as NCHW
+        windows = windows.permute(0, 2, 3, 4, 5, 1)
+    # crop(mirror(p), dy, 2*PAD - dx) == mirror(crop(p, dy, dx))
+    cols = torch.where(flips, 2 * PAD - shifts[:, 1], shifts[:, 1])
+    out = windows[idx + flips * len(split), shifts[:, 0], cols] if channels_last else \
+        windows[idx + flips * len(split), :, shifts[:, 0], cols]
+    return out.permute(0, 3, 1, 2) if channels_last else out
 
 
 def train_batches(split: Split, batch_size: int, generator: torch.Generator, augment: bool = True,
@@ -232,18 +257,15 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
     perm = torch.randperm(n, generator=generator).to(device)
     shifts = torch.randint(0, 2 * PAD + 1, (n, 2), generator=generator).to(device)
     flips = torch.randint(0, 2, (n,), generator=generator).bool().to(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for first in range(start * batch_size, n - batch_size + 1, batch_size):
         idx = perm[first:first + batch_size]
-        images = split.images[idx]
-        if augment:
-            images = crop_flip(images, shifts[idx], flips[idx])
-        yield normalize(images).contiguous(memory_format=fmt), split.labels[idx]
+        images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last) if augment \
+            else split.images[idx]
+        yield normalize(images, channels_last), split.labels[idx]
 
 
 def eval_batches(split: Split, batch_size: int, channels_last: bool = False
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for start in range(0, len(split), batch_size):
         sl = slice(start, start + batch_size)
-        yield normalize(split.images[sl]).contiguous(memory_format=fmt), split.labels[sl]
+        yield normalize(split.images[sl], channels_last), split.labels[sl]
