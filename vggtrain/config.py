@@ -117,6 +117,7 @@ class LoopConfig:
     precision: str = _opt("fp32", _one_of("fp32", "bf16", "fp16"))
     channels_last: bool = _opt(False)
     compile: bool = _opt(False)  # torch.compile the train step (falls back, with a warning)
+    sync_bn: bool = _opt(False)  # under torchrun: batch-norm statistics over all ranks (CUDA)
     log_every: int = _opt(20, _between(1, 1_000_000))
     # Also write last.pt every N steps inside an epoch (0: only at the end of each epoch).
     checkpoint_every_steps: int = _opt(0, _between(0, 1_000_000_000))

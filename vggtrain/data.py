@@ -244,20 +244,22 @@ def crop_flip(split: Split, idx: torch.Tensor, shifts: torch.Tensor, flips: torc
 
 
 def train_batches(split: Split, batch_size: int, generator: torch.Generator, augment: bool = True,
-                  channels_last: bool = False, start: int = 0
+                  channels_last: bool = False, start: int = 0, rank: int = 0, world: int = 1
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled, augmented, normalised batches; the last partial batch is dropped
     (a BN net with a batch of one fails, and a ragged batch would recompile compiled models).
 
     All randomness is drawn up front on the CPU generator, so the epoch is the same on any device,
-    and a resumed epoch skips its first ``start`` batches without changing the rest.
+    and a resumed epoch skips its first ``start`` batches without changing the rest. With
+    ``world`` ranks, every rank draws the same permutation and takes every world-th image of it
+    from the rank-th on: disjoint shards of equal size (the last n % world images sit out).
     """
     n = len(split)
     device = split.images.device
-    perm = torch.randperm(n, generator=generator).to(device)
+    perm = torch.randperm(n, generator=generator)[rank:n - n % world:world].to(device)
     shifts = torch.randint(0, 2 * PAD + 1, (n, 2), generator=generator).to(device)
     flips = torch.randint(0, 2, (n,), generator=generator).bool().to(device)
-    for first in range(start * batch_size, n - batch_size + 1, batch_size):
+    for first in range(start * batch_size, len(perm) - batch_size + 1, batch_size):
         idx = perm[first:first + batch_size]
         images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last) if augment \
             else split.images[idx]

@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 import vggtrain
+from vggtrain import distributed
 from vggtrain.checkpoint import load_checkpoint, load_model_state
 from vggtrain.config import TrainConfig, config_from_dict
 from vggtrain.data import Split, eval_batches
 from vggtrain.device import autocast, select_device
+from vggtrain.distributed import Dist
 from vggtrain.errors import CheckpointError, DataError, UserError
 from vggtrain.model import build_model, count_parameters
 
@@ -65,9 +67,16 @@ def log_probs(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Ten
 @torch.no_grad()
 def evaluate_split(model: nn.Module, split: Split, num_classes: int, batch_size: int,
                    device: torch.device, precision: str = "fp32", channels_last: bool = False,
-                   tta: bool = False) -> Evaluation:
-    """Everything the report needs from one pass; sums stay on the device until the end."""
+                   tta: bool = False, dist: Dist = distributed.SINGLE) -> Evaluation:
+    """Everything the report needs from one pass; sums stay on the device until the end.
+
+    Under torchrun (dist), each rank measures every world-th image and the sums are all-reduced:
+    the metrics are those of the whole split; predictions and confidence cover this rank's share.
+    """
     model.eval()
+    total = len(split)
+    if dist.enabled:
+        split = Split(split.images[dist.rank::dist.world], split.labels[dist.rank::dist.world])
     k = min(TOPK, num_classes)
     loss_sum = torch.zeros((), device=device)  # float32: MPS has no float64
     top1 = torch.zeros((), device=device, dtype=torch.int64)
@@ -88,9 +97,14 @@ def evaluate_split(model: nn.Module, split: Split, num_classes: int, batch_size:
         confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
         preds.append(pred)
         confs.append(logp.gather(1, pred[:, None]).squeeze(1).exp())
-    n = len(split)
+    n = total
     predictions = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.int64)
     confidence = torch.cat(confs).cpu() if confs else torch.zeros(0)
+    if dist.enabled:
+        counts = distributed.all_sum(torch.stack([top1, topk]), dist)
+        top1, topk = counts[0], counts[1]
+        distributed.all_sum(loss_sum, dist)
+        distributed.all_sum(confusion, dist)
     loss, c1, ck = loss_sum.item(), top1.item(), topk.item()  # the sync that ends the timing
     seconds = time.perf_counter() - t0
     d = max(n, 1)

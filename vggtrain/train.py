@@ -21,11 +21,12 @@ from torch import nn
 from tqdm import tqdm
 
 import vggtrain
-from vggtrain import allocator
+from vggtrain import allocator, distributed
 from vggtrain.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from vggtrain.config import TrainConfig, dump_config
 from vggtrain.data import Split, load_cifar10, split_train_val, train_batches
 from vggtrain.device import autocast, select_device
+from vggtrain.distributed import Dist
 from vggtrain.errors import CheckpointError, RunStopped, UserError
 from vggtrain.evaluate import Evaluation, build_report, evaluate_split
 from vggtrain.model import build_model, count_parameters
@@ -60,6 +61,7 @@ class Run:
     best_epoch: int = 0
     train_time_s: float = 0.0
     progress: EpochProgress = field(default_factory=EpochProgress)
+    dist: Dist = distributed.SINGLE
     forward: Any = None  # what the train step calls: the model, or its torch.compile'd twin
 
     def __post_init__(self) -> None:
@@ -116,12 +118,20 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
-def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str]) -> Run:
-    device = select_device(cfg.train.device)
-    torch.manual_seed(cfg.seed)
+def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], d: Dist = distributed.SINGLE,
+              device_spec: str | None = None) -> Run:
+    device = select_device(device_spec or cfg.train.device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if d.enabled and cfg.train.sync_bn:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif d.is_main:
+            warnings.warn("train.sync_bn: SyncBatchNorm needs CUDA; each rank keeps its own BN "
+                          "statistics", stacklevel=2)
+    model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
@@ -129,8 +139,16 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str]) -> Run:
                                 nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.schedule.step_size, cfg.schedule.gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    forward = compile_model(model, device) if cfg.train.compile else model
-    return Run(cfg, run_dir, device, model, optimizer, scheduler, scaler, class_names, forward=forward)
+    # Checkpoints keep saving `model` itself: unwrapped, loadable by a single process.
+    forward: Any = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        forward = compile_model(forward, device)
+    return Run(cfg, run_dir, device, model, optimizer, scheduler, scaler, class_names, dist=d,
+               forward=forward)
 
 
 def compile_model(model: nn.Module, device: torch.device) -> Any:
@@ -206,55 +224,84 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module
 
 
 def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSignals) -> dict[str, float]:
-    cfg, device, p = run.cfg, run.device, run.progress
+    cfg, device, p, d = run.cfg, run.device, run.progress, run.dist
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     # Derived from (seed, epoch) rather than carried along, so a resumed run draws the same batches.
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.epoch + 1)
     # Running sums stay on the device: the host reads them once per log interval, not per step.
-    loss_sum = torch.tensor(p.loss_sum, device=device, dtype=torch.float32)
-    correct = torch.tensor(p.correct, device=device, dtype=torch.int64)
+    # A checkpoint holds the sums over all ranks, so on resume rank 0 alone starts from them.
+    carried = (p.loss_sum, p.correct, p.seen) if d.is_main else (0.0, 0, 0)
+    loss_sum = torch.tensor(carried[0], device=device, dtype=torch.float32)
+    correct = torch.tensor(carried[1], device=device, dtype=torch.int64)
+    seen = carried[2]
     pending: list[torch.Tensor] = []  # per-step losses not yet written to TensorBoard
     every = cfg.train.checkpoint_every_steps
     t0 = time.perf_counter() - p.time_s
     bar.update(p.step)
     run.model.train()
     for x, y in train_batches(train, cfg.train.batch_size, generator, cfg.data.augment,
-                              cfg.train.channels_last, start=p.step):
+                              cfg.train.channels_last, start=p.step, rank=d.rank, world=d.world):
         loss, logits = train_step(run, x, y, criterion)
         run.global_step += 1
         p.step += 1
-        p.seen += len(y)
+        seen += len(y)
         pending.append(loss)
         loss_sum += loss * len(y)
         correct += (logits.argmax(1) == y).sum()
         bar.update(1)
-        checkpoint_now = stop.signum is not None or (every and run.global_step % every == 0)
-        if len(pending) == cfg.train.log_every or checkpoint_now:
-            _flush_step_losses(run, writer, pending)
-            bar.set_postfix(loss=f"{loss_sum.item() / p.seen:.3f}", acc=f"{correct.item() / p.seen:.3f}",
+        periodic = bool(every) and run.global_step % every == 0
+        # One process stops at once; ranks of a job decide together at the next log interval.
+        signalled = stop.signum is not None and not d.enabled
+        if len(pending) == cfg.train.log_every or periodic or signalled:
+            stopping = _flush_step_losses(run, writer, pending, stop)
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
                             lr=f"{run.optimizer.param_groups[0]['lr']:.3g}",
-                            img_s=f"{p.seen / (time.perf_counter() - t0):.0f}", refresh=False)
-        if checkpoint_now:
-            p.loss_sum, p.correct, p.time_s = loss_sum.item(), int(correct.item()), time.perf_counter() - t0
-            writer.flush()
-            save_checkpoint(run.dir / "last.pt", run.state())
-            if stop.signum is not None:
-                name = signal.Signals(stop.signum).name
+                            img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
+            if periodic or stopping:
+                totals = _epoch_totals(run, loss_sum, correct, seen)
+                p.loss_sum, p.correct, p.seen = totals
+                p.time_s = time.perf_counter() - t0
+                if d.is_main:
+                    writer.flush()
+                    save_checkpoint(run.dir / "last.pt", run.state())
+            if stopping:
+                name = signal.Signals(stopping).name
                 raise RunStopped(f"stopped by {name} at epoch {run.epoch + 1}, step {p.step}; saved "
                                  f"{run.dir / 'last.pt'}. Resume with: vggtrain fit --resume {run.dir}",
-                                 128 + stop.signum)
-    _flush_step_losses(run, writer, pending)
+                                 128 + stopping)
+    _flush_step_losses(run, writer, pending, stop)
     elapsed = time.perf_counter() - t0
-    return {"loss": loss_sum.item() / max(p.seen, 1), "acc": correct.item() / max(p.seen, 1),
-            "images_per_s": p.seen / elapsed, "time_s": elapsed}
+    total_loss, total_correct, total_seen = _epoch_totals(run, loss_sum, correct, seen)
+    n = max(total_seen, 1)
+    return {"loss": total_loss / n, "acc": total_correct / n, "images_per_s": total_seen / elapsed,
+            "time_s": elapsed}
 
 
-def _flush_step_losses(run: Run, writer: Any, pending: list[torch.Tensor]) -> None:
-    """Write the interval's per-step losses (one host sync) and stop on a non-finite one."""
-    if not pending:
-        return
+def _epoch_totals(run: Run, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int
+                  ) -> tuple[float, int, int]:
+    """(loss sum, correct, images) over all ranks so far this epoch: one host read."""
+    dtype = torch.float32 if run.device.type == "mps" else torch.float64  # MPS has no float64
+    packed = torch.stack([loss_sum.to(dtype), correct.to(dtype),
+                          torch.tensor(seen, device=run.device, dtype=dtype)])
+    loss, n_correct, n_seen = distributed.all_sum(packed, run.dist).tolist()
+    return loss, int(n_correct), int(n_seen)
+
+
+def _flush_step_losses(run: Run, writer: Any, pending: list[torch.Tensor], stop: StopSignals) -> int:
+    """Write the interval's per-step losses, averaged over ranks (one host sync), and stop on a
+    non-finite one. Returns the signal number if any rank was asked to stop, else 0."""
+    d = run.dist
+    asked = float(stop.signum or 0)
+    packed = torch.cat([torch.stack(pending).float() if pending else torch.zeros(0, device=run.device),
+                        torch.tensor([asked], device=run.device)])
+    if d.enabled:
+        flag = packed[-1:].clone()
+        distributed.all_sum(packed, d)
+        distributed.all_max(flag, d)
+        packed[:-1] /= d.world
+        packed[-1:] = flag
+    *values, signum = packed.tolist()
     first = run.global_step - len(pending) + 1
-    values = torch.stack(pending).tolist()
     pending.clear()
     for i, value in enumerate(values):
         if not math.isfinite(value):
@@ -263,90 +310,133 @@ def _flush_step_losses(run: Run, writer: Any, pending: list[torch.Tensor]) -> No
             raise RunStopped(f"non-finite loss ({value}) at epoch {run.epoch + 1}, step {first + i}; "
                              f"{kept} (try a lower optim.lr)", 1)
         writer.add_scalar("train/loss_step", value, first + i)
+    return int(signum)
 
 
 def train_epochs(run: Run, train: Split, val: Split, writer: Any) -> None:
-    """Epochs until cfg.train.epochs: train, validate, log, checkpoint (last.pt, best.pt)."""
-    cfg = run.cfg
-    steps = len(train) // cfg.train.batch_size
+    """Epochs until cfg.train.epochs: train, validate, log, checkpoint (last.pt, best.pt).
+    Under torchrun every rank runs this; rank 0 alone prints and writes."""
+    cfg, d = run.cfg, run.dist
+    steps = (len(train) // d.world) // cfg.train.batch_size
     with StopSignals() as stop:
         while run.epoch < cfg.train.epochs:
             lr = run.optimizer.param_groups[0]["lr"]
             with tqdm(total=steps, desc=f"epoch {run.epoch + 1}/{cfg.train.epochs}", leave=False,
-                      file=sys.stdout, disable=not sys.stdout.isatty(), dynamic_ncols=True) as bar:
+                      file=sys.stdout, disable=not (sys.stdout.isatty() and d.is_main),
+                      dynamic_ncols=True) as bar:
                 tr = train_one_epoch(run, train, writer, bar, stop)
             run.scheduler.step()
             run.epoch += 1
             run.progress = EpochProgress()
             run.train_time_s += tr["time_s"]
             va = None
-            if len(val):
+            distributed.sync_buffers(run.model, d)  # all ranks validate what last.pt will hold
+            if len(val):  # each rank measures its shard; the sums are all-reduced
                 ev = evaluate_split(run.model, val, cfg.model.num_classes, cfg.train.eval_batch_size,
-                                    run.device, cfg.train.precision, cfg.train.channels_last)
+                                    run.device, cfg.train.precision, cfg.train.channels_last, dist=d)
                 va = {"loss": ev.loss, "acc": ev.top1}
             improved = va is None or va["acc"] > run.best_acc
             if improved:
                 run.best_acc, run.best_epoch = (va["acc"] if va else -1.0), run.epoch
 
-            step = run.global_step
-            for tag, value in [("train/loss", tr["loss"]), ("train/acc", tr["acc"]), ("train/lr", lr),
-                               ("train/images_per_s", tr["images_per_s"]), ("train/epoch", run.epoch)]:
-                writer.add_scalar(tag, value, step)
-            if va:
-                writer.add_scalar("val/loss", va["loss"], step)
-                writer.add_scalar("val/acc", va["acc"], step)
-            writer.flush()  # before the checkpoint: a resume purges whatever came after it
-            state = run.state()
-            save_checkpoint(run.dir / "last.pt", state)
-            if improved:
-                save_checkpoint(run.dir / "best.pt", state)
-            val_text = f" | val loss {va['loss']:.4f} acc {va['acc']:.2%}" if va else ""
-            print(f"epoch {run.epoch}/{cfg.train.epochs} | train loss {tr['loss']:.4f} "
-                  f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
-                  f"{tr['time_s']:.1f}s{' | best' if improved and va else ''}", flush=True)
-            if stop.signum is not None:  # arrived during validation or checkpointing
-                raise RunStopped(f"stopped by {signal.Signals(stop.signum).name} after epoch {run.epoch}; "
-                                 f"resume with: vggtrain fit --resume {run.dir}", 128 + stop.signum)
+            if d.is_main:
+                step = run.global_step
+                for tag, value in [("train/loss", tr["loss"]), ("train/acc", tr["acc"]),
+                                   ("train/lr", lr), ("train/images_per_s", tr["images_per_s"]),
+                                   ("train/epoch", run.epoch)]:
+                    writer.add_scalar(tag, value, step)
+                if va:
+                    writer.add_scalar("val/loss", va["loss"], step)
+                    writer.add_scalar("val/acc", va["acc"], step)
+                writer.flush()  # before the checkpoint: a resume purges whatever came after it
+                state = run.state()
+                save_checkpoint(run.dir / "last.pt", state)
+                if improved:
+                    save_checkpoint(run.dir / "best.pt", state)
+                val_text = f" | val loss {va['loss']:.4f} acc {va['acc']:.2%}" if va else ""
+                print(f"epoch {run.epoch}/{cfg.train.epochs} | train loss {tr['loss']:.4f} "
+                      f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
+                      f"{tr['time_s']:.1f}s{' | best' if improved and va else ''}", flush=True)
+            # A signal that came during validation or checkpointing (all ranks decide together).
+            signum = int(distributed.all_max(torch.tensor(stop.signum or 0), d)) if d.enabled \
+                else (stop.signum or 0)
+            if signum:
+                raise RunStopped(f"stopped by {signal.Signals(signum).name} after epoch {run.epoch}; "
+                                 f"resume with: vggtrain fit --resume {run.dir}", 128 + signum)
+
+
+class _NoWriter:
+    """The TensorBoard writer of ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
 
 
 def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None,
-        force: bool = False) -> dict:
-    """Train, checkpoint every epoch, then test the best checkpoint. Returns the report.
+        force: bool = False) -> dict | None:
+    """Train, checkpoint every epoch, then test the best checkpoint. Returns the report (None on
+    ranks other than 0 of a torchrun job).
 
     resume: (path, state) of the checkpoint to continue from, as load_checkpoint read it.
     """
+    d = distributed.from_env()
+    device_spec = distributed.init(d, cfg.train.device)
+    try:
+        report = _fit(cfg, run_dir, resume, force, d, device_spec)
+        distributed.barrier(d)  # the other ranks wait for rank 0's report before the group ends
+        return report
+    finally:
+        distributed.shutdown()
+
+
+def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, force: bool, d: Dist,
+         device_spec: str) -> dict | None:
     from torch.utils.tensorboard import SummaryWriter  # slow import, only needed here
 
-    check_run_dir(run_dir, resume is not None, force)
+    problem = None
+    if d.is_main:  # rank 0 owns the run directory; the others follow its verdict
+        try:
+            check_run_dir(run_dir, resume is not None, force)
+        except UserError as e:
+            problem = str(e)
+    if distributed.agree(problem, d):
+        raise UserError(problem or "")
+    if d.enabled and d.local_rank != 0:
+        distributed.barrier(d)  # let this node's local rank 0 download the data first
     train_full, test, class_names = load_cifar10(cfg.data.root, cfg.data.download)
+    if d.enabled and d.local_rank == 0:
+        distributed.barrier(d)
     if len(class_names) != cfg.model.num_classes:
         raise UserError(f"config error: model.num_classes is {cfg.model.num_classes} but the data "
                         f"in {cfg.data.root} has {len(class_names)} classes")
     train, val = split_train_val(train_full, cfg.data.val_size, cfg.seed)
-    if len(train) < cfg.train.batch_size:
+    if len(train) // d.world < cfg.train.batch_size:
         raise UserError(f"config error: train.batch_size {cfg.train.batch_size} is larger than the "
-                        f"{len(train)} training images")
-    run = build_run(cfg, run_dir, class_names)
+                        f"{len(train) // d.world} training images of each of {d.world} rank(s)")
+    run = build_run(cfg, run_dir, class_names, d, device_spec)
     if resume is not None:
         run.restore(resume[1], resume[0])
     if run.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train, val, test = train.to(run.device), val.to(run.device), test.to(run.device)
-    if force and resume is None and run_dir.exists():
-        shutil.rmtree(run_dir)  # only now that data, config and device have all checked out
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-
-    where = f"; resuming at epoch {run.epoch + 1}, step {run.progress.step}" if resume else ""
-    print(f"run {run_dir}: {cfg.model.arch} ({count_parameters(run.model):,} parameters) on "
-          f"{run.device}, {cfg.train.precision}; {len(train)} train / {len(val)} val / "
-          f"{len(test)} test images{where}", flush=True)
-    print(f"allocator: {allocator.in_effect()}", flush=True)
-    # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps.
-    writer = SummaryWriter(str(run_dir / "tb"),
-                           purge_step=run.global_step + 1 if resume else None)
+    writer: Any = _NoWriter()
+    if d.is_main:
+        if force and resume is None and run_dir.exists():
+            shutil.rmtree(run_dir)  # only now that data, config and device have all checked out
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        where = f"; resuming at epoch {run.epoch + 1}, step {run.progress.step}" if resume else ""
+        ranks = f" x {d.world} ranks (batch {cfg.train.batch_size} each)" if d.enabled else ""
+        print(f"run {run_dir}: {cfg.model.arch} ({count_parameters(run.model):,} parameters) on "
+              f"{run.device}{ranks}, {cfg.train.precision}; {len(train)} train / {len(val)} val / "
+              f"{len(test)} test images{where}", flush=True)
+        print(f"allocator: {allocator.in_effect()}", flush=True)
+        # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps.
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=run.global_step + 1 if resume else None)
     try:
         train_epochs(run, train, val, writer)
+        if not d.is_main:
+            return None
         from vggtrain.report import log_report, report_pictures, write_report_files  # imports evaluate
 
         report, evaluation = test_report(run, test)
