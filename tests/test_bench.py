@@ -20,7 +20,7 @@ def test_bench_writes_positive_numbers(tmp_path, capsys):
     alloc = res["allocators"]
     assert alloc["system"]["allocator"].startswith("system")
     assert alloc["system"]["bare_step_images_per_s"] > 0 and alloc["configured"]["peak_rss_mib"] > 0
-    assert alloc["ratio"] > 0
+    assert alloc["ratio"] > 0 and alloc["fit_ratio"] > 0 and alloc["rounds"] == 2
     table = capsys.readouterr().out
     assert "bare step" in table and "fit / bare step" in table and "ratio" in table
 

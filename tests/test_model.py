@@ -61,3 +61,12 @@ def test_kaiming_init_like_torchvision():
     assert conv.weight.std().item() == pytest.approx(expected, rel=0.02)
     assert torch.count_nonzero(conv.bias) == 0
     assert model.classifier.weight.std().item() == pytest.approx(0.01, rel=0.1)
+
+
+def test_channels_last_defaults_to_where_it_is_faster():
+    from vggtrain.device import channels_last_for
+
+    assert channels_last_for(None, torch.device("cuda")) is True
+    assert channels_last_for(None, torch.device("cpu")) is False
+    assert channels_last_for(True, torch.device("cpu")) is True
+    assert channels_last_for(False, torch.device("cuda")) is False

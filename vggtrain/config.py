@@ -115,7 +115,7 @@ class LoopConfig:
     eval_batch_size: int = _opt(1000, _between(1, 65_536))
     device: str = _opt("auto")
     precision: str = _opt("fp32", _one_of("fp32", "bf16", "fp16"))
-    channels_last: bool = _opt(False)
+    channels_last: bool | None = _opt(None)  # null: on where faster (CUDA), off elsewhere
     compile: bool = _opt(False)  # torch.compile the train step (falls back, with a warning)
     sync_bn: bool = _opt(False)  # under torchrun: batch-norm statistics over all ranks (CUDA)
     log_every: int = _opt(20, _between(1, 1_000_000))

@@ -41,6 +41,10 @@ class Split:
         return len(self.labels)
 
     def to(self, device: torch.device) -> Split:
+        """The split on device; to a GPU through pinned memory with asynchronous copies."""
+        if device.type == "cuda" and self.images.device.type == "cpu":
+            return Split(self.images.pin_memory().to(device, non_blocking=True),
+                         self.labels.pin_memory().to(device, non_blocking=True))
         return Split(self.images.to(device), self.labels.to(device))
 
     def crop_source(self, channels_last: bool = False) -> torch.Tensor:

@@ -33,3 +33,10 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def channels_last_for(setting: bool | None, device: torch.device) -> bool:
+    """train.channels_last, with null meaning: where it is faster. On CUDA, convolutions in
+    channels_last use tensor cores without layout transposes; on CPUs (oneDNN) it measured the
+    same as NCHW for these VGGs (README, Performance), so NCHW stays the default there."""
+    return (device.type == "cuda") if setting is None else setting

@@ -23,7 +23,7 @@ from vggtrain import distributed
 from vggtrain.checkpoint import load_checkpoint, load_model_state
 from vggtrain.config import TrainConfig, config_from_dict
 from vggtrain.data import Split, eval_batches
-from vggtrain.device import autocast, select_device
+from vggtrain.device import autocast, channels_last_for, select_device
 from vggtrain.distributed import Dist
 from vggtrain.errors import CheckpointError, DataError, UserError
 from vggtrain.model import build_model, count_parameters
@@ -146,7 +146,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     except (TypeError, ValueError):
         raise CheckpointError(f"{path}: epoch is not a number") from None
     model = model.to(device)
-    if cfg.train.channels_last:
+    if channels_last_for(cfg.train.channels_last, torch.device(device)):
         model = model.to(memory_format=torch.channels_last)
     model.eval()
     return LoadedModel(model, cfg, list(names), path, epoch)
@@ -230,7 +230,7 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
     else:
         data = test
     ev = evaluate_split(loaded.model, data.to(dev), len(names), batch_size or cfg.train.eval_batch_size,
-                        dev, cfg.train.precision, cfg.train.channels_last, tta)
+                        dev, cfg.train.precision, channels_last_for(cfg.train.channels_last, dev), tta)
     return build_report(ev, split=split, model=loaded.model, cfg=cfg, class_names=names,
                         checkpoint=loaded.path, checkpoint_epoch=loaded.epoch, device=dev,
                         precision=cfg.train.precision, tta=tta)

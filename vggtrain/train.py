@@ -25,7 +25,7 @@ from vggtrain import allocator, distributed
 from vggtrain.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from vggtrain.config import TrainConfig, dump_config
 from vggtrain.data import Split, load_cifar10, split_train_val, train_batches
-from vggtrain.device import autocast, select_device
+from vggtrain.device import autocast, channels_last_for, select_device
 from vggtrain.distributed import Dist
 from vggtrain.errors import CheckpointError, RunStopped, UserError
 from vggtrain.evaluate import Evaluation, build_report, evaluate_split
@@ -62,6 +62,7 @@ class Run:
     train_time_s: float = 0.0
     progress: EpochProgress = field(default_factory=EpochProgress)
     dist: Dist = distributed.SINGLE
+    channels_last: bool = False  # train.channels_last resolved for the device
     forward: Any = None  # what the train step calls: the model, or its torch.compile'd twin
 
     def __post_init__(self) -> None:
@@ -132,7 +133,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], d: Dist =
             warnings.warn("train.sync_bn: SyncBatchNorm needs CUDA; each rank keeps its own BN "
                           "statistics", stacklevel=2)
     model = model.to(device)
-    if cfg.train.channels_last:
+    channels_last = channels_last_for(cfg.train.channels_last, device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
     optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
@@ -148,7 +150,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], d: Dist =
     if cfg.train.compile:
         forward = compile_model(forward, device)
     return Run(cfg, run_dir, device, model, optimizer, scheduler, scaler, class_names, dist=d,
-               forward=forward)
+               channels_last=channels_last, forward=forward)
 
 
 def compile_model(model: nn.Module, device: torch.device) -> Any:
@@ -240,7 +242,7 @@ def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSi
     bar.update(p.step)
     run.model.train()
     for x, y in train_batches(train, cfg.train.batch_size, generator, cfg.data.augment,
-                              cfg.train.channels_last, start=p.step, rank=d.rank, world=d.world):
+                              run.channels_last, start=p.step, rank=d.rank, world=d.world):
         loss, logits = train_step(run, x, y, criterion)
         run.global_step += 1
         p.step += 1
@@ -333,7 +335,7 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any) -> None:
             distributed.sync_buffers(run.model, d)  # all ranks validate what last.pt will hold
             if len(val):  # each rank measures its shard; the sums are all-reduced
                 ev = evaluate_split(run.model, val, cfg.model.num_classes, cfg.train.eval_batch_size,
-                                    run.device, cfg.train.precision, cfg.train.channels_last, dist=d)
+                                    run.device, cfg.train.precision, run.channels_last, dist=d)
                 va = {"loss": ev.loss, "acc": ev.top1}
             improved = va is None or va["acc"] > run.best_acc
             if improved:
@@ -464,7 +466,7 @@ def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
     run.model.load_state_dict(best["model"])
     cfg = run.cfg
     ev = evaluate_split(run.model, test, len(run.class_names), cfg.train.eval_batch_size, run.device,
-                        cfg.train.precision, cfg.train.channels_last)
+                        cfg.train.precision, run.channels_last)
     report = build_report(ev, split="test", model=run.model, cfg=cfg, class_names=run.class_names,
                           checkpoint=run.dir / "best.pt", checkpoint_epoch=int(best["epoch"]),
                           device=run.device, precision=cfg.train.precision)
