@@ -30,7 +30,7 @@ lint: install
 tensorboard: install
 	$(BIN)/tensorboard --logdir runs
 
-clean:
+clean: install  # as every target: a fresh checkout gets its .venv first
 	rm -rf runs/smoke data/synthetic .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,36 @@ def test_torchrun_fit_learns_writes_one_set_and_matches_single_process_eval(cifa
     assert single["metrics"]["top1"] == report["val_acc"]
     assert main(["eval", "--ckpt", str(run / "best.pt"), "--device", "cpu", "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"]["top1"] == report["test"]["acc"]
+
+
+def test_torchrun_resume_continues_exactly(cifar_bin, tmp_path):
+    def cfg(name: str, epochs: int) -> str:
+        return str(write_yaml(tmp_path / f"{name}.yaml", tiny_config(
+            cifar_bin, tmp_path / "runs", name=name, train={"epochs": epochs, "batch_size": 25})))
+
+    assert _torchrun("fit", "--config", cfg("straight", 3)).returncode == 0
+    assert _torchrun("fit", "--config", cfg("split", 2)).returncode == 0
+    proc = _torchrun("fit", "--resume", str(tmp_path / "runs" / "split"), "--set", "train.epochs=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "runs" / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "runs" / "split" / "last.pt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 3 * 16  # 800 images / 2 ranks / 25
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_sigint_to_torchrun_stops_every_rank_with_one_checkpoint(cifar_bin, tmp_path):
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                         train={"epochs": 500, "batch_size": 25}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "-m", "vggtrain", "fit", "--config", str(cfg)],
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:
+        if line.startswith("epoch 2/500"):
+            break
+    proc.send_signal(signal.SIGINT)  # torchrun passes it on to every rank
+    _, err = proc.communicate(timeout=120)
+    assert err.count("vggtrain: stopped by SIGINT") == 1  # rank 0 alone says so
+    state = torch.load(tmp_path / "runs" / "tiny" / "last.pt", weights_only=True)
+    assert state["epoch"] >= 2 and not (tmp_path / "runs" / "tiny" / "report.json").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -128,7 +129,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    import os
     import platform
 
     import torch
@@ -288,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vggtrain: {e}", file=sys.stderr)
         return EXIT_USAGE
     except RunStopped as e:
-        print(f"vggtrain: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
+            print(f"vggtrain: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("\nvggtrain: interrupted", file=sys.stderr)
