@@ -35,7 +35,7 @@ def tiny_config(data_root: Path, out_dir: Path, **sections) -> dict:
                   "log_every": 4, "out_dir": str(out_dir)},
     }
     for section, values in sections.items():
-        if isinstance(values, dict):
+        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
             cfg[section].update(values)
         else:
             cfg[section] = values

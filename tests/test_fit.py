@@ -160,3 +160,9 @@ def test_compile_without_a_compiler_falls_back_with_a_warning(monkeypatch):
     model = torch.nn.Linear(2, 2)
     with pytest.warns(UserWarning, match="train.compile: no C\\+\\+ compiler on PATH"):
         assert compile_model(model, torch.device("cpu")) is model
+
+
+def test_the_largest_seeds_train(cifar_bin, tmp_path):
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs", seed=2**63 - 1,
+                                                         train={"epochs": 1}))
+    assert main(["fit", "--config", str(cfg)]) == 0

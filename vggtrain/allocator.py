@@ -94,7 +94,9 @@ def plan(env: Mapping[str, str], system: str = sys.platform, libc: str | None = 
 
 def in_effect() -> str:
     """What this process runs with, for the run log and report.json."""
-    return os.environ.get(APPLIED) or plan(os.environ)[0]
+    if APPLIED in os.environ:
+        return os.environ[APPLIED]
+    return _users_own(os.environ) or "system (not applied: vggtrain was called inside another program)"
 
 
 def reexec_with_fast_allocator() -> None:

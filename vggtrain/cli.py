@@ -285,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"fit": _cmd_fit, "eval": _cmd_eval, "predict": _cmd_predict, "gradcam": _cmd_gradcam,
                 "summary": _cmd_summary, "bench": _cmd_bench, "info": _cmd_info}[args.command](args)
     except UserError as e:
-        print(f"vggtrain: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        print(f"vggtrain{'' if rank == '0' else f' [rank {rank}]'}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except RunStopped as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so

@@ -98,12 +98,17 @@ class OptimConfig:
     nesterov: bool = _opt(False)
     weight_decay: float = _opt(5e-4, _between(0, 1, hi_open=True))
     label_smoothing: float = _opt(0.0, _between(0, 1, hi_open=True))
+    # No weight decay on batch-norm weights and on biases (every 1-D parameter).
+    exclude_bn_bias_from_decay: bool = _opt(False)
 
 
 @dataclass
 class ScheduleConfig:
     step_size: int = _opt(30, _between(1, 1_000_000))
     gamma: float = _opt(0.1, _between(0, 1, lo_open=True))
+    # Linear warm-up of the learning rate, step by step, over the first N epochs; StepLR counts
+    # its epochs from the end of the warm-up.
+    warmup_epochs: int = _opt(0, _between(0, 1_000_000))
 
 
 @dataclass
@@ -118,6 +123,7 @@ class LoopConfig:
     channels_last: bool | None = _opt(None)  # null: on where faster (CUDA), off elsewhere
     compile: bool = _opt(False)  # torch.compile the train step (falls back, with a warning)
     sync_bn: bool = _opt(False)  # under torchrun: batch-norm statistics over all ranks (CUDA)
+    tta: bool = _opt(False)  # validation and the test report average each image with its mirror
     log_every: int = _opt(20, _between(1, 1_000_000))
     # Also write last.pt every N steps inside an epoch (0: only at the end of each epoch).
     checkpoint_every_steps: int = _opt(0, _between(0, 1_000_000_000))
@@ -337,6 +343,10 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def check_resume_changes(stored: dict, cfg: TrainConfig, source: str) -> None:
     """Refuse a resumed config that changes more than RESUMABLE_KEYS allows."""
+    try:  # the stored config with today's defaults, so a key added since is not a "change"
+        stored = config_from_dict(stored, source).to_dict()
+    except ConfigError:
+        pass
     old, new = _flatten(stored), _flatten(cfg.to_dict())
     for key in sorted(old.keys() | new.keys()):
         if key not in RESUMABLE_KEYS and old.get(key) != new.get(key):

@@ -165,7 +165,11 @@ def download_cifar10(root: Path) -> None:
         for name, md5 in files:
             if not check_integrity(str(base / name), md5):
                 raise DataError(f"downloaded CIFAR-10 failed its integrity check: {name}")
-        os.replace(base, root / CIFAR10.base_folder)
+        try:
+            os.replace(base, root / CIFAR10.base_folder)
+        except OSError:
+            if find_layout(root) is None:  # not another process's finished download
+                raise DataError(f"could not move the downloaded CIFAR-10 into {root}") from None
 
 
 def load_cifar10(root: str | Path, download: bool = False) -> tuple[Split, Split, list[str]]:

@@ -76,11 +76,15 @@ class Run:
             "epoch": self.epoch, "global_step": self.global_step, "progress": asdict(self.progress),
             "best_metric": self.best_acc, "best_epoch": self.best_epoch,
             "train_time_s": self.train_time_s, "config": self.cfg.to_dict(),
-            "class_names": self.class_names, "rng": _rng_state(),
+            "class_names": self.class_names, "rng": _rng_state(), "world_size": self.dist.world,
             "versions": {"vggtrain": vggtrain.__version__, "torch": str(torch.__version__)},
         }
 
     def restore(self, state: dict[str, Any], source: Path) -> None:
+        saved_world = state.get("world_size", 1)
+        if state.get("progress", {}).get("step") and saved_world != self.dist.world:
+            raise CheckpointError(f"{source}: saved mid-epoch by {saved_world} process(es); resume it "
+                                  f"with the same number (now {self.dist.world}), or from an epoch end")
         load_model_state(self.model, state["model"], source)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -114,7 +118,8 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)  # a machine with fewer GPUs restores what it has
     kind, keys, pos, has_gauss, gauss = rng["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
@@ -137,7 +142,12 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], d: Dist =
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
-    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+    params: Any = model.parameters()
+    if o.exclude_bn_bias_from_decay:
+        flat = [p for p in model.parameters() if p.ndim <= 1]  # BN weights and biases, all biases
+        params = [{"params": [p for p in model.parameters() if p.ndim > 1]},
+                  {"params": flat, "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum,
                                 nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.schedule.step_size, cfg.schedule.gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
@@ -156,10 +166,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], d: Dist =
 def compile_model(model: nn.Module, device: torch.device) -> Any:
     """torch.compile for the train step, or the model itself (with a warning) where the compiler
     cannot work. Checkpoints keep saving the plain model's state_dict either way."""
-    import shutil as _shutil
-
     missing = None
-    if device.type == "cpu" and not any(_shutil.which(c) for c in ("c++", "g++", "clang++")):
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         missing = "no C++ compiler on PATH"
     elif device.type == "cuda":
         from torch.utils._triton import has_triton
@@ -204,8 +212,8 @@ class StopSignals:
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is None:
             self.signum = signum
-            print(f"\n{signal.Signals(signum).name}: stopping after this step "
-                  f"(send it again to abort at once)", file=sys.stderr, flush=True)
+            print(f"\n{signal.Signals(signum).name}: stopping after this step (under torchrun: at "
+                  f"the next log interval); send it again to abort at once", file=sys.stderr, flush=True)
             return
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -229,7 +237,7 @@ def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSi
     cfg, device, p, d = run.cfg, run.device, run.progress, run.dist
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     # Derived from (seed, epoch) rather than carried along, so a resumed run draws the same batches.
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.epoch + 1)
+    generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + run.epoch + 1) % 2**63)
     # Running sums stay on the device: the host reads them once per log interval, not per step.
     # A checkpoint holds the sums over all ranks, so on resume rank 0 alone starts from them.
     carried = (p.loss_sum, p.correct, p.seen) if d.is_main else (0.0, 0, 0)
@@ -241,8 +249,12 @@ def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSi
     t0 = time.perf_counter() - p.time_s
     bar.update(p.step)
     run.model.train()
+    warmup_steps = cfg.schedule.warmup_epochs * ((len(train) // d.world) // cfg.train.batch_size)
     for x, y in train_batches(train, cfg.train.batch_size, generator, cfg.data.augment,
                               run.channels_last, start=p.step, rank=d.rank, world=d.world):
+        if run.global_step < warmup_steps:  # a function of the step: resumes exactly
+            for group, lr in zip(run.optimizer.param_groups, run.scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr * (run.global_step + 1) / warmup_steps
         loss, logits = train_step(run, x, y, criterion)
         run.global_step += 1
         p.step += 1
@@ -256,9 +268,10 @@ def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSi
         signalled = stop.signum is not None and not d.enabled
         if len(pending) == cfg.train.log_every or periodic or signalled:
             stopping = _flush_step_losses(run, writer, pending, stop)
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            lr=f"{run.optimizer.param_groups[0]['lr']:.3g}",
-                            img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
+            if not bar.disable:  # two more host reads, only for a person watching
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                lr=f"{run.optimizer.param_groups[0]['lr']:.3g}",
+                                img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
             if periodic or stopping:
                 totals = _epoch_totals(run, loss_sum, correct, seen)
                 p.loss_sum, p.correct, p.seen = totals
@@ -267,6 +280,7 @@ def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSi
                     writer.flush()
                     save_checkpoint(run.dir / "last.pt", run.state())
             if stopping:
+                distributed.barrier(d)  # no rank leaves (and gets killed) before rank 0 has saved
                 name = signal.Signals(stopping).name
                 raise RunStopped(f"stopped by {name} at epoch {run.epoch + 1}, step {p.step}; saved "
                                  f"{run.dir / 'last.pt'}. Resume with: vggtrain fit --resume {run.dir}",
@@ -327,7 +341,8 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any) -> None:
                       file=sys.stdout, disable=not (sys.stdout.isatty() and d.is_main),
                       dynamic_ncols=True) as bar:
                 tr = train_one_epoch(run, train, writer, bar, stop)
-            run.scheduler.step()
+            if run.epoch >= cfg.schedule.warmup_epochs:
+                run.scheduler.step()
             run.epoch += 1
             run.progress = EpochProgress()
             run.train_time_s += tr["time_s"]
@@ -335,8 +350,12 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any) -> None:
             distributed.sync_buffers(run.model, d)  # all ranks validate what last.pt will hold
             if len(val):  # each rank measures its shard; the sums are all-reduced
                 ev = evaluate_split(run.model, val, cfg.model.num_classes, cfg.train.eval_batch_size,
-                                    run.device, cfg.train.precision, run.channels_last, dist=d)
+                                    run.device, cfg.train.precision, run.channels_last,
+                                    tta=cfg.train.tta, dist=d)
                 va = {"loss": ev.loss, "acc": ev.top1}
+                if not math.isfinite(ev.loss):  # the epoch's last update broke the weights
+                    raise RunStopped(f"non-finite validation loss after epoch {run.epoch}; the last good "
+                                     f"checkpoint in {run.dir} is kept (try a lower optim.lr)", 1)
             improved = va is None or va["acc"] > run.best_acc
             if improved:
                 run.best_acc, run.best_epoch = (va["acc"] if va else -1.0), run.epoch
@@ -360,9 +379,11 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any) -> None:
                       f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
                       f"{tr['time_s']:.1f}s{' | best' if improved and va else ''}", flush=True)
             # A signal that came during validation or checkpointing (all ranks decide together).
-            signum = int(distributed.all_max(torch.tensor(stop.signum or 0), d)) if d.enabled \
+            signum = int(distributed.all_max(torch.tensor(stop.signum or 0, device=run.device), d)) \
+                if d.enabled \
                 else (stop.signum or 0)
             if signum:
+                distributed.barrier(d)
                 raise RunStopped(f"stopped by {signal.Signals(signum).name} after epoch {run.epoch}; "
                                  f"resume with: vggtrain fit --resume {run.dir}", 128 + signum)
 
@@ -466,10 +487,10 @@ def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
     run.model.load_state_dict(best["model"])
     cfg = run.cfg
     ev = evaluate_split(run.model, test, len(run.class_names), cfg.train.eval_batch_size, run.device,
-                        cfg.train.precision, run.channels_last)
+                        cfg.train.precision, run.channels_last, tta=cfg.train.tta)
     report = build_report(ev, split="test", model=run.model, cfg=cfg, class_names=run.class_names,
                           checkpoint=run.dir / "best.pt", checkpoint_epoch=int(best["epoch"]),
-                          device=run.device, precision=cfg.train.precision)
+                          device=run.device, precision=cfg.train.precision, tta=cfg.train.tta)
     m = report["metrics"]
     report.update({
         "test": {"loss": m["loss"], "acc": m["top1"], "images": m["images"]},  # fit's first keys

@@ -1,0 +1,62 @@
+"""The recipe options: warm-up, no weight decay on BN and biases, flip TTA in fit's evaluations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config, write_yaml
+from vggtrain.checkpoint import load_checkpoint
+from vggtrain.cli import main
+from vggtrain.config import config_from_dict
+from vggtrain.train import build_run
+
+
+def test_bn_and_biases_can_be_excluded_from_weight_decay(tmp_path):
+    cfg = config_from_dict(tiny_config(tmp_path, tmp_path, optim={"exclude_bn_bias_from_decay": True}),
+                           "t")
+    run = build_run(cfg, tmp_path, ["x"] * 10)
+    decayed, plain = run.optimizer.param_groups
+    assert decayed["weight_decay"] == pytest.approx(5e-4) and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(run.model.parameters()))
+    default = build_run(config_from_dict(tiny_config(tmp_path, tmp_path), "t"), tmp_path, ["x"] * 10)
+    assert len(default.optimizer.param_groups) == 1
+
+
+def test_warmup_ramps_per_step_then_steplr_counts_from_its_end(cifar_bin, tmp_path):
+    # 800 training images, batch 50: 16 steps an epoch; two warm-up epochs are 32 steps.
+    mid = write_yaml(tmp_path / "mid.yaml", tiny_config(
+        cifar_bin, tmp_path / "runs", name="mid", schedule={"warmup_epochs": 2, "step_size": 1},
+        train={"epochs": 1}))
+    assert main(["fit", "--config", str(mid)]) == 0
+    state = load_checkpoint(tmp_path / "runs" / "mid" / "last.pt")
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 16 / 32)
+    assert state["scheduler"]["last_epoch"] == 0  # StepLR has not started
+
+    after = write_yaml(tmp_path / "after.yaml", tiny_config(
+        cifar_bin, tmp_path / "runs", name="after", schedule={"warmup_epochs": 1, "step_size": 1,
+                                                               "gamma": 0.5}, train={"epochs": 3}))
+    assert main(["fit", "--config", str(after)]) == 0
+    state = load_checkpoint(tmp_path / "runs" / "after" / "last.pt")
+    assert state["scheduler"]["last_epoch"] == 2  # stepped after epochs 2 and 3 only
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.25)
+
+
+def test_tta_in_fit_matches_eval_with_tta(cifar_bin, tmp_path, capsys):
+    cfg = write_yaml(tmp_path / "tta.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                        train={"epochs": 1, "tta": True}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    report = json.loads((tmp_path / "runs" / "tiny" / "report.json").read_text())
+    assert report["tta"] is True
+    capsys.readouterr()
+    ckpt = str(tmp_path / "runs" / "tiny" / "best.pt")
+    assert main(["eval", "--ckpt", ckpt, "--device", "cpu", "--tta", "--json", "-"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["metrics"]["top1"] == report["metrics"]["top1"]
+    assert ev["metrics"]["loss"] == pytest.approx(report["metrics"]["loss"], rel=1e-5)
+    assert main(["eval", "--ckpt", ckpt, "--device", "cpu", "--split", "val", "--tta", "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["top1"] == report["val_acc"]
+    assert torch.is_tensor(load_checkpoint(ckpt)["model"]["classifier.weight"])
