@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vggtrain.errors import CheckpointError
+from vggtrain.errors import CheckpointError, first_line
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -82,8 +82,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: refused to load, it is not plain tensors and data ({why[:200]})"
                               ) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable vggtrain checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable vggtrain checkpoint ({first_line(e)})") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) \
             or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path}: not a vggtrain checkpoint (no model/config entries)")

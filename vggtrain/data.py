@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vggtrain.errors import DataError
+from vggtrain.errors import DataError, first_line
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -159,7 +159,7 @@ def download_cifar10(root: Path) -> None:
                                          filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
         except Exception as e:  # urllib, socket and tarfile all raise their own types
             raise DataError(f"could not download CIFAR-10 from {CIFAR10.url} into {root}: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                            f"{first_line(e)}") from None
         base = Path(tmp) / CIFAR10.base_folder
         files = CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
         for name, md5 in files:

@@ -6,6 +6,12 @@ def _one_line(message: str) -> str:
     return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type's name), for a one-line report."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 class UserError(Exception):
     """Bad input (usage, config, data, checkpoint). Its message is the whole report."""
 

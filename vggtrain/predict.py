@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from vggtrain.data import normalize
-from vggtrain.errors import DataError
+from vggtrain.errors import DataError, first_line
 from vggtrain.evaluate import LoadedModel
 from vggtrain.model import IMAGE_SIZE
 
@@ -44,7 +44,7 @@ def read_image(path: str | Path) -> torch.Tensor:
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image file Pillow can read (PNG, JPEG, ...)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        why = first_line(e, 160)
         raise DataError(f"{path}: cannot decode the image ({why})") from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 

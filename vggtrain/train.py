@@ -27,7 +27,7 @@ from vggtrain.config import TrainConfig, dump_config
 from vggtrain.data import Split, load_cifar10, split_train_val, train_batches
 from vggtrain.device import autocast, channels_last_for, select_device
 from vggtrain.distributed import Dist
-from vggtrain.errors import CheckpointError, RunStopped, UserError
+from vggtrain.errors import CheckpointError, RunStopped, UserError, first_line
 from vggtrain.evaluate import Evaluation, build_report, evaluate_split
 from vggtrain.model import build_model, count_parameters
 
@@ -96,12 +96,7 @@ class Run:
             self.train_time_s = float(state["train_time_s"])
             _set_rng_state(state["rng"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{source}: cannot resume from it: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+            raise CheckpointError(f"{source}: cannot resume from it: {first_line(e)}") from None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -220,6 +215,11 @@ class StopSignals:
         raise RunStopped(f"aborted by a second {signal.Signals(signum).name}", 128 + signum)
 
 
+def steps_per_epoch(images: int, d: Dist, batch_size: int) -> int:
+    """Each rank's share of the split, in whole batches (train_batches drops the rest)."""
+    return (images // d.world) // batch_size
+
+
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, optimizer step. Returns the detached loss and logits; no host sync."""
@@ -249,7 +249,7 @@ def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSi
     t0 = time.perf_counter() - p.time_s
     bar.update(p.step)
     run.model.train()
-    warmup_steps = cfg.schedule.warmup_epochs * ((len(train) // d.world) // cfg.train.batch_size)
+    warmup_steps = cfg.schedule.warmup_epochs * steps_per_epoch(len(train), d, cfg.train.batch_size)
     for x, y in train_batches(train, cfg.train.batch_size, generator, cfg.data.augment,
                               run.channels_last, start=p.step, rank=d.rank, world=d.world):
         if run.global_step < warmup_steps:  # a function of the step: resumes exactly
@@ -333,7 +333,7 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any) -> None:
     """Epochs until cfg.train.epochs: train, validate, log, checkpoint (last.pt, best.pt).
     Under torchrun every rank runs this; rank 0 alone prints and writes."""
     cfg, d = run.cfg, run.dist
-    steps = (len(train) // d.world) // cfg.train.batch_size
+    steps = steps_per_epoch(len(train), d, cfg.train.batch_size)
     with StopSignals() as stop:
         while run.epoch < cfg.train.epochs:
             lr = run.optimizer.param_groups[0]["lr"]
@@ -422,8 +422,9 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
             check_run_dir(run_dir, resume is not None, force)
         except UserError as e:
             problem = str(e)
-    if distributed.agree(problem, d):
-        raise UserError(problem or "")
+    problem = distributed.agree(problem, d)
+    if problem:
+        raise UserError(problem)
     if d.enabled and d.local_rank != 0:
         distributed.barrier(d)  # let this node's local rank 0 download the data first
     train_full, test, class_names = load_cifar10(cfg.data.root, cfg.data.download)
@@ -433,7 +434,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
         raise UserError(f"config error: model.num_classes is {cfg.model.num_classes} but the data "
                         f"in {cfg.data.root} has {len(class_names)} classes")
     train, val = split_train_val(train_full, cfg.data.val_size, cfg.seed)
-    if len(train) // d.world < cfg.train.batch_size:
+    if steps_per_epoch(len(train), d, cfg.train.batch_size) == 0:
         raise UserError(f"config error: train.batch_size {cfg.train.batch_size} is larger than the "
                         f"{len(train) // d.world} training images of each of {d.world} rank(s)")
     run = build_run(cfg, run_dir, class_names, d, device_spec)
