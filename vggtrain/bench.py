@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,28 +32,21 @@ from vggtrain import allocator
 from vggtrain.checkpoint import atomic_write_text
 from vggtrain.config import TrainConfig
 from vggtrain.data import Split, train_batches
-from vggtrain.device import channels_last_for, select_device
+from vggtrain.device import channels_last_for, select_device, synchronize
 from vggtrain.evaluate import evaluate_split
 from vggtrain.model import build_model, count_parameters
 from vggtrain.train import EpochProgress, StopSignals, build_run, train_one_epoch, train_step
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def _rate(fn: Callable[[], int], device: torch.device, warmup: int, steps: int) -> float:
     """Images per second of fn (which returns how many images it did), after warm-up calls."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     t0, images = time.perf_counter(), 0
     for _ in range(steps):
         images += fn()
-    _sync(device)
+    synchronize(device)
     return images / (time.perf_counter() - t0)
 
 
@@ -80,18 +73,15 @@ def bench_bare_step(cfg: TrainConfig, run_dir: Path, warmup: int, steps: int) ->
 def bench_data_path(cfg: TrainConfig, split: Split, steps: int) -> float:
     device = split.images.device
     channels_last = channels_last_for(cfg.train.channels_last, device)
-    it = iter(())
+    batches = _endless(lambda: train_batches(split, cfg.train.batch_size, torch.Generator().manual_seed(0),
+                                             cfg.data.augment, channels_last))
+    return _rate(lambda: len(next(batches)[1]), device, 2, steps)
 
-    def batch() -> int:
-        nonlocal it
-        x = next(it, None)
-        if x is None:
-            it = train_batches(split, cfg.train.batch_size, torch.Generator().manual_seed(0),
-                               cfg.data.augment, channels_last)
-            x = next(it)
-        return len(x[1])
 
-    return _rate(batch, device, 2, steps)
+def _endless(epoch: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+    """Batches of epoch() after epoch(), for as long as a measurement wants them."""
+    while True:
+        yield from epoch()
 
 
 class _PILDataset(torch.utils.data.Dataset):
@@ -120,17 +110,8 @@ def bench_reference_data_path(cfg: TrainConfig, split: Split, steps: int, worker
     ds = _PILDataset(hwc, split.labels.cpu().tolist(), transform)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True,
                                          num_workers=workers, drop_last=True, persistent_workers=True)
-    it = iter(loader)
-
-    def batch() -> int:
-        nonlocal it
-        x = next(it, None)
-        if x is None:
-            it = iter(loader)
-            x = next(it)
-        return len(x[1])
-
-    return _rate(batch, torch.device("cpu"), 3, steps)
+    batches = _endless(lambda: iter(loader))
+    return _rate(lambda: len(next(batches)[1]), torch.device("cpu"), 3, steps)
 
 
 def bench_fit(cfg: TrainConfig, run_dir: Path, steps: int, warmup: int) -> float:
@@ -144,7 +125,7 @@ def bench_fit(cfg: TrainConfig, run_dir: Path, steps: int, warmup: int) -> float
         train_one_epoch(run, random_split(bs * max(warmup, 1), run.device, seed=1), writer, bar, stop)
         run.progress = EpochProgress()
         split = random_split(bs * steps, run.device, seed=2)
-        _sync(run.device)
+        synchronize(run.device)
         t0 = time.perf_counter()
         train_one_epoch(run, split, writer, bar, stop)  # ends with a host read of its sums
         return bs * steps / (time.perf_counter() - t0)

@@ -40,3 +40,11 @@ def channels_last_for(setting: bool | None, device: torch.device) -> bool:
     channels_last use tensor cores without layout transposes; on CPUs (oneDNN) it measured the
     same as NCHW for these VGGs (README, Performance), so NCHW stays the default there."""
     return (device.type == "cuda") if setting is None else setting
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a host clock measures it (CUDA and MPS are async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

@@ -23,7 +23,7 @@ from vggtrain import distributed
 from vggtrain.checkpoint import load_checkpoint, load_model_state
 from vggtrain.config import TrainConfig, config_from_dict
 from vggtrain.data import Split, eval_batches
-from vggtrain.device import autocast, channels_last_for, select_device
+from vggtrain.device import autocast, channels_last_for, select_device, synchronize
 from vggtrain.distributed import Dist
 from vggtrain.errors import CheckpointError, DataError, UserError
 from vggtrain.model import build_model, count_parameters
@@ -83,8 +83,7 @@ def evaluate_split(model: nn.Module, split: Split, num_classes: int, batch_size:
     topk = torch.zeros((), device=device, dtype=torch.int64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
     preds, confs = [], []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for x, y in eval_batches(split, batch_size, channels_last):
         with autocast(device, precision):

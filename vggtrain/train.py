@@ -267,7 +267,8 @@ def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSi
         # One process stops at once; ranks of a job decide together at the next log interval.
         signalled = stop.signum is not None and not d.enabled
         if len(pending) == cfg.train.log_every or periodic or signalled:
-            stopping = _flush_step_losses(run, writer, pending, stop)
+            _flush_step_losses(run, writer, pending)
+            stopping = _agreed_signal(run, stop)
             if not bar.disable:  # two more host reads, only for a person watching
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
                                 lr=f"{run.optimizer.param_groups[0]['lr']:.3g}",
@@ -285,7 +286,7 @@ def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSi
                 raise RunStopped(f"stopped by {name} at epoch {run.epoch + 1}, step {p.step}; saved "
                                  f"{run.dir / 'last.pt'}. Resume with: vggtrain fit --resume {run.dir}",
                                  128 + stopping)
-    _flush_step_losses(run, writer, pending, stop)
+    _flush_step_losses(run, writer, pending)
     elapsed = time.perf_counter() - t0
     total_loss, total_correct, total_seen = _epoch_totals(run, loss_sum, correct, seen)
     n = max(total_seen, 1)
@@ -303,20 +304,12 @@ def _epoch_totals(run: Run, loss_sum: torch.Tensor, correct: torch.Tensor, seen:
     return loss, int(n_correct), int(n_seen)
 
 
-def _flush_step_losses(run: Run, writer: Any, pending: list[torch.Tensor], stop: StopSignals) -> int:
-    """Write the interval's per-step losses, averaged over ranks (one host sync), and stop on a
-    non-finite one. Returns the signal number if any rank was asked to stop, else 0."""
-    d = run.dist
-    asked = float(stop.signum or 0)
-    packed = torch.cat([torch.stack(pending).float() if pending else torch.zeros(0, device=run.device),
-                        torch.tensor([asked], device=run.device)])
-    if d.enabled:
-        flag = packed[-1:].clone()
-        distributed.all_sum(packed, d)
-        distributed.all_max(flag, d)
-        packed[:-1] /= d.world
-        packed[-1:] = flag
-    *values, signum = packed.tolist()
+def _flush_step_losses(run: Run, writer: Any, pending: list[torch.Tensor]) -> None:
+    """Write the interval's per-step losses, averaged over ranks (one host read), and stop on a
+    non-finite one."""
+    if not pending:
+        return
+    values = distributed.all_sum(torch.stack(pending).float(), run.dist).div_(run.dist.world).tolist()
     first = run.global_step - len(pending) + 1
     pending.clear()
     for i, value in enumerate(values):
@@ -326,7 +319,14 @@ def _flush_step_losses(run: Run, writer: Any, pending: list[torch.Tensor], stop:
             raise RunStopped(f"non-finite loss ({value}) at epoch {run.epoch + 1}, step {first + i}; "
                              f"{kept} (try a lower optim.lr)", 1)
         writer.add_scalar("train/loss_step", value, first + i)
-    return int(signum)
+
+
+def _agreed_signal(run: Run, stop: StopSignals) -> int:
+    """The signal any rank was sent (the largest number), or 0: every rank stops at the same step."""
+    if not run.dist.enabled:
+        return stop.signum or 0
+    flag = torch.tensor(stop.signum or 0, device=run.device)
+    return int(distributed.all_max(flag, run.dist))
 
 
 def train_epochs(run: Run, train: Split, val: Split, writer: Any) -> None:
@@ -379,9 +379,7 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any) -> None:
                       f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
                       f"{tr['time_s']:.1f}s{' | best' if improved and va else ''}", flush=True)
             # A signal that came during validation or checkpointing (all ranks decide together).
-            signum = int(distributed.all_max(torch.tensor(stop.signum or 0, device=run.device), d)) \
-                if d.enabled \
-                else (stop.signum or 0)
+            signum = _agreed_signal(run, stop)
             if signum:
                 distributed.barrier(d)
                 raise RunStopped(f"stopped by {signal.Signals(signum).name} after epoch {run.epoch}; "
