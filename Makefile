@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= vgg16_cifar.yaml
 ARGS   ?=
 
-.PHONY: install fit test smoke lint tensorboard clean bench
+.PHONY: install fit test smoke lint tensorboard clean bench tta
 
 install: $(VENV)/.installed
 
@@ -43,3 +43,17 @@ bench: install
 	$(BIN)/vggtrain bench --config vgg16_cifar.yaml --json bench/vgg16_fp32.json $(ARGS)
 	$(BIN)/vggtrain bench --config vgg16_cifar.yaml --set train.precision=bf16 --json bench/vgg16_bf16.json $(ARGS)
 	$(BIN)/vggtrain bench --config vgg16_cifar.yaml $(SMALL_NET) --json bench/small_bf16_b512.json $(ARGS)
+
+# Time to accuracy (README, "Recipes and time to accuracy"): train TTA_CONFIG, measure the test
+# set along the way, print when it first reached TARGET; curve and result in bench/tta_*.json.
+# The defaults are the README's measurement: make tta SEED=1
+TTA_CONFIG ?= fast_cpu.yaml
+TARGET     ?= 0.90
+BUDGET_MIN ?= 30
+SEED       ?= 0
+TTA_FLAGS  ?= --full --probe-every 13 --probe-from 19
+TTA_NAME   := $(basename $(notdir $(TTA_CONFIG)))_seed$(SEED)
+tta: install
+	$(BIN)/python scripts/time_to_accuracy.py --config $(TTA_CONFIG) --target $(TARGET) \
+		--budget-min $(BUDGET_MIN) --set seed=$(SEED) --set name=$(TTA_NAME) --force \
+		--json bench/tta_$(TTA_NAME).json $(TTA_FLAGS) $(ARGS)

@@ -26,7 +26,7 @@ from vggtrain.model import build_model
 from vggtrain.report import confusion_image, format_text
 
 # The documented schema (README.md, "Evaluating a model"): eval writes exactly these keys ...
-EVAL_KEYS = {"schema", "split", "metrics", "tta", "per_class", "class_names", "confusion_matrix",
+EVAL_KEYS = {"schema", "split", "metrics", "tta", "tta_mode", "per_class", "class_names", "confusion_matrix",
              "checkpoint", "checkpoint_epoch", "parameters", "device", "precision", "images_per_s",
              "eval_time_s", "torch_version", "vggtrain_version", "config_digest", "config"}
 # ... and fit's report.json adds the run's training facts.

@@ -59,7 +59,8 @@ def random_split(n: int, device: torch.device, seed: int = 0) -> Split:
 def bench_bare_step(cfg: TrainConfig, run_dir: Path, warmup: int, steps: int) -> float:
     run = build_run(cfg, run_dir, [str(i) for i in range(cfg.model.num_classes)])
     batch = next(train_batches(random_split(cfg.train.batch_size, run.device), cfg.train.batch_size,
-                               torch.Generator().manual_seed(0), cfg.data.augment, run.channels_last))
+                               torch.Generator().manual_seed(0), cfg.data.augment, run.channels_last,
+                               pad=cfg.data.crop_padding))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     run.model.train()
 
@@ -74,7 +75,7 @@ def bench_data_path(cfg: TrainConfig, split: Split, steps: int) -> float:
     device = split.images.device
     channels_last = channels_last_for(cfg.train.channels_last, device)
     batches = _endless(lambda: train_batches(split, cfg.train.batch_size, torch.Generator().manual_seed(0),
-                                             cfg.data.augment, channels_last))
+                                             cfg.data.augment, channels_last, pad=cfg.data.crop_padding))
     return _rate(lambda: len(next(batches)[1]), device, 2, steps)
 
 

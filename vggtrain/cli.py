@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from vggtrain import __version__
+from vggtrain.config import TTA_MODES
 from vggtrain.errors import RunStopped, UserError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -57,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", type=_device, default="auto", help=device_help)
     ev.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT ('-': print "
                                                   "only the JSON, to stdout)")
-    ev.add_argument("--tta", action="store_true",
-                    help="average the probabilities of each image and its mirror image")
+    ev.add_argument("--tta", nargs="?", const="flip", default="none", choices=TTA_MODES,
+                    help="test-time augmentation: flip (the default when given alone) averages each "
+                         "image with its mirror; multicrop adds one-pixel shifts (airbench's level 2)")
 
     pr = sub.add_parser("predict", help="top-k classes for image files",
                         description="Classify PNG/JPEG images (converted to RGB, resized to 32x32).")

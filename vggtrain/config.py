@@ -23,6 +23,8 @@ from vggtrain.errors import ConfigError
 
 Check = Callable[[Any], "str | None"]
 ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "custom")
+TTA_MODES = ("none", "flip", "multicrop")
+WHITEN_MAX_WIDTH = 2 * 3 * 3 * 3  # +/- each eigenvector of the 27-dimensional 3x3 RGB patches
 PROJECT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -74,8 +76,10 @@ class DataConfig:
     root: str = _opt("data")
     download: bool = _opt(False)
     val_size: int = _opt(5000, _between(0, 50_000))
-    # Random crop (zero padding 4) and horizontal flip, applied batched on the device.
+    # Random crop (zero padding crop_padding) and horizontal flip, applied batched on the device.
     augment: bool = _opt(True)
+    # How far a random crop may translate an image, in pixels each way (airbench uses 2).
+    crop_padding: int = _opt(4, _between(0, 16))
 
 
 @dataclass
@@ -89,6 +93,16 @@ class ModelConfig:
     hidden: int = _opt(512, _between(1, 65_536))
     dropout: float = _opt(0.5, _between(0, 1, hi_open=True))
     global_pool: str = _opt("none", _one_of("none", "max", "avg"))
+    # The first convolution becomes a fixed whitening of 3x3 patches, computed from the training
+    # images before training (airbench's first-layer init): its width must be even, at most 54.
+    whiten: bool = _opt(False)
+    # Each later convolution starts as the identity on its first in-channels filters (plus the
+    # usual random init elsewhere), as airbench's Dirac init does.
+    identity_init: bool = _opt(False)
+    # false: batch-norm weights stay 1 and only their biases learn (airbench's BatchNorm).
+    bn_weight: bool = _opt(True)
+    # Logits = head output x this; airbench scales its logits by 1/9.
+    logit_scale: float = _opt(1.0, _between(0, 1000, lo_open=True))
 
 
 @dataclass
@@ -100,6 +114,12 @@ class OptimConfig:
     label_smoothing: float = _opt(0.0, _between(0, 1, hi_open=True))
     # No weight decay on batch-norm weights and on biases (every 1-D parameter).
     exclude_bn_bias_from_decay: bool = _opt(False)
+    # Learning rate of batch-norm biases = lr x this (their weight decay / this, so the decay per
+    # step stays the same); airbench trains them 64x faster.
+    bn_bias_lr_scale: float = _opt(1.0, _between(0, 1000, lo_open=True))
+    # Lookahead: every N steps (and at each epoch end) the weights move back to slow weights that
+    # follow them with a decay growing as progress^3 up to 0.95^N (airbench's schedule); 0: off.
+    lookahead_every: int = _opt(0, _between(0, 1000))
 
 
 @dataclass
@@ -123,7 +143,11 @@ class LoopConfig:
     channels_last: bool | None = _opt(None)  # null: on where faster (CUDA), off elsewhere
     compile: bool = _opt(False)  # torch.compile the train step (falls back, with a warning)
     sync_bn: bool = _opt(False)  # under torchrun: batch-norm statistics over all ranks (CUDA)
-    tta: bool = _opt(False)  # validation and the test report average each image with its mirror
+    # Test-time augmentation for validation and the test report: none; flip (each image with its
+    # mirror); multicrop (flip, plus the image shifted one pixel up-left and down-right, airbench's
+    # level 2). true means flip, false none.
+    tta: bool | str = _opt(False, lambda v: None if v in (True, False) or v in TTA_MODES
+                           else f"must be true, false or one of {', '.join(TTA_MODES)}")
     log_every: int = _opt(20, _between(1, 1_000_000))
     # Also write last.pt every N steps inside an epoch (0: only at the end of each epoch).
     checkpoint_every_steps: int = _opt(0, _between(0, 1_000_000_000))
@@ -236,6 +260,12 @@ def _cross_check(cfg: TrainConfig, where: Callable[[str], str]) -> None:
     if m.arch != "custom" and m.layers is not None:
         raise ConfigError(f"{where('model.layers')}: model.layers is only used with model.arch: custom "
                           f"(got arch {m.arch!r})")
+    if m.whiten:
+        first = next(x for x in m.layers if x != "M") if m.layers else 64  # the paper VGGs: 64
+        first = max(1, round(int(first) * m.width))
+        if first % 2 or first > WHITEN_MAX_WIDTH:
+            raise ConfigError(f"{where('model.whiten')}: model.whiten needs an even first convolution "
+                              f"width of at most {WHITEN_MAX_WIDTH} (got {first})")
     if not _DEVICE_RE.match(cfg.train.device):
         raise ConfigError(f"{where('train.device')}: train.device must be auto, cpu, cuda, cuda:N or mps "
                           f"(got {_show(cfg.train.device)})")
@@ -355,10 +385,17 @@ def check_resume_changes(stored: dict, cfg: TrainConfig, source: str) -> None:
                               f"only {', '.join(sorted(RESUMABLE_KEYS))} may")
 
 
+def tta_mode(tta: bool | str) -> str:
+    """train.tta (or eval's --tta) as one of TTA_MODES."""
+    if isinstance(tta, bool):
+        return "flip" if tta else "none"
+    return tta
+
+
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
            "load_config", "config_from_dict", "config_with_overrides", "dump_config",
-           "resolve_config_path", "check_resume_changes", "RESUMABLE_KEYS"]
+           "resolve_config_path", "check_resume_changes", "RESUMABLE_KEYS", "tta_mode", "TTA_MODES"]

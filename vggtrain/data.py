@@ -28,14 +28,15 @@ TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCHES = ["test_batch"]
 IMAGE_BYTES = 3 * 32 * 32
 MAX_PER_BATCH = 10_000  # the published batch size; larger files are refused before being read
-PAD = 4
+PAD = 4  # the default crop padding (data.crop_padding)
 
 
 @dataclass
 class Split:
     images: torch.Tensor  # uint8 (N, 3, 32, 32)
     labels: torch.Tensor  # int64 (N,)
-    _crop_sources: dict[bool, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _crop_sources: dict[tuple[bool, int], torch.Tensor] = field(default_factory=dict, repr=False,
+                                                                compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -47,16 +48,17 @@ class Split:
                          self.labels.pin_memory().to(device, non_blocking=True))
         return Split(self.images.to(device), self.labels.to(device))
 
-    def crop_source(self, channels_last: bool = False) -> torch.Tensor:
-        """The zero-padded images followed by their mirror images, (2N, 3, 40, 40) uint8 in the
-        asked memory layout, made once: a flipped crop is then a plain crop of the mirror, so
-        crop and flip are one gather, and the gather reads and writes memory in order."""
-        if channels_last not in self._crop_sources:
-            padded = F.pad(self.images, (PAD, PAD, PAD, PAD))
+    def crop_source(self, channels_last: bool = False, pad: int = PAD) -> torch.Tensor:
+        """The zero-padded images followed by their mirror images, (2N, 3, 32+2pad, 32+2pad)
+        uint8 in the asked memory layout, made once: a flipped crop is then a plain crop of the
+        mirror, so crop and flip are one gather, and the gather reads and writes memory in order."""
+        key = (channels_last, pad)
+        if key not in self._crop_sources:
+            padded = F.pad(self.images, (pad, pad, pad, pad))
             both = torch.cat([padded, padded.flip(3)])
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            self._crop_sources = {channels_last: both.contiguous(memory_format=fmt)}
-        return self._crop_sources[channels_last]
+            self._crop_sources = {key: both.contiguous(memory_format=fmt)}
+        return self._crop_sources[key]
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -232,28 +234,28 @@ def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor
 
 
 def crop_flip(split: Split, idx: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor,
-              channels_last: bool = False) -> torch.Tensor:
-    """Images idx of the split, each cropped from its zero-padded (pad 4) self at its own offset
-    and mirrored where flips says: uint8 (B, 3, 32, 32) from a single gather.
+              channels_last: bool = False, pad: int = PAD) -> torch.Tensor:
+    """Images idx of the split, each cropped from its zero-padded self at its own offset and
+    mirrored where flips says: uint8 (B, 3, 32, 32) from a single gather.
 
-    shifts: (B, 2) int row/column offsets in [0, 2*PAD]; flips: (B,) bool. The crops are a view
+    shifts: (B, 2) int row/column offsets in [0, 2*pad]; flips: (B,) bool. The crops are a view
     (unfold) of every 32x32 window of split.crop_source(), indexed per image.
     """
-    source = split.crop_source(channels_last)
-    size = source.shape[-1] - 2 * PAD
+    source = split.crop_source(channels_last, pad)
+    size = source.shape[-1] - 2 * pad
     windows = source.unfold(2, size, 1).unfold(3, size, 1)  # (2N, 3, 9, 9, 32, 32), no copy
     if channels_last:  # gather into (B, 32, 32, 3): NHWC memory, viewed back as NCHW
         windows = windows.permute(0, 2, 3, 4, 5, 1)
-    # crop(mirror(p), dy, 2*PAD - dx) == mirror(crop(p, dy, dx))
-    cols = torch.where(flips, 2 * PAD - shifts[:, 1], shifts[:, 1])
+    # crop(mirror(p), dy, 2*pad - dx) == mirror(crop(p, dy, dx))
+    cols = torch.where(flips, 2 * pad - shifts[:, 1], shifts[:, 1])
     out = windows[idx + flips * len(split), shifts[:, 0], cols] if channels_last else \
         windows[idx + flips * len(split), :, shifts[:, 0], cols]
     return out.permute(0, 3, 1, 2) if channels_last else out
 
 
 def train_batches(split: Split, batch_size: int, generator: torch.Generator, augment: bool = True,
-                  channels_last: bool = False, start: int = 0, rank: int = 0, world: int = 1
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  channels_last: bool = False, start: int = 0, rank: int = 0, world: int = 1,
+                  pad: int = PAD) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled, augmented, normalised batches; the last partial batch is dropped
     (a BN net with a batch of one fails, and a ragged batch would recompile compiled models).
 
@@ -265,11 +267,11 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
     n = len(split)
     device = split.images.device
     perm = torch.randperm(n, generator=generator)[rank:n - n % world:world].to(device)
-    shifts = torch.randint(0, 2 * PAD + 1, (n, 2), generator=generator).to(device)
+    shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).to(device)
     flips = torch.randint(0, 2, (n,), generator=generator).bool().to(device)
     for first in range(start * batch_size, len(perm) - batch_size + 1, batch_size):
         idx = perm[first:first + batch_size]
-        images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last) if augment \
+        images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last, pad) if augment \
             else split.images[idx]
         yield normalize(images, channels_last), split.labels[idx]
 

@@ -21,7 +21,7 @@ from torch import nn
 import vggtrain
 from vggtrain import distributed
 from vggtrain.checkpoint import load_checkpoint, load_model_state
-from vggtrain.config import TrainConfig, config_from_dict
+from vggtrain.config import TrainConfig, config_from_dict, tta_mode
 from vggtrain.data import Split, eval_batches
 from vggtrain.device import autocast, channels_last_for, select_device, synchronize
 from vggtrain.distributed import Dist
@@ -54,20 +54,31 @@ class Evaluation:
         return list(zip(self.confusion.diag().tolist(), self.confusion.sum(1).tolist(), strict=True))
 
 
-def log_probs(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Log-probabilities (B, C) in float32. With tta, of the probabilities averaged over the image
-    and its mirror image: averaging probabilities (not logits) is the ensemble a flip-TTA is."""
+def log_probs(model: nn.Module, x: torch.Tensor, tta: bool | str = False) -> torch.Tensor:
+    """Log-probabilities (B, C) in float32 of the probabilities averaged over the TTA views (an
+    ensemble averages probabilities, not logits).
+
+    flip: the image and its mirror. multicrop (airbench's level 2): weight 1/2 on that pair, 1/4
+    each on the pairs of the image shifted one pixel up-left and down-right (reflect-padded).
+    """
+    mode = tta_mode(tta)
+    if mode == "none":
+        return torch.log_softmax(model(x).float(), dim=1)
+    if mode == "multicrop":
+        h, w = x.shape[-2:]
+        padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        views = [log_probs(model, v, "flip") for v in (x, padded[..., :h, :w], padded[..., 2:, 2:])]
+        weights = torch.tensor([0.5, 0.25, 0.25], device=x.device).log()[:, None, None]
+        return torch.logsumexp(torch.stack(views) + weights, dim=0)
     out = torch.log_softmax(model(x).float(), dim=1)
-    if tta:
-        flipped = torch.log_softmax(model(x.flip(3)).float(), dim=1)
-        out = torch.logsumexp(torch.stack([out, flipped]), dim=0) - math.log(2.0)
-    return out
+    flipped = torch.log_softmax(model(x.flip(3)).float(), dim=1)
+    return torch.logsumexp(torch.stack([out, flipped]), dim=0) - math.log(2.0)
 
 
 @torch.no_grad()
 def evaluate_split(model: nn.Module, split: Split, num_classes: int, batch_size: int,
                    device: torch.device, precision: str = "fp32", channels_last: bool = False,
-                   tta: bool = False, dist: Dist = distributed.SINGLE) -> Evaluation:
+                   tta: bool | str = False, dist: Dist = distributed.SINGLE) -> Evaluation:
     """Everything the report needs from one pass; sums stay on the device until the end.
 
     Under torchrun (dist), each rank measures every world-th image and the sums are all-reduced:
@@ -166,7 +177,7 @@ def _finite(x: float | None) -> float | None:
 
 def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConfig,
                  class_names: list[str], checkpoint: str | Path, checkpoint_epoch: int,
-                 device: torch.device | str, precision: str, tta: bool = False) -> dict[str, Any]:
+                 device: torch.device | str, precision: str, tta: bool | str = False) -> dict[str, Any]:
     """The report as plain data, in the documented schema (README.md, "Evaluating a model")."""
     per_class = [{"class": name, "correct": c, "total": t, "acc": c / t if t else None}
                  for name, (c, t) in zip(class_names, ev.per_class(), strict=True)]
@@ -174,7 +185,8 @@ def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConf
         "schema": SCHEMA,
         "split": split,
         "metrics": {"top1": ev.top1, "top5": ev.top5, "loss": _finite(ev.loss), "images": ev.images},
-        "tta": tta,
+        "tta": tta_mode(tta) != "none",
+        "tta_mode": tta_mode(tta),
         "per_class": per_class,
         "class_names": list(class_names),
         "confusion_matrix": ev.confusion.tolist(),
@@ -205,7 +217,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | None = None,
-                        batch_size: int | None = None, device: str = "auto", tta: bool = False
+                        batch_size: int | None = None, device: str = "auto", tta: bool | str = False
                         ) -> dict[str, Any]:
     """The report for a checkpoint on the test split, or on the validation split its run held out
     (rebuilt from the stored data.val_size and seed). Needs nothing but the checkpoint and data."""

@@ -34,8 +34,10 @@ def layer_list(cfg: ModelConfig) -> list[int | str]:
 class VGG(nn.Module):
     def __init__(self, layers: list[int | str], num_classes: int = 10, batch_norm: bool = True,
                  head: str = "linear", hidden: int = 512, dropout: float = 0.5,
-                 global_pool: str = "none") -> None:
+                 global_pool: str = "none", identity_init: bool = False, bn_weight: bool = True,
+                 logit_scale: float = 1.0) -> None:
         super().__init__()
+        self.logit_scale = logit_scale
         blocks: list[nn.Module] = []
         channels, size = 3, IMAGE_SIZE
         for x in layers:
@@ -60,9 +62,13 @@ class VGG(nn.Module):
                 nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
                 nn.Linear(hidden, num_classes),
             )
-        self._init_weights()
+        self._init_weights(identity_init)
+        if not bn_weight:  # fixed at 1: the BN layer only shifts
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.requires_grad_(False)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, identity_init: bool) -> None:
         # As torchvision.models.VGG does.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -74,15 +80,54 @@ class VGG(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
+        if identity_init:  # airbench's Dirac init: a new layer starts by passing its input through
+            for m in self.convs()[1:]:
+                with torch.no_grad():
+                    nn.init.dirac_(m.weight[:m.in_channels])
+
+    def convs(self) -> list[nn.Conv2d]:
+        return [m for m in self.features if isinstance(m, nn.Conv2d)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.features(x))
-        return self.classifier(torch.flatten(x, 1))
+        logits = self.classifier(torch.flatten(x, 1))
+        return logits * self.logit_scale if self.logit_scale != 1.0 else logits
 
 
 def build_model(cfg: ModelConfig) -> VGG:
     return VGG(layer_list(cfg), num_classes=cfg.num_classes, batch_norm=cfg.batch_norm,
-               head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout, global_pool=cfg.global_pool)
+               head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout, global_pool=cfg.global_pool,
+               identity_init=cfg.identity_init, bn_weight=cfg.bn_weight, logit_scale=cfg.logit_scale)
+
+
+@torch.no_grad()
+def init_whitening(model: VGG, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Make the first convolution a fixed whitening of 3x3 patches (airbench's first-layer init).
+
+    images: normalised float (N, 3, H, W). Its filters are the top width/2 eigenvectors of the
+    patch covariance, each scaled by 1/sqrt(eigenvalue) and paired with its negation (so the
+    ReLU after it loses nothing); the weights are then frozen.
+    """
+    conv = model.convs()[0]
+    c, k = conv.in_channels, conv.kernel_size[0]
+    dim = c * k * k
+    if conv.out_channels % 2 or conv.out_channels > 2 * dim:
+        raise ValueError(f"whitening needs an even width of at most {2 * dim}, got {conv.out_channels}")
+    cov = torch.zeros(dim, dim, dtype=torch.float64)
+    count = 0
+    for chunk in images.split(500):  # patches of 500 images at a time: ~50 MB, not ~0.5 GB
+        patches = chunk.float().cpu().unfold(2, k, 1).unfold(3, k, 1)  # (B, C, H', W', k, k)
+        flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, dim).double()
+        cov += flat.T @ flat
+        count += len(flat)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov / max(count, 1))  # ascending
+    top = conv.out_channels // 2
+    filters = (eigenvectors.T[-top:] / torch.sqrt(eigenvalues[-top:, None] + eps)).view(top, c, k, k)
+    weight = torch.cat([filters, -filters]).to(conv.weight.dtype)
+    conv.weight.copy_(weight.to(conv.weight.device).contiguous(memory_format=torch.contiguous_format))
+    conv.weight.requires_grad_(False)
+    if conv.bias is not None:
+        conv.bias.zero_()
 
 
 def count_parameters(model: nn.Module) -> int:

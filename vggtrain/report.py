@@ -223,7 +223,7 @@ def format_text(report: dict[str, Any]) -> str:
         f"checkpoint {report['checkpoint']} (epoch {report['checkpoint_epoch']}): "
         f"{report['config']['model']['arch']}, {report['parameters']:,} parameters",
         f"{report['split']} split, {m['images']:,} images on {report['device']} ({report['precision']}"
-        f"{', flip TTA' if report['tta'] else ''})" + (f", {ips:,.0f} images/s" if ips else ""),
+        f"{_tta_text(report, ', ')})" + (f", {ips:,.0f} images/s" if ips else ""),
         "",
         headline(report),
         "",
@@ -259,7 +259,7 @@ def format_markdown(report: dict[str, Any], images: list[tuple[str, str]] = ()) 
     ips = report.get("images_per_s")
     out = [f"# {cfg.get('name') or 'vggtrain'}: {report['split']} report", "",
            f"**{headline(report).replace('   ', ' · ')}** on {m['images']:,} {report['split']} images"
-           + (" (flip TTA)" if report["tta"] else ""), "",
+           + (f" ({_tta_text(report)})" if report["tta"] else ""), "",
            "| | |", "|---|---|",
            f"| model | {cfg['model']['arch']}, {report['parameters']:,} parameters |",
            f"| checkpoint | `{report['checkpoint']}` (epoch {report['checkpoint_epoch']}) |"]
@@ -337,3 +337,10 @@ def write_report_files(out_dir: Path, report: dict[str, Any], pictures: dict[str
         save_png(out_dir / f"{name}.png", img)
         images.append((name.replace("_", " "), f"{name}.png"))
     atomic_write_text(out_dir / "report.md", format_markdown(report, images))
+
+
+def _tta_text(report: dict[str, Any], prefix: str = "") -> str:
+    """'flip TTA' or 'multicrop TTA' ('' without TTA); reports before tta_mode said only tta."""
+    if not report["tta"]:
+        return ""
+    return f"{prefix}{report.get('tta_mode', 'flip')} TTA"

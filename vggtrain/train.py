@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,12 @@ import vggtrain
 from vggtrain import allocator, distributed
 from vggtrain.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from vggtrain.config import TrainConfig, dump_config
-from vggtrain.data import Split, load_cifar10, split_train_val, train_batches
+from vggtrain.data import Split, load_cifar10, normalize, split_train_val, train_batches
 from vggtrain.device import autocast, channels_last_for, select_device
 from vggtrain.distributed import Dist
 from vggtrain.errors import CheckpointError, RunStopped, UserError, first_line
 from vggtrain.evaluate import Evaluation, build_report, evaluate_split
-from vggtrain.model import build_model, count_parameters
+from vggtrain.model import build_model, count_parameters, init_whitening
 
 
 @dataclass
@@ -64,10 +65,13 @@ class Run:
     dist: Dist = distributed.SINGLE
     channels_last: bool = False  # train.channels_last resolved for the device
     forward: Any = None  # what the train step calls: the model, or its torch.compile'd twin
+    slow: list[torch.Tensor] | None = None  # lookahead's slow weights (optim.lookahead_every)
 
     def __post_init__(self) -> None:
         if self.forward is None:
             self.forward = self.model
+        if self.cfg.optim.lookahead_every and self.slow is None:
+            self.slow = [t.detach().clone() for t in _lookahead_tensors(self.model)]
 
     def state(self) -> dict[str, Any]:
         return {
@@ -77,6 +81,7 @@ class Run:
             "best_metric": self.best_acc, "best_epoch": self.best_epoch,
             "train_time_s": self.train_time_s, "config": self.cfg.to_dict(),
             "class_names": self.class_names, "rng": _rng_state(), "world_size": self.dist.world,
+            "lookahead": self.slow,
             "versions": {"vggtrain": vggtrain.__version__, "torch": str(torch.__version__)},
         }
 
@@ -95,6 +100,12 @@ class Run:
             self.best_acc, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
             self.train_time_s = float(state["train_time_s"])
             _set_rng_state(state["rng"])
+            if self.slow is not None:
+                saved = state.get("lookahead") or _lookahead_tensors(self.model)
+                if len(saved) != len(self.slow):
+                    raise ValueError("lookahead state does not match the model")
+                for slow, value in zip(self.slow, saved, strict=True):
+                    slow.copy_(value)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{source}: cannot resume from it: {first_line(e)}") from None
 
@@ -119,13 +130,62 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
+def _lookahead_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """What lookahead averages: every floating-point parameter and buffer (BN statistics too)."""
+    return [t for t in model.state_dict().values() if t.is_floating_point()]
+
+
+def _lookahead_decay(cfg: TrainConfig, step: int, total: int) -> float:
+    return 0.95 ** cfg.optim.lookahead_every * (step / max(total, 1)) ** 3
+
+
+@torch.no_grad()
+def lookahead_sync(run: Run, total_steps: int) -> None:
+    """Slow weights <- lerp(slow, fast, 1 - decay); fast <- slow. Written here because torch has
+    no Lookahead; this is airbench's schedule, whose decay is ~0 early and 0.95^N at the end."""
+    if run.slow is None:
+        return
+    decay = _lookahead_decay(run.cfg, run.global_step, total_steps)
+    fast = _lookahead_tensors(run.model)
+    torch._foreach_lerp_(run.slow, fast, 1.0 - decay)
+    torch._foreach_copy_(fast, run.slow)
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """SGD parameter groups: one, or conv/linear weights apart from the 1-D parameters (BN weights,
+    biases) when those get no weight decay, plus BN biases at lr x bn_bias_lr_scale when that is
+    not 1. Frozen parameters (a whitening layer) are left out."""
+    o = cfg.optim
+    live = [p for p in model.parameters() if p.requires_grad]
+    fast: list[nn.Parameter] = []
+    if o.bn_bias_lr_scale != 1.0:
+        ids = {id(m.bias) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
+        fast = [p for p in live if id(p) in ids]
+        live = [p for p in live if id(p) not in ids]
+    groups: list[dict[str, Any]] = [{"params": live}]
+    if o.exclude_bn_bias_from_decay:
+        groups = [{"params": [p for p in live if p.ndim > 1]},
+                  {"params": [p for p in live if p.ndim <= 1], "weight_decay": 0.0}]
+    if fast:
+        decay = 0.0 if o.exclude_bn_bias_from_decay else o.weight_decay / o.bn_bias_lr_scale
+        groups.append({"params": fast, "lr": o.lr * o.bn_bias_lr_scale, "weight_decay": decay})
+    return [g for g in groups if g["params"]]
+
+
 def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], d: Dist = distributed.SINGLE,
-              device_spec: str | None = None) -> Run:
+              device_spec: str | None = None, whiten_images: torch.Tensor | None = None) -> Run:
+    """whiten_images: uint8 training images for model.whiten's first-layer init (a resumed run
+    overwrites those weights; without images the layer stays random but frozen, for benchmarks)."""
     device = select_device(device_spec or cfg.train.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     model = build_model(cfg.model)
+    if cfg.model.whiten:
+        if whiten_images is not None:  # the first 5,000 suffice, as in airbench
+            init_whitening(model, normalize(whiten_images[:5000].cpu()))
+        model.convs()[0].weight.requires_grad_(False)
     if d.enabled and cfg.train.sync_bn:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -137,12 +197,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], d: Dist =
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
-    params: Any = model.parameters()
-    if o.exclude_bn_bias_from_decay:
-        flat = [p for p in model.parameters() if p.ndim <= 1]  # BN weights and biases, all biases
-        params = [{"params": [p for p in model.parameters() if p.ndim > 1]},
-                  {"params": flat, "weight_decay": 0.0}]
-    optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum,
+    optimizer = torch.optim.SGD(param_groups(model, cfg), lr=o.lr, momentum=o.momentum,
                                 nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.schedule.step_size, cfg.schedule.gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
@@ -249,15 +304,20 @@ def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSi
     t0 = time.perf_counter() - p.time_s
     bar.update(p.step)
     run.model.train()
-    warmup_steps = cfg.schedule.warmup_epochs * steps_per_epoch(len(train), d, cfg.train.batch_size)
+    steps = steps_per_epoch(len(train), d, cfg.train.batch_size)
+    warmup_steps, total_steps = cfg.schedule.warmup_epochs * steps, cfg.train.epochs * steps
+    lookahead = cfg.optim.lookahead_every
     for x, y in train_batches(train, cfg.train.batch_size, generator, cfg.data.augment,
-                              run.channels_last, start=p.step, rank=d.rank, world=d.world):
+                              run.channels_last, start=p.step, rank=d.rank, world=d.world,
+                              pad=cfg.data.crop_padding):
         if run.global_step < warmup_steps:  # a function of the step: resumes exactly
             for group, lr in zip(run.optimizer.param_groups, run.scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr * (run.global_step + 1) / warmup_steps
         loss, logits = train_step(run, x, y, criterion)
         run.global_step += 1
         p.step += 1
+        if lookahead and (run.global_step % lookahead == 0 or p.step == steps):
+            lookahead_sync(run, total_steps)  # at each epoch end too: checkpoints hold synced weights
         seen += len(y)
         pending.append(loss)
         loss_sum += loss * len(y)
@@ -329,9 +389,16 @@ def _agreed_signal(run: Run, stop: StopSignals) -> int:
     return int(distributed.all_max(flag, run.dist))
 
 
-def train_epochs(run: Run, train: Split, val: Split, writer: Any) -> None:
+EpochHook = Callable[["Run"], bool]
+
+
+def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: EpochHook | None = None
+                 ) -> None:
     """Epochs until cfg.train.epochs: train, validate, log, checkpoint (last.pt, best.pt).
-    Under torchrun every rank runs this; rank 0 alone prints and writes."""
+    Under torchrun every rank runs this; rank 0 alone prints and writes.
+
+    on_epoch_end(run), called after each epoch's checkpoints, may end training early by returning
+    True (scripts/time_to_accuracy.py measures the test accuracy there)."""
     cfg, d = run.cfg, run.dist
     steps = steps_per_epoch(len(train), d, cfg.train.batch_size)
     with StopSignals() as stop:
@@ -378,6 +445,8 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any) -> None:
                 print(f"epoch {run.epoch}/{cfg.train.epochs} | train loss {tr['loss']:.4f} "
                       f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
                       f"{tr['time_s']:.1f}s{' | best' if improved and va else ''}", flush=True)
+            if on_epoch_end is not None and on_epoch_end(run):
+                break
             # A signal that came during validation or checkpointing (all ranks decide together).
             signum = _agreed_signal(run, stop)
             if signum:
@@ -394,16 +463,17 @@ class _NoWriter:
 
 
 def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None,
-        force: bool = False) -> dict | None:
+        force: bool = False, on_epoch_end: EpochHook | None = None) -> dict | None:
     """Train, checkpoint every epoch, then test the best checkpoint. Returns the report (None on
     ranks other than 0 of a torchrun job).
 
     resume: (path, state) of the checkpoint to continue from, as load_checkpoint read it.
+    on_epoch_end: see train_epochs.
     """
     d = distributed.from_env()
     device_spec = distributed.init(d, cfg.train.device)
     try:
-        report = _fit(cfg, run_dir, resume, force, d, device_spec)
+        report = _fit(cfg, run_dir, resume, force, d, device_spec, on_epoch_end)
         distributed.barrier(d)  # the other ranks wait for rank 0's report before the group ends
         return report
     finally:
@@ -411,7 +481,7 @@ def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None
 
 
 def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, force: bool, d: Dist,
-         device_spec: str) -> dict | None:
+         device_spec: str, on_epoch_end: EpochHook | None = None) -> dict | None:
     from torch.utils.tensorboard import SummaryWriter  # slow import, only needed here
 
     problem = None
@@ -435,7 +505,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
     if steps_per_epoch(len(train), d, cfg.train.batch_size) == 0:
         raise UserError(f"config error: train.batch_size {cfg.train.batch_size} is larger than the "
                         f"{len(train) // d.world} training images of each of {d.world} rank(s)")
-    run = build_run(cfg, run_dir, class_names, d, device_spec)
+    run = build_run(cfg, run_dir, class_names, d, device_spec, whiten_images=train.images)
     if resume is not None:
         run.restore(resume[1], resume[0])
     if run.device.type == "cuda":
@@ -456,7 +526,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
         # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps.
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=run.global_step + 1 if resume else None)
     try:
-        train_epochs(run, train, val, writer)
+        train_epochs(run, train, val, writer, on_epoch_end)
         if not d.is_main:
             return None
         from vggtrain.report import log_report, report_pictures, write_report_files  # imports evaluate

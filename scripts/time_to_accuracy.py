@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Time-to-accuracy: train a config and report when its test accuracy first reached a target.
+
+    python scripts/time_to_accuracy.py --config fast_cpu.yaml --target 0.90 --budget-min 30 \\
+        --json bench/tta_fast_cpu.json [--set seed=1] [--full]
+
+It runs `vggtrain fit` in this process and measures the test set after every epoch (the probe;
+--probe-every and --probe-from thin it out), with the config's own test-time augmentation.
+Wall-clock times count from this script's start (data loading, model building and the fit's
+validation included) and leave out the probes' own time, so they are what the same
+`vggtrain fit` takes alone. Training stops at the first epoch that reaches the target (unless
+--full) or ends past the budget; fit then writes its usual report. The JSON holds the curve
+(epoch, wall-clock, training time, test accuracy), the result and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout, too
+
+SCHEMA = "vggtrain.time_to_accuracy/1"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="a YAML config (path, or a name in configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config value (repeatable), as in vggtrain fit")
+    p.add_argument("--target", type=float, default=0.90, help="test accuracy to reach, in (0, 1]")
+    p.add_argument("--budget-min", type=float, default=30.0,
+                   help="stop after the first epoch that ends past this many minutes")
+    p.add_argument("--full", action="store_true", help="keep training after the target is reached")
+    p.add_argument("--probe-every", type=int, default=1, metavar="N",
+                   help="measure the test set every N epochs (1), and at every epoch from --probe-from")
+    p.add_argument("--probe-from", type=int, default=1, metavar="E",
+                   help="measure every epoch from epoch E on (1: all); the last epoch always")
+    p.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT")
+    p.add_argument("--force", action="store_true", help="replace an existing run directory")
+    return p
+
+
+def machine() -> dict[str, object]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": cores, "gpu": gpu, "torch": str(torch.__version__),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from vggtrain import allocator
+    from vggtrain.config import load_config
+    from vggtrain.data import load_cifar10
+    from vggtrain.errors import UserError
+    from vggtrain.evaluate import evaluate_split
+    from vggtrain.train import Run, fit
+
+    if not 0 < args.target <= 1 or args.budget_min <= 0 or args.probe_every < 1 or args.probe_from < 1:
+        raise UserError("usage error: --target must be in (0, 1], --budget-min positive, "
+                        "--probe-every and --probe-from at least 1")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("usage error: time_to_accuracy.py runs in one process, not under torchrun")
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.train.out_dir) / str(cfg.name)
+    _, test, _ = load_cifar10(cfg.data.root, cfg.data.download)
+    budget_s = args.budget_min * 60
+    curve: list[dict[str, float]] = []
+    probe_s = 0.0
+    on_device: dict[str, object] = {}
+
+    def probe(r: Run) -> bool:
+        nonlocal probe_s
+        wall = time.perf_counter() - T0 - probe_s
+        last = r.epoch >= cfg.train.epochs or wall >= budget_s
+        if not (last or r.epoch % args.probe_every == 0 or r.epoch >= args.probe_from):
+            return False
+        start = time.perf_counter()
+        split = on_device.setdefault("test", test.to(r.device))
+        ev = evaluate_split(r.model, split, cfg.model.num_classes, cfg.train.eval_batch_size, r.device,
+                            cfg.train.precision, r.channels_last, tta=cfg.train.tta)
+        probe_s += time.perf_counter() - start
+        curve.append({"epoch": r.epoch, "wall_s": round(wall, 2), "train_s": round(r.train_time_s, 2),
+                      "test_acc": ev.top1})
+        print(f"time_to_accuracy: epoch {r.epoch} at {wall:.0f} s: test accuracy {ev.top1:.2%}",
+              flush=True)
+        reached = ev.top1 >= args.target
+        return (reached and not args.full) or wall >= budget_s
+
+    report = fit(cfg, run_dir, force=args.force, on_epoch_end=probe)
+    first = next((c for c in curve if c["test_acc"] >= args.target), None)
+    in_budget = first is not None and first["wall_s"] <= budget_s
+    return {
+        "schema": SCHEMA,
+        "config": str(args.config), "name": cfg.name, "overrides": args.overrides, "seed": cfg.seed,
+        "target": args.target, "budget_s": budget_s,
+        "reached": in_budget,
+        "time_to_target_s": first["wall_s"] if first else None,
+        "epochs_to_target": first["epoch"] if first else None,
+        "best_test_acc": max((c["test_acc"] for c in curve), default=None),
+        "final_test_acc": report["test"]["acc"] if report else None,
+        "epochs": curve[-1]["epoch"] if curve else 0,
+        "total_wall_s": round(time.perf_counter() - T0 - probe_s, 2),
+        "probe_s": round(probe_s, 2),
+        "curve": curve,
+        "run_dir": str(run_dir),
+        "allocator": allocator.in_effect(),
+        "machine": machine(),
+        "config_values": cfg.to_dict(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if argv is None:  # as the program itself: the same allocator setting as `vggtrain fit`
+        from vggtrain.allocator import reexec_with_fast_allocator
+
+        reexec_with_fast_allocator()
+    from vggtrain.errors import RunStopped, UserError
+
+    try:
+        result = run(args)
+    except UserError as e:
+        print(f"time_to_accuracy: {e}", file=sys.stderr)
+        return 2
+    except RunStopped as e:
+        print(f"time_to_accuracy: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ntime_to_accuracy: interrupted", file=sys.stderr)
+        return 130
+    t = result["time_to_target_s"]
+    verdict = (f"reached {result['target']:.1%} at {t:.0f} s (epoch {result['epochs_to_target']})"
+               if t is not None else f"did not reach {result['target']:.1%}")
+    print(f"time_to_accuracy: {verdict}; best test accuracy {result['best_test_acc']:.2%} "
+          f"in {result['total_wall_s']:.0f} s")
+    if args.json:
+        from vggtrain.checkpoint import atomic_write_text
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
