@@ -8,8 +8,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -203,30 +205,42 @@ def test_multicrop_tta_is_the_weighted_mixture_of_six_views():
 
 
 def test_airbench_knobs_train_and_resume_exactly_after_a_kill(cifar_bin, tmp_path):
-    """Lookahead's slow weights and the whitening layer survive a SIGKILL mid-epoch."""
-    cfg = tiny_config(cifar_bin, tmp_path / "runs", train={"epochs": 4, "batch_size": 25,
+    """Lookahead's slow weights and the whitening layer survive a SIGKILL mid-epoch, at a
+    checkpoint where the slow weights differ from the model's."""
+    cfg = tiny_config(cifar_bin, tmp_path / "runs", train={"epochs": 12, "batch_size": 25,
                                                           "checkpoint_every_steps": 5})
     for section, values in AIRBENCH.items():
         cfg[section].update(values)
+    cfg["optim"]["lookahead_every"] = 7  # syncs and checkpoints (every 5) rarely coincide
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     killed = write_yaml(tmp_path / "killed.yaml", {**cfg, "name": "killed"})
     proc = subprocess.Popen([sys.executable, "-m", "vggtrain", "fit", "--config", str(killed)],
-                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for line in proc.stdout:
-        if line.startswith("epoch 2/4"):
+                            env=env, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = tmp_path / "runs" / "killed" / "last.pt"
+    deadline = time.monotonic() + 120
+    while True:  # freeze the child, look at last.pt, kill it once it is the checkpoint we want
+        assert time.monotonic() < deadline and proc.poll() is None, "no mid-epoch checkpoint seen"
+        time.sleep(0.05)
+        if not last.is_file():
+            continue
+        proc.send_signal(signal.SIGSTOP)
+        saved = load_checkpoint(last)
+        if saved["epoch"] >= 1 and saved["progress"]["step"] > 0 and saved["global_step"] % 7:
+            proc.kill()
             break
-    proc.kill()
+        proc.send_signal(signal.SIGCONT)
     proc.wait(timeout=30)
-    run = tmp_path / "runs" / "killed"
-    assert not (run / "report.json").exists(), "the kill came too late to test anything"
-    saved = load_checkpoint(run / "last.pt")
-    assert saved["lookahead"] is not None and len(saved["lookahead"]) > 0
+    differs = [not torch.equal(slow, fast) for slow, fast in
+               zip(saved["lookahead"], [t for t in saved["model"].values() if t.is_floating_point()],
+                   strict=True)]
+    assert any(differs), "the slow weights should differ from the model's between syncs"
+    run = last.parent
     assert main(["fit", "--resume", str(run)]) == 0
 
     straight = write_yaml(tmp_path / "straight.yaml", {**cfg, "name": "straight"})
     assert main(["fit", "--config", str(straight)]) == 0
     a = load_checkpoint(tmp_path / "runs" / "straight" / "last.pt")
-    b = load_checkpoint(run / "last.pt")
+    b = load_checkpoint(last)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     report = json.loads((run / "report.json").read_text())

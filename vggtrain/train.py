@@ -445,14 +445,16 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: 
                 print(f"epoch {run.epoch}/{cfg.train.epochs} | train loss {tr['loss']:.4f} "
                       f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
                       f"{tr['time_s']:.1f}s{' | best' if improved and va else ''}", flush=True)
-            if on_epoch_end is not None and on_epoch_end(run):
-                break
             # A signal that came during validation or checkpointing (all ranks decide together).
             signum = _agreed_signal(run, stop)
             if signum:
                 distributed.barrier(d)
                 raise RunStopped(f"stopped by {signal.Signals(signum).name} after epoch {run.epoch}; "
                                  f"resume with: vggtrain fit --resume {run.dir}", 128 + signum)
+            if on_epoch_end is not None:  # any rank's True ends training on every rank
+                done = torch.tensor(int(bool(on_epoch_end(run))), device=run.device)
+                if int(distributed.all_max(done, d)):
+                    break
 
 
 class _NoWriter:
