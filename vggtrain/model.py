@@ -124,7 +124,7 @@ def init_whitening(model: VGG, images: torch.Tensor, eps: float = 5e-4) -> None:
     top = conv.out_channels // 2
     filters = (eigenvectors.T[-top:] / torch.sqrt(eigenvalues[-top:, None] + eps)).view(top, c, k, k)
     weight = torch.cat([filters, -filters]).to(conv.weight.dtype)
-    conv.weight.copy_(weight.to(conv.weight.device).contiguous(memory_format=torch.contiguous_format))
+    conv.weight.copy_(weight)
     conv.weight.requires_grad_(False)
     if conv.bias is not None:
         conv.bias.zero_()
