@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -47,25 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def machine() -> dict[str, object]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": cores, "gpu": gpu, "torch": str(torch.__version__),
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
 def run(args: argparse.Namespace) -> dict:
     from vggtrain import allocator
+    from vggtrain.bench import machine_description
     from vggtrain.config import load_config
     from vggtrain.data import Split, load_cifar10
     from vggtrain.errors import UserError
@@ -124,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
         "curve": curve,
         "run_dir": str(run_dir),
         "allocator": allocator.in_effect(),
-        "machine": machine(),
+        "machine": machine_description(),
         "config_values": cfg.to_dict(),
     }
 
