@@ -35,7 +35,7 @@ class VGG(nn.Module):
     def __init__(self, layers: list[int | str], num_classes: int = 10, batch_norm: bool = True,
                  head: str = "linear", hidden: int = 512, dropout: float = 0.5,
                  global_pool: str = "none", identity_init: bool = False, bn_weight: bool = True,
-                 logit_scale: float = 1.0) -> None:
+                 logit_scale: float = 1.0, whiten: bool = False) -> None:
         super().__init__()
         self.logit_scale = logit_scale
         blocks: list[nn.Module] = []
@@ -67,6 +67,8 @@ class VGG(nn.Module):
             for m in self.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.weight.requires_grad_(False)
+        if whiten:  # a fixed layer: init_whitening fills it from the training images
+            self.convs()[0].weight.requires_grad_(False)
 
     def _init_weights(self, identity_init: bool) -> None:
         # As torchvision.models.VGG does.
@@ -97,7 +99,8 @@ class VGG(nn.Module):
 def build_model(cfg: ModelConfig) -> VGG:
     return VGG(layer_list(cfg), num_classes=cfg.num_classes, batch_norm=cfg.batch_norm,
                head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout, global_pool=cfg.global_pool,
-               identity_init=cfg.identity_init, bn_weight=cfg.bn_weight, logit_scale=cfg.logit_scale)
+               identity_init=cfg.identity_init, bn_weight=cfg.bn_weight, logit_scale=cfg.logit_scale,
+               whiten=cfg.whiten)
 
 
 @torch.no_grad()
@@ -106,7 +109,7 @@ def init_whitening(model: VGG, images: torch.Tensor, eps: float = 5e-4) -> None:
 
     images: normalised float (N, 3, H, W). Its filters are the top width/2 eigenvectors of the
     patch covariance, each scaled by 1/sqrt(eigenvalue) and paired with its negation (so the
-    ReLU after it loses nothing); the weights are then frozen.
+    ReLU after it loses nothing). A model built with whiten=True keeps these weights fixed.
     """
     conv = model.convs()[0]
     c, k = conv.in_channels, conv.kernel_size[0]
@@ -125,7 +128,6 @@ def init_whitening(model: VGG, images: torch.Tensor, eps: float = 5e-4) -> None:
     filters = (eigenvectors.T[-top:] / torch.sqrt(eigenvalues[-top:, None] + eps)).view(top, c, k, k)
     weight = torch.cat([filters, -filters]).to(conv.weight.dtype)
     conv.weight.copy_(weight)
-    conv.weight.requires_grad_(False)
     if conv.bias is not None:
         conv.bias.zero_()
 

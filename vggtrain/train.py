@@ -176,16 +176,14 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
 def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], d: Dist = distributed.SINGLE,
               device_spec: str | None = None, whiten_images: torch.Tensor | None = None) -> Run:
     """whiten_images: uint8 training images for model.whiten's first-layer init (a resumed run
-    overwrites those weights; without images the layer stays random but frozen, for benchmarks)."""
+    overwrites those weights; without images the fixed layer stays random, for benchmarks)."""
     device = select_device(device_spec or cfg.train.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     model = build_model(cfg.model)
-    if cfg.model.whiten:
-        if whiten_images is not None:  # the first 5,000 suffice, as in airbench
-            init_whitening(model, normalize(whiten_images[:5000].cpu()))
-        model.convs()[0].weight.requires_grad_(False)
+    if cfg.model.whiten and whiten_images is not None:  # the first 5,000 suffice, as in airbench
+        init_whitening(model, normalize(whiten_images[:5000].cpu()))
     if d.enabled and cfg.train.sync_bn:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
