@@ -163,9 +163,8 @@ def test_lookahead_sync_pulls_fast_weights_to_the_slow_ones(tmp_path):
     for _ in range(2):
         train_step(run, x, torch.arange(20) % 10, torch.nn.CrossEntropyLoss())
     fast = [t.clone() for t in run.model.state_dict().values() if t.is_floating_point()]
-    run.global_step, total = 50, 100  # decay = 0.95^5 * (50/100)^3
-    decay = 0.95 ** 5 * 0.125
-    lookahead_sync(run, total)
+    decay = 0.95 ** 5 * 0.125  # at step 50 of 100: 0.95^5 * (50/100)^3
+    lookahead_sync(run, 50, 100)
     now = [t for t in run.model.state_dict().values() if t.is_floating_point()]
     for s0, f, s, n in zip(start, fast, run.slow, now, strict=True):
         assert torch.allclose(s, decay * s0 + (1 - decay) * f, atol=1e-6)

@@ -147,3 +147,35 @@ def test_cli_usage_error_exits_2_with_one_line(capsys):
         main(["fit", "--bogus"])
     assert e.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_file_name_that_cannot_name_the_run_is_refused(tmp_path):
+    for stem in ("my run", "_base", ".", "x" * 101):
+        path = tmp_path / f"{stem}.yaml"
+        path.write_text("seed: 1\n")
+        with pytest.raises(ConfigError, match="cannot name the run.*set name: in the file or pass --name"):
+            load_config(str(path))
+        assert load_config(str(path), ["name=ok"]).name == "ok"
+    (tmp_path / "fine-1.yaml").write_text("seed: 1\n")
+    assert load_config(str(tmp_path / "fine-1.yaml")).name == "fine-1"
+
+
+def test_errors_show_huge_or_deep_values_briefly(tmp_path, capsys):
+    # Ten levels of aliases, ten-fold each: 10^10 leaves if the error message expanded them.
+    levels = ["&a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"model:\n  arch: [{', '.join(levels)}]\n")
+    with pytest.raises(ConfigError, match=r"model\.arch must be a string \(got \[\[") as e:
+        load_config(str(bomb))
+    assert len(str(e.value)) < 200
+    digits = tmp_path / "digits.yaml"
+    digits.write_text("seed: " + "9" * 6000 + "\n")  # past Python's text-to-int limit
+    with pytest.raises(ConfigError, match=r"digits\.yaml: invalid YAML: a value cannot be read"):
+        load_config(str(digits))
+    with pytest.raises(ConfigError, match=r"seed must be .*\(got a value too large to show\)"):
+        config_from_dict({"seed": 10 ** 6000}, "a checkpoint")  # a pickled int has no such limit
+    for value, problem in [("[" * 5000, "is nested too deeply"), ("9" * 6000, "cannot be read")]:
+        assert main(["fit", "--config", str(bomb), "--set", "seed=" + value]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--set seed: value {problem}" in err

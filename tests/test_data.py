@@ -207,3 +207,25 @@ def test_eval_batches_keep_order_and_remainder(cifar_bin):
     batches = list(eval_batches(test, 150))
     assert [len(y) for _, y in batches] == [150, 150, 100]
     assert torch.equal(torch.cat([y for _, y in batches]), test.labels)
+
+
+def test_class_names_that_are_not_utf8_are_read(cifar_py, tmp_path):
+    root, base = _copy(cifar_py, tmp_path, "cifar-10-batches-py")
+    names = [b"plane\xff"] + [n.encode() for n in CLASS_NAMES[1:]]
+    (base / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    _, _, read = load_cifar10(root)
+    assert read[0] == "plane\ufffd" and read[1:] == list(CLASS_NAMES[1:])
+
+
+def test_an_unreadable_batch_is_a_data_error(cifar_bin, tmp_path, monkeypatch):
+    root, base = _copy(cifar_bin, tmp_path, "cifar-10-batches-bin")
+    real = type(base).read_bytes
+
+    def read_bytes(path):  # tests run as root, where chmod 000 still reads
+        if path.name == "data_batch_3.bin":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(type(base), "read_bytes", read_bytes)
+    with pytest.raises(DataError, match=r"data_batch_3\.bin: Permission denied"):
+        load_cifar10(root)

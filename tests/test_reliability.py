@@ -186,6 +186,11 @@ def test_hostile_and_broken_checkpoints_are_refused(cifar_bin, tmp_path, capsys)
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "checkpoint error" in err and "Traceback" not in err, (kind, err)
     assert not (tmp_path / "pwned").exists()
+    bad = tmp_path / "progress.pt"  # loads, but cannot be resumed
+    torch.save({**load_checkpoint(good), "progress": [3]}, bad)
+    assert main(["fit", "--resume", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no epoch progress entry" in err
 
 
 def test_wrong_architecture_or_class_count_is_refused(cifar_bin, tmp_path, capsys):
@@ -204,3 +209,86 @@ def test_wrong_architecture_or_class_count_is_refused(cifar_bin, tmp_path, capsy
     assert main(["fit", "--resume", str(tmp_path / "five.pt"), "--set", "train.epochs=2"]) == 2
     err = capsys.readouterr().err
     assert "weights do not fit this model" in err and "classifier.weight" in err
+
+
+# --- run directories, diverged weights, the schedule --------------------------------------------
+
+def test_force_deletes_only_run_directories(cifar_bin, tmp_path, capsys):
+    precious = tmp_path / "out" / "data"
+    precious.mkdir(parents=True)
+    (precious / "keep.txt").write_text("not a run")
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "out", train={"epochs": 1}))
+    assert main(["fit", "--config", str(cfg), "--name", "data", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force refuses to delete" in err and "not a vggtrain run" in err
+    assert (precious / "keep.txt").read_text() == "not a run"
+    (tmp_path / "out" / "afile").write_text("x")
+    assert main(["fit", "--config", str(cfg), "--name", "afile"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    blocked = write_yaml(tmp_path / "b.yaml", tiny_config(cifar_bin, tmp_path / "out" / "afile"))
+    assert main(["fit", "--config", str(blocked)]) == 2  # out_dir under a file: mkdir fails
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write it" in err and "Traceback" not in err
+    assert main(["fit", "--config", str(cfg), "--name", "run1"]) == 0
+    assert main(["fit", "--config", str(cfg), "--name", "run1", "--force"]) == 0  # a run: deleted
+
+
+def test_non_finite_weights_stop_before_the_checkpoint(cifar_bin, tmp_path, capsys, monkeypatch):
+    # No validation to catch it and every loss finite: the epoch's last update alone breaks the net.
+    import vggtrain.train as train_module
+
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                         data={"val_size": 0}, train={"epochs": 2}))
+    real_step = train_module.train_step
+
+    def step(run, x, y, criterion):
+        out = real_step(run, x, y, criterion)
+        if run.epoch == 1 and run.progress.step == 19:  # the last of 20 steps of epoch 2
+            next(run.model.parameters()).data[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(train_module, "train_step", step)
+    assert main(["fit", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "non-finite weights after epoch 2: training diverged" in err, err
+    run = tmp_path / "runs" / "tiny"
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(run / name)
+        assert state["epoch"] == 1
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert not (run / "report.json").exists()
+
+
+def test_logged_rate_is_the_one_each_epoch_starts_with(cifar_bin, tmp_path, capsys):
+    # 800 training images, batch 50: 16 steps; one warm-up epoch starts at lr / 16.
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(
+        cifar_bin, tmp_path / "runs", schedule={"warmup_epochs": 1, "step_size": 1, "gamma": 0.5},
+        train={"epochs": 3}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    rates = [line.split("| lr ")[1].split(" ")[0] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("epoch ")]
+    assert rates == ["0.003125", "0.05", "0.025"]
+
+
+def test_epoch_end_resume_with_another_rank_count_keeps_the_schedule(cifar_bin, tmp_path):
+    # A checkpoint as 2 ranks write it after epoch 1 (8 steps each), resumed by one process
+    # (16 steps an epoch): warm-up ends with the second epoch at the full rate, as it would have.
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                         schedule={"warmup_epochs": 2}, train={"epochs": 1}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    last = tmp_path / "runs" / "tiny" / "last.pt"
+    state = load_checkpoint(last)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 16 / 32)
+    save_checkpoint(last, {**state, "global_step": 8, "world_size": 2})
+    assert main(["fit", "--resume", str(last.parent), "--set", "train.epochs=2"]) == 0
+    assert load_checkpoint(last)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05)
+
+
+def test_unwritable_bench_json_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "bench.json"
+    assert main(["bench", "--config", "smoke.yaml", "--parts", "bare", "--steps", "1", "--warmup", "1",
+                 "--set", "train.batch_size=8", "--set", "train.device=cpu", "--json", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "bare step" in captured.out  # what was measured is shown before the write fails
+    assert captured.err.count("\n") == 1 and f"--json {out}: cannot write it" in captured.err

@@ -123,9 +123,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UserError(f"usage error: --parts takes {','.join(BENCH_PARTS)} (got {args.parts!r})")
     cfg = load_config(args.config, args.overrides)
     res = run_bench(cfg, args.config, args.overrides, parts, args.warmup, args.steps, args.data_steps)
-    write_results(Path(args.json), res)
     if not args.quiet:
         print(format_table(res))
+    try:
+        write_results(Path(args.json), res)
+    except OSError as e:  # the table above still shows what was measured
+        raise UserError(f"--json {args.json}: cannot write it ({e.strerror or e})") from None
+    if not args.quiet:
         print(f"\nwrote {args.json}")
     return EXIT_OK
 

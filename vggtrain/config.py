@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -169,11 +170,21 @@ class TrainConfig:
 
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # one safe path component, never . or ..
+_NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
+_SHORT = reprlib.Repr()  # bounded: a value built from nested YAML aliases may be huge or very deep
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxtuple = 3, 6, 4, 6
+_SHORT.maxstring, _SHORT.maxother = 40, 40
+
+
 def _show(v: Any) -> str:
-    text = repr(v) if isinstance(v, str) else str(v)
+    try:
+        text = _SHORT.repr(v)
+    except (RecursionError, ValueError):  # ValueError: an integer too long to convert to text
+        text = "a value too large to show"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -269,9 +280,8 @@ def _cross_check(cfg: TrainConfig, where: Callable[[str], str]) -> None:
     if not _DEVICE_RE.match(cfg.train.device):
         raise ConfigError(f"{where('train.device')}: train.device must be auto, cpu, cuda, cuda:N or mps "
                           f"(got {_show(cfg.train.device)})")
-    if cfg.name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", cfg.name):
-        raise ConfigError(f"{where('name')}: name must be 1-100 letters, digits, '.', '_' or '-' "
-                          f"(got {_show(cfg.name)})")
+    if cfg.name is not None and not _NAME_RE.match(cfg.name):
+        raise ConfigError(f"{where('name')}: name must be {_NAME_RULE} (got {_show(cfg.name)})")
 
 
 def config_from_dict(raw: Any, source: str, overridden: dict[str, str] | None = None) -> TrainConfig:
@@ -307,6 +317,10 @@ def _apply_override(raw: dict, item: str) -> str:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {item}: value is not valid YAML ({_yaml_problem(e)})") from None
+    except RecursionError:
+        raise ConfigError(f"--set {key}: value is nested too deeply") from None
+    except ValueError as e:
+        raise ConfigError(f"--set {key}: value cannot be read ({str(e).split(';')[0]})") from None
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -339,12 +353,20 @@ def load_config(path_or_name: str, overrides: Sequence[str] = ()) -> TrainConfig
         raise ConfigError(f"{source}: invalid YAML: {_yaml_problem(e)}") from None
     except RecursionError:
         raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    except ValueError as e:  # an integer past Python's digit limit, a bad timestamp
+        raise ConfigError(f"{source}: invalid YAML: a value cannot be read ({str(e).split(';')[0]})"
+                          ) from None
     if raw is None:
         raise ConfigError(f"{source}: file is empty (expected a mapping of config sections)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping (got {_show(raw)})")
     cfg = config_with_overrides(raw, source, overrides)
     if cfg.name is None:
+        # The run directory is named after the file: checked here, as a name: key would be, so a
+        # finished run can be evaluated and resumed (and "..yaml" cannot name runs/ itself).
+        if not _NAME_RE.match(path.stem):
+            raise ConfigError(f"{source}: the file name {path.stem!r} cannot name the run ({_NAME_RULE}); "
+                              f"set name: in the file or pass --name")
         cfg.name = path.stem
     return cfg
 

@@ -131,7 +131,9 @@ def _read_bin_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def _class_names(base: Path, layout: str) -> list[str]:
     if layout == PY_DIR:
         meta = _unpickle(base / "batches.meta").get("label_names")
-        names = [n.decode() if isinstance(n, bytes) else n for n in meta] if isinstance(meta, list) else None
+        names = None
+        if isinstance(meta, list):
+            names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in meta]
     else:
         lines = (base / "batches.meta.txt").read_text(encoding="utf-8", errors="replace").splitlines()
         names = [line.strip() for line in lines if line.strip()]
@@ -176,7 +178,14 @@ def download_cifar10(root: Path) -> None:
 
 def load_cifar10(root: str | Path, download: bool = False) -> tuple[Split, Split, list[str]]:
     """(train, test, class names) from either published layout under root."""
-    root = Path(root)
+    try:
+        return _load_cifar10(Path(root), download)
+    except OSError as e:  # unreadable or unwritable files and folders: the user's to fix
+        where = e.filename or root
+        raise DataError(f"{where}: {e.strerror or e}") from None
+
+
+def _load_cifar10(root: Path, download: bool) -> tuple[Split, Split, list[str]]:
     base = find_layout(root)
     if base is None and download:
         download_cifar10(root)

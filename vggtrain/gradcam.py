@@ -170,7 +170,10 @@ def explain_files(loaded: LoadedModel, paths: list[str], out_dir: Path, layer: s
         title = f"{Path(path).name}: predicted {names[pred]} ({probs[pred].item():.1%})"
         caption = (f"Grad-CAM for {names[cls]} ({probs[cls].item():.1%}) at {layer_name} ({h}x{w} map); "
                    f"red: most evidence for {names[cls]}")
-        save_png(out, overlay_image(original, res.cams[0], title, caption))
+        try:
+            save_png(out, overlay_image(original, res.cams[0], title, caption))
+        except OSError as e:  # an unwritable --out: said once, not once per image
+            raise UserError(f"--out {out.parent}: cannot write {out.name} ({e.strerror or e})") from None
         done.append(f"{path}: predicted {names[pred]} {probs[pred].item():.1%}; Grad-CAM for {names[cls]} "
                     f"at {layer_name} ({h}x{w}) -> {out}")
     return done, errors

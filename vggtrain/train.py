@@ -87,7 +87,10 @@ class Run:
 
     def restore(self, state: dict[str, Any], source: Path) -> None:
         saved_world = state.get("world_size", 1)
-        if state.get("progress", {}).get("step") and saved_world != self.dist.world:
+        progress = state.get("progress")
+        if not isinstance(progress, dict):
+            raise CheckpointError(f"{source}: cannot resume from it: no epoch progress entry")
+        if progress.get("step") and saved_world != self.dist.world:
             raise CheckpointError(f"{source}: saved mid-epoch by {saved_world} process(es); resume it "
                                   f"with the same number (now {self.dist.world}), or from an epoch end")
         load_model_state(self.model, state["model"], source)
@@ -140,12 +143,13 @@ def _lookahead_decay(cfg: TrainConfig, step: int, total: int) -> float:
 
 
 @torch.no_grad()
-def lookahead_sync(run: Run, total_steps: int) -> None:
-    """Slow weights <- lerp(slow, fast, 1 - decay); fast <- slow. Written here because torch has
-    no Lookahead; this is airbench's schedule, whose decay is ~0 early and 0.95^N at the end."""
+def lookahead_sync(run: Run, step: int, total_steps: int) -> None:
+    """Slow weights <- lerp(slow, fast, 1 - decay); fast <- slow, at step (1-based) of total_steps.
+    Written here because torch has no Lookahead; this is airbench's schedule, whose decay is ~0
+    early and 0.95^N at the end."""
     if run.slow is None:
         return
-    decay = _lookahead_decay(run.cfg, run.global_step, total_steps)
+    decay = _lookahead_decay(run.cfg, step, total_steps)
     fast = _lookahead_tensors(run.model)
     torch._foreach_lerp_(run.slow, fast, 1.0 - decay)
     torch._foreach_copy_(fast, run.slow)
@@ -232,11 +236,26 @@ def compile_model(model: nn.Module, device: torch.device) -> Any:
     return torch.compile(model)
 
 
+RUN_MARKERS = ("config.yaml", "last.pt", "best.pt")  # what fit writes first; --force needs one
+
+
 def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """Refuse, before any work, to train into a used run directory by accident."""
-    if not resume and not force and run_dir.exists() and any(run_dir.iterdir()):
+    """Refuse, before any work, to train into a used run directory by accident, or to let --force
+    delete a directory that is not a run (a dataset, a home directory)."""
+    if resume or not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} is a file; pick another --name or train.out_dir")
+    try:
+        used = any(run_dir.iterdir())
+    except OSError as e:
+        raise UserError(f"run directory {run_dir}: cannot read it ({e.strerror})") from None
+    if used and not force:
         raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it "
                         f"or --force to delete it and start over")
+    if used and not any((run_dir / m).exists() for m in RUN_MARKERS):
+        raise UserError(f"--force refuses to delete {run_dir}: it holds files but no "
+                        f"{', '.join(RUN_MARKERS)}, so it is not a vggtrain run directory")
 
 
 class StopSignals:
@@ -308,14 +327,17 @@ def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSi
     for x, y in train_batches(train, cfg.train.batch_size, generator, cfg.data.augment,
                               run.channels_last, start=p.step, rank=d.rank, world=d.world,
                               pad=cfg.data.crop_padding):
-        if run.global_step < warmup_steps:  # a function of the step: resumes exactly
+        # The schedule's position counts steps at today's rank count (global_step may hold steps
+        # of a job resumed from an epoch end with another); a function of it resumes exactly.
+        position = run.epoch * steps + p.step
+        if position < warmup_steps:
             for group, lr in zip(run.optimizer.param_groups, run.scheduler.get_last_lr(), strict=True):
-                group["lr"] = lr * (run.global_step + 1) / warmup_steps
+                group["lr"] = lr * (position + 1) / warmup_steps
         loss, logits = train_step(run, x, y, criterion)
         run.global_step += 1
         p.step += 1
-        if lookahead and (run.global_step % lookahead == 0 or p.step == steps):
-            lookahead_sync(run, total_steps)  # at each epoch end too: checkpoints hold synced weights
+        if lookahead and ((position + 1) % lookahead == 0 or p.step == steps):
+            lookahead_sync(run, position + 1, total_steps)  # epoch ends too: checkpoints hold synced weights
         seen += len(y)
         pending.append(loss)
         loss_sum += loss * len(y)
@@ -332,6 +354,7 @@ def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSi
                                 lr=f"{run.optimizer.param_groups[0]['lr']:.3g}",
                                 img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
             if periodic or stopping:
+                check_weights_finite(run, f"epoch {run.epoch + 1}, step {p.step}")
                 totals = _epoch_totals(run, loss_sum, correct, seen)
                 p.loss_sum, p.correct, p.seen = totals
                 p.time_s = time.perf_counter() - t0
@@ -372,11 +395,25 @@ def _flush_step_losses(run: Run, writer: Any, pending: list[torch.Tensor]) -> No
     pending.clear()
     for i, value in enumerate(values):
         if not math.isfinite(value):
-            last = run.dir / "last.pt"
-            kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint yet"
             raise RunStopped(f"non-finite loss ({value}) at epoch {run.epoch + 1}, step {first + i}; "
-                             f"{kept} (try a lower optim.lr)", 1)
+                             f"{_kept(run)} (try a lower optim.lr)", 1)
         writer.add_scalar("train/loss_step", value, first + i)
+
+
+def _kept(run: Run) -> str:
+    last = run.dir / "last.pt"
+    return f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint yet"
+
+
+def check_weights_finite(run: Run, where: str) -> None:
+    """Stop before a checkpoint is written if the last update left a NaN or inf in the weights
+    (the losses so far were finite, so they cannot tell): a checkpoint on disk is always one a run
+    can go on from. One host read; ranks agree, as their weights are the same."""
+    tensors = [t for t in run.model.state_dict().values() if t.is_floating_point()]
+    bad = ~torch.stack([t.isfinite().all() for t in tensors]).all()
+    if int(distributed.all_max(bad.to(torch.int64), run.dist)):
+        raise RunStopped(f"non-finite weights after {where}: training diverged; {_kept(run)} "
+                         f"(try a lower optim.lr)", 1)
 
 
 def _agreed_signal(run: Run, stop: StopSignals) -> int:
@@ -385,6 +422,15 @@ def _agreed_signal(run: Run, stop: StopSignals) -> int:
         return stop.signum or 0
     flag = torch.tensor(stop.signum or 0, device=run.device)
     return int(distributed.all_max(flag, run.dist))
+
+
+def _epoch_start_lr(run: Run, steps: int) -> float:
+    """The first parameter group's rate at the epoch's first step (inside warm-up too, and after a
+    mid-epoch resume), for the log and TensorBoard's train/lr."""
+    warmup_steps = run.cfg.schedule.warmup_epochs * steps
+    if run.epoch * steps < warmup_steps:
+        return run.scheduler.get_last_lr()[0] * (run.epoch * steps + 1) / warmup_steps
+    return run.scheduler.get_last_lr()[0]
 
 
 EpochHook = Callable[["Run"], bool]
@@ -401,7 +447,7 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: 
     steps = steps_per_epoch(len(train), d, cfg.train.batch_size)
     with StopSignals() as stop:
         while run.epoch < cfg.train.epochs:
-            lr = run.optimizer.param_groups[0]["lr"]
+            lr = _epoch_start_lr(run, steps)
             with tqdm(total=steps, desc=f"epoch {run.epoch + 1}/{cfg.train.epochs}", leave=False,
                       file=sys.stdout, disable=not (sys.stdout.isatty() and d.is_main),
                       dynamic_ncols=True) as bar:
@@ -421,6 +467,7 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: 
                 if not math.isfinite(ev.loss):  # the epoch's last update broke the weights
                     raise RunStopped(f"non-finite validation loss after epoch {run.epoch}; the last good "
                                      f"checkpoint in {run.dir} is kept (try a lower optim.lr)", 1)
+            check_weights_finite(run, f"epoch {run.epoch}")  # without validation, nothing else would
             improved = va is None or va["acc"] > run.best_acc
             if improved:
                 run.best_acc, run.best_epoch = (va["acc"] if va else -1.0), run.epoch
@@ -513,10 +560,13 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
     train, val, test = train.to(run.device), val.to(run.device), test.to(run.device)
     writer: Any = _NoWriter()
     if d.is_main:
-        if force and resume is None and run_dir.exists():
-            shutil.rmtree(run_dir)  # only now that data, config and device have all checked out
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        try:
+            if force and resume is None and run_dir.exists():
+                shutil.rmtree(run_dir)  # only now that data, config and device have all checked out
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        except OSError as e:
+            raise UserError(f"run directory {run_dir}: cannot write it ({e.strerror or e})") from None
         where = f"; resuming at epoch {run.epoch + 1}, step {run.progress.step}" if resume else ""
         ranks = f" x {d.world} ranks (batch {cfg.train.batch_size} each)" if d.enabled else ""
         print(f"run {run_dir}: {cfg.model.arch} ({count_parameters(run.model):,} parameters) on "
