@@ -118,19 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         from vggtrain.allocator import reexec_with_fast_allocator
 
         reexec_with_fast_allocator()
-    from vggtrain.errors import RunStopped, UserError
+    from vggtrain.cli import run_reporting_errors
 
-    try:
-        result = run(args)
-    except UserError as e:
-        print(f"time_to_accuracy: {e}", file=sys.stderr)
-        return 2
-    except RunStopped as e:
-        print(f"time_to_accuracy: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("\ntime_to_accuracy: interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors("time_to_accuracy", lambda: _report(run(args), args))
+
+
+def _report(result: dict, args: argparse.Namespace) -> int:
     t, target = result["time_to_target_s"], result["target"]
     if result["reached"]:
         verdict = f"reached {target:.1%} at {t:.0f} s (epoch {result['epochs_to_target']})"
@@ -144,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from vggtrain.checkpoint import atomic_write_text
 
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+        try:
+            atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+        except OSError as e:
+            from vggtrain.errors import UserError
+
+            raise UserError(f"--json {args.json}: cannot write it ({e.strerror or e})") from None
     return 0
 
 

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -287,21 +287,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vggtrain.allocator import reexec_with_fast_allocator
 
         reexec_with_fast_allocator()
+    command = {"fit": _cmd_fit, "eval": _cmd_eval, "predict": _cmd_predict, "gradcam": _cmd_gradcam,
+               "summary": _cmd_summary, "bench": _cmd_bench, "info": _cmd_info}[args.command]
+    return run_reporting_errors("vggtrain", lambda: command(args))
+
+
+def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
+    """Run a command; turn this project's errors into one line on stderr and the exit code
+    (2 usage/config/data, the signal's for a stop, 130 Ctrl-C, 1 with a traceback for a bug)."""
     try:
-        return {"fit": _cmd_fit, "eval": _cmd_eval, "predict": _cmd_predict, "gradcam": _cmd_gradcam,
-                "summary": _cmd_summary, "bench": _cmd_bench, "info": _cmd_info}[args.command](args)
+        return command()
     except UserError as e:
         rank = os.environ.get("RANK", "0")
-        print(f"vggtrain{'' if rank == '0' else f' [rank {rank}]'}: {e}", file=sys.stderr)
+        print(f"{prog}{'' if rank == '0' else f' [rank {rank}]'}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except RunStopped as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
-            print(f"vggtrain: {e}", file=sys.stderr)
+            print(f"{prog}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("\nvggtrain: interrupted", file=sys.stderr)
+        print(f"\n{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception:
         traceback.print_exc()
-        print("vggtrain: unexpected failure (the traceback above is a bug report)", file=sys.stderr)
+        print(f"{prog}: unexpected failure (the traceback above is a bug report)", file=sys.stderr)
         return EXIT_FAILURE
