@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     from vggtrain import allocator
     from vggtrain.bench import machine_description
-    from vggtrain.config import load_config
+    from vggtrain.config import check_run_name, load_config
     from vggtrain.data import Split, load_cifar10
     from vggtrain.errors import UserError
     from vggtrain.evaluate import evaluate_split
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("usage error: time_to_accuracy.py runs in one process, not under torchrun")
     cfg = load_config(args.config, args.overrides)
+    check_run_name(cfg, args.config)
     run_dir = Path(cfg.train.out_dir) / str(cfg.name)
     budget_s = args.budget_min * 60
     curve: list[dict[str, float]] = []

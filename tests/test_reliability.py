@@ -217,10 +217,11 @@ def test_force_deletes_only_run_directories(cifar_bin, tmp_path, capsys):
     precious = tmp_path / "out" / "data"
     precious.mkdir(parents=True)
     (precious / "keep.txt").write_text("not a run")
+    (precious / "config.yaml").write_text("jobs: 4\n")  # somebody else's config.yaml
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "out", train={"epochs": 1}))
     assert main(["fit", "--config", str(cfg), "--name", "data", "--force"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--force refuses to delete" in err and "not a vggtrain run" in err
+    assert err.count("\n") == 1 and "--force refuses to delete" in err and "not a run directory" in err
     assert (precious / "keep.txt").read_text() == "not a run"
     (tmp_path / "out" / "afile").write_text("x")
     assert main(["fit", "--config", str(cfg), "--name", "afile"]) == 2

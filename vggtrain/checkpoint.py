@@ -72,7 +72,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: no such file")
     try:
         _check_container(path)
-    except OSError as e:  # unreadable: permissions, a directory named *.pt, an I/O error
+    except OSError as e:  # unreadable: permissions, an I/O error
         raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     try:
         with warnings.catch_warnings():  # a refused file gets one line from us, not torch's noise

@@ -157,7 +157,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from vggtrain.checkpoint import load_checkpoint
-    from vggtrain.config import check_resume_changes, config_with_overrides, load_config
+    from vggtrain.config import check_resume_changes, check_run_name, config_with_overrides, load_config
     from vggtrain.train import fit
 
     extra = list(args.overrides)
@@ -180,6 +180,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             raise UserError("usage error: fit needs --config (or --resume RUN_DIR)")
         cfg = load_config(args.config, extra)
         run_dir = Path(cfg.train.out_dir) / str(cfg.name)
+        if not args.resume:  # a run that already has this name may go on under it
+            check_run_name(cfg, args.config)
         if args.resume:
             last = run_dir / "last.pt"
             if not last.is_file():

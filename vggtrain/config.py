@@ -66,7 +66,7 @@ def _check_layers(layers: list | None) -> str | None:
         return "must contain at least one convolution width"
     for x in layers:
         if x != "M" and not (isinstance(x, int) and 1 <= x <= 8192):
-            return f"entries must be channel counts in [1, 8192] or 'M' (bad entry {x!r})"
+            return f"entries must be channel counts in [1, 8192] or 'M' (bad entry {_show(x)})"
     if layers.count("M") > 5:
         return "may hold at most 5 'M' pools (a 32x32 image is 1x1 after five)"
     return None
@@ -170,7 +170,7 @@ class TrainConfig:
 
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # one safe path component, never . or ..
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")  # one safe path component, never . or ..
 _NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -186,6 +186,11 @@ def _show(v: Any) -> str:
     except (RecursionError, ValueError):  # ValueError: an integer too long to convert to text
         text = "a value too large to show"
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _clip(item: str) -> str:
+    """A --set item as typed, cut short: a message stays one readable line."""
+    return item if len(item) <= 60 else item[:57] + "..."
 
 
 def _type_name(hint: Any) -> str:
@@ -242,8 +247,8 @@ def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any
     names = [f.name for f in fields(cls)]
     for key in raw:
         if key not in names:
-            shown = key if isinstance(key, str) and key.isidentifier() else repr(key)
-            raise ConfigError(f"{where(prefix + str(key))}: unknown key {prefix}{shown} "
+            shown = key if isinstance(key, str) and key.isidentifier() else _show(key)
+            raise ConfigError(f"{where(prefix + _show(key))}: unknown key {prefix}{shown} "
                               f"(expected one of: {', '.join(names)})")
     kwargs = {}
     for f in fields(cls):
@@ -289,7 +294,7 @@ def config_from_dict(raw: Any, source: str, overridden: dict[str, str] | None = 
     overridden = overridden or {}
 
     def where(key: str) -> str:
-        return f"--set {overridden[key]}" if key in overridden else source
+        return f"--set {_clip(overridden[key])}" if key in overridden else source
 
     cfg = _build(TrainConfig, raw, "", where)
     _cross_check(cfg, where)
@@ -312,11 +317,11 @@ def _apply_override(raw: dict, item: str) -> str:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {item}: expected key.sub=value")
+        raise ConfigError(f"--set {_clip(item)}: expected key.sub=value")
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item}: value is not valid YAML ({_yaml_problem(e)})") from None
+        raise ConfigError(f"--set {_clip(item)}: value is not valid YAML ({_yaml_problem(e)})") from None
     except RecursionError:
         raise ConfigError(f"--set {key}: value is nested too deeply") from None
     except ValueError as e:
@@ -325,7 +330,7 @@ def _apply_override(raw: dict, item: str) -> str:
     parts = key.split(".")
     for part in parts[:-1]:
         if not isinstance(node.get(part, {}), dict):
-            raise ConfigError(f"--set {item}: {part} is not a section")
+            raise ConfigError(f"--set {_clip(item)}: {part} is not a section")
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return key
@@ -362,13 +367,16 @@ def load_config(path_or_name: str, overrides: Sequence[str] = ()) -> TrainConfig
         raise ConfigError(f"{source}: the top level must be a mapping (got {_show(raw)})")
     cfg = config_with_overrides(raw, source, overrides)
     if cfg.name is None:
-        # The run directory is named after the file: checked here, as a name: key would be, so a
-        # finished run can be evaluated and resumed (and "..yaml" cannot name runs/ itself).
-        if not _NAME_RE.match(path.stem):
-            raise ConfigError(f"{source}: the file name {path.stem!r} cannot name the run ({_NAME_RULE}); "
-                              f"set name: in the file or pass --name")
-        cfg.name = path.stem
+        cfg.name = path.stem  # not checked here: summary and bench name no run (see check_run_name)
     return cfg
+
+
+def check_run_name(cfg: TrainConfig, source: str) -> None:
+    """Before a new run directory is named after the config file's stem, check it as a name: key
+    is checked, so the run can be evaluated and resumed (and "..yaml" cannot name runs/ itself)."""
+    if not _NAME_RE.match(str(cfg.name)):
+        raise ConfigError(f"{source}: the file name {_show(cfg.name)} cannot name the run ({_NAME_RULE}); "
+                          f"set name: in the file, or pass --name or --set name=...")
 
 
 def config_with_overrides(raw: dict, source: str, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -420,4 +428,5 @@ def dump_config(cfg: TrainConfig) -> str:
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
            "load_config", "config_from_dict", "config_with_overrides", "dump_config",
-           "resolve_config_path", "check_resume_changes", "RESUMABLE_KEYS", "tta_mode", "TTA_MODES"]
+           "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "tta_mode",
+           "TTA_MODES"]

@@ -173,7 +173,8 @@ def explain_files(loaded: LoadedModel, paths: list[str], out_dir: Path, layer: s
         try:
             save_png(out, overlay_image(original, res.cams[0], title, caption))
         except OSError as e:  # an unwritable --out: said once, not once per image
-            raise UserError(f"--out {out.parent}: cannot write {out.name} ({e.strerror or e})") from None
+            errors.append(f"--out {out.parent}: cannot write {out.name} ({e.strerror or e})")
+            break
         done.append(f"{path}: predicted {names[pred]} {probs[pred].item():.1%}; Grad-CAM for {names[cls]} "
                     f"at {layer_name} ({h}x{w}) -> {out}")
     return done, errors

@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from tqdm import tqdm
 
 import vggtrain
 from vggtrain import allocator, distributed
 from vggtrain.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
-from vggtrain.config import TrainConfig, dump_config
+from vggtrain.config import TrainConfig, config_from_dict, dump_config
 from vggtrain.data import Split, load_cifar10, normalize, split_train_val, train_batches
 from vggtrain.device import autocast, channels_last_for, select_device
 from vggtrain.distributed import Dist
@@ -236,9 +237,6 @@ def compile_model(model: nn.Module, device: torch.device) -> Any:
     return torch.compile(model)
 
 
-RUN_MARKERS = ("config.yaml", "last.pt", "best.pt")  # what fit writes first; --force needs one
-
-
 def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     """Refuse, before any work, to train into a used run directory by accident, or to let --force
     delete a directory that is not a run (a dataset, a home directory)."""
@@ -249,13 +247,24 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     try:
         used = any(run_dir.iterdir())
     except OSError as e:
-        raise UserError(f"run directory {run_dir}: cannot read it ({e.strerror})") from None
+        raise UserError(f"run directory {run_dir}: cannot read it ({e.strerror or e})") from None
     if used and not force:
         raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it "
                         f"or --force to delete it and start over")
-    if used and not any((run_dir / m).exists() for m in RUN_MARKERS):
-        raise UserError(f"--force refuses to delete {run_dir}: it holds files but no "
-                        f"{', '.join(RUN_MARKERS)}, so it is not a vggtrain run directory")
+    if used and not _is_run_dir(run_dir):
+        raise UserError(f"--force refuses to delete {run_dir}: it holds no last.pt, best.pt or "
+                        f"vggtrain config.yaml, so it is not a run directory")
+
+
+def _is_run_dir(path: Path) -> bool:
+    """A checkpoint, or a config.yaml that is a vggtrain config (what fit writes first)."""
+    if (path / "last.pt").is_file() or (path / "best.pt").is_file():
+        return True
+    try:
+        config_from_dict(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")), "config.yaml")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError, UserError):
+        return False
+    return True
 
 
 class StopSignals:
@@ -559,6 +568,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
         torch.backends.cudnn.benchmark = True
     train, val, test = train.to(run.device), val.to(run.device), test.to(run.device)
     writer: Any = _NoWriter()
+    problem = None
     if d.is_main:
         try:
             if force and resume is None and run_dir.exists():
@@ -566,7 +576,11 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         except OSError as e:
-            raise UserError(f"run directory {run_dir}: cannot write it ({e.strerror or e})") from None
+            problem = f"run directory {run_dir}: cannot write it ({e.strerror or e})"
+    problem = distributed.agree(problem, d)  # every rank stops, not only the one that knows
+    if problem:
+        raise UserError(problem)
+    if d.is_main:
         where = f"; resuming at epoch {run.epoch + 1}, step {run.progress.step}" if resume else ""
         ranks = f" x {d.world} ranks (batch {cfg.train.batch_size} each)" if d.enabled else ""
         print(f"run {run_dir}: {cfg.model.arch} ({count_parameters(run.model):,} parameters) on "
