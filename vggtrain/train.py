@@ -81,7 +81,7 @@ class Run:
             "epoch": self.epoch, "global_step": self.global_step, "progress": asdict(self.progress),
             "best_metric": self.best_acc, "best_epoch": self.best_epoch,
             "train_time_s": self.train_time_s, "config": self.cfg.to_dict(),
-            "class_names": self.class_names, "rng": _rng_state(), "world_size": self.dist.world,
+            "class_names": self.class_names, "rng": _rng_state(self.device), "world_size": self.dist.world,
             "lookahead": self.slow,
             "versions": {"vggtrain": vggtrain.__version__, "torch": str(torch.__version__)},
         }
@@ -103,7 +103,7 @@ class Run:
             self.progress = EpochProgress(**state["progress"])
             self.best_acc, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
             self.train_time_s = float(state["train_time_s"])
-            _set_rng_state(state["rng"])
+            _set_rng_state(state["rng"], self.device)
             if self.slow is not None:
                 saved = state.get("lookahead") or _lookahead_tensors(self.model)
                 if len(saved) != len(self.slow):
@@ -114,22 +114,23 @@ class Run:
             raise CheckpointError(f"{source}: cannot resume from it: {first_line(e)}") from None
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
     """Every generator a run may draw from. The data order and augmentation need none of these:
     they come from a generator seeded by (seed, epoch), see train_one_epoch."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # The run's own GPU only (rank 0's, which every rank's matches: they are seeded alike
+            # and draw alike); all GPUs' states would be other ranks' untouched generators.
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
             # as plain data: weights_only loading refuses numpy arrays
             "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
 
 
-def _set_rng_state(rng: dict[str, Any]) -> None:
+def _set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, i)  # a machine with fewer GPUs restores what it has
+    if rng["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"][0], device)
     kind, keys, pos, has_gauss, gauss = rng["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
