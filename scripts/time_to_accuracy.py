@@ -136,14 +136,9 @@ def _report(result: dict, args: argparse.Namespace) -> int:
     print(f"time_to_accuracy: {verdict}; best test accuracy {result['best_test_acc']:.2%} "
           f"in {result['total_wall_s']:.0f} s")
     if args.json:
-        from vggtrain.checkpoint import atomic_write_text
+        from vggtrain.cli import write_output
 
-        try:
-            atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
-        except OSError as e:
-            from vggtrain.errors import UserError
-
-            raise UserError(f"--json {args.json}: cannot write it ({e.strerror or e})") from None
+        write_output(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -29,7 +29,6 @@ from torch import nn
 from tqdm import tqdm
 
 from vggtrain import allocator
-from vggtrain.checkpoint import atomic_write_text
 from vggtrain.config import TrainConfig
 from vggtrain.data import Split, train_batches
 from vggtrain.device import channels_last_for, select_device, synchronize
@@ -276,7 +275,3 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append(f"    ratio: bare step {a['ratio']:.3f}x, fit {a['fit_ratio']:.3f}x, "
                      f"peak RSS {a['rss_ratio']:.3f}x")
     return "\n".join(lines)
-
-
-def write_results(path: Path, res: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(res, indent=2) + "\n")

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from vggtrain.bench import format_table, run_bench, write_results
+    from vggtrain.bench import format_table, run_bench
     from vggtrain.config import load_config
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -125,11 +125,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     res = run_bench(cfg, args.config, args.overrides, parts, args.warmup, args.steps, args.data_steps)
     if not args.quiet:
         print(format_table(res))
-    try:
-        write_results(Path(args.json), res)
-    except OSError as e:  # the table above still shows what was measured
-        raise UserError(f"--json {args.json}: cannot write it ({e.strerror or e})") from None
-    if not args.quiet:
+    write_output(args.json, json.dumps(res, indent=2) + "\n")  # after the table: a failed write loses nothing
+    if not args.quiet and args.json != "-":
         print(f"\nwrote {args.json}")
     return EXIT_OK
 
@@ -211,8 +208,8 @@ def _device(text: str) -> str:
     return text
 
 
-def _write_output(out: str, text: str) -> None:
-    """Write a command's --json file atomically; '-' means stdout."""
+def write_output(out: str, text: str) -> None:
+    """Write a command's --json file atomically ('-' means stdout); a failure is a UserError."""
     from vggtrain.checkpoint import atomic_write_text
 
     if out == "-":
@@ -233,7 +230,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json != "-":
         print(format_text(report), end="")
     if args.json is not None:
-        _write_output(args.json, report_json(report))
+        write_output(args.json, report_json(report))
     return EXIT_OK
 
 
@@ -250,7 +247,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.json != "-":
         print(format_predictions(results), end="")
     if args.json is not None:
-        _write_output(args.json, json.dumps(predictions_json(loaded, results, errors, args.topk), indent=2)
+        write_output(args.json, json.dumps(predictions_json(loaded, results, errors, args.topk), indent=2)
                       + "\n")
     return EXIT_USAGE if errors else EXIT_OK
 

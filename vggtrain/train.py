@@ -72,7 +72,7 @@ class Run:
         if self.forward is None:
             self.forward = self.model
         if self.cfg.optim.lookahead_every and self.slow is None:
-            self.slow = [t.detach().clone() for t in _lookahead_tensors(self.model)]
+            self.slow = [t.detach().clone() for t in _float_tensors(self.model)]
 
     def state(self) -> dict[str, Any]:
         return {
@@ -105,7 +105,7 @@ class Run:
             self.train_time_s = float(state["train_time_s"])
             _set_rng_state(state["rng"], self.device)
             if self.slow is not None:
-                saved = state.get("lookahead") or _lookahead_tensors(self.model)
+                saved = state.get("lookahead") or _float_tensors(self.model)
                 if len(saved) != len(self.slow):
                     raise ValueError("lookahead state does not match the model")
                 for slow, value in zip(self.slow, saved, strict=True):
@@ -135,8 +135,9 @@ def _set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
-def _lookahead_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """What lookahead averages: every floating-point parameter and buffer (BN statistics too)."""
+def _float_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every floating-point parameter and buffer (BN statistics too): what lookahead averages and
+    what must stay finite."""
     return [t for t in model.state_dict().values() if t.is_floating_point()]
 
 
@@ -152,7 +153,7 @@ def lookahead_sync(run: Run, step: int, total_steps: int) -> None:
     if run.slow is None:
         return
     decay = _lookahead_decay(run.cfg, step, total_steps)
-    fast = _lookahead_tensors(run.model)
+    fast = _float_tensors(run.model)
     torch._foreach_lerp_(run.slow, fast, 1.0 - decay)
     torch._foreach_copy_(fast, run.slow)
 
@@ -342,7 +343,7 @@ def train_one_epoch(run: Run, train: Split, writer: Any, bar: tqdm, stop: StopSi
         position = run.epoch * steps + p.step
         if position < warmup_steps:
             for group, lr in zip(run.optimizer.param_groups, run.scheduler.get_last_lr(), strict=True):
-                group["lr"] = lr * (position + 1) / warmup_steps
+                group["lr"] = _warmup_lr(lr, position, warmup_steps)
         loss, logits = train_step(run, x, y, criterion)
         run.global_step += 1
         p.step += 1
@@ -419,8 +420,7 @@ def check_weights_finite(run: Run, where: str) -> None:
     """Stop before a checkpoint is written if the last update left a NaN or inf in the weights
     (the losses so far were finite, so they cannot tell): a checkpoint on disk is always one a run
     can go on from. One host read; ranks agree, as their weights are the same."""
-    tensors = [t for t in run.model.state_dict().values() if t.is_floating_point()]
-    bad = ~torch.stack([t.isfinite().all() for t in tensors]).all()
+    bad = ~torch.stack([t.isfinite().all() for t in _float_tensors(run.model)]).all()
     if int(distributed.all_max(bad.to(torch.int64), run.dist)):
         raise RunStopped(f"non-finite weights after {where}: training diverged; {_kept(run)} "
                          f"(try a lower optim.lr)", 1)
@@ -434,13 +434,16 @@ def _agreed_signal(run: Run, stop: StopSignals) -> int:
     return int(distributed.all_max(flag, run.dist))
 
 
+def _warmup_lr(lr: float, position: int, warmup_steps: int) -> float:
+    """The scheduler's rate lr at the schedule's step position (0-based): linear warm-up to it."""
+    return lr * (position + 1) / warmup_steps if position < warmup_steps else lr
+
+
 def _epoch_start_lr(run: Run, steps: int) -> float:
     """The first parameter group's rate at the epoch's first step (inside warm-up too, and after a
     mid-epoch resume), for the log and TensorBoard's train/lr."""
-    warmup_steps = run.cfg.schedule.warmup_epochs * steps
-    if run.epoch * steps < warmup_steps:
-        return run.scheduler.get_last_lr()[0] * (run.epoch * steps + 1) / warmup_steps
-    return run.scheduler.get_last_lr()[0]
+    return _warmup_lr(run.scheduler.get_last_lr()[0], run.epoch * steps,
+                      run.cfg.schedule.warmup_epochs * steps)
 
 
 EpochHook = Callable[["Run"], bool]
