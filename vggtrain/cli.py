@@ -177,9 +177,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             raise UserError("usage error: fit needs --config (or --resume RUN_DIR)")
         cfg = load_config(args.config, extra)
         run_dir = Path(cfg.train.out_dir) / str(cfg.name)
-        if not args.resume:  # a run that already has this name may go on under it
+        if not args.resume:
             check_run_name(cfg, args.config)
-        if args.resume:
+        else:  # --resume with --config: a run that already has this name goes on under it
             last = run_dir / "last.pt"
             if not last.is_file():
                 raise UserError(f"nothing to resume: {last} does not exist")
