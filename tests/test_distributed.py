@@ -66,10 +66,10 @@ def test_torchrun_resume_continues_exactly(cifar_bin, tmp_path):
         return str(write_yaml(tmp_path / f"{name}.yaml", tiny_config(
             cifar_bin, tmp_path / "runs", name=name, train={"epochs": epochs, "batch_size": 25})))
 
-    assert _torchrun("fit", "--config", cfg("straight", 3)).returncode == 0
-    assert _torchrun("fit", "--config", cfg("split", 2)).returncode == 0
-    proc = _torchrun("fit", "--resume", str(tmp_path / "runs" / "split"), "--set", "train.epochs=3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for args in (("--config", cfg("straight", 3)), ("--config", cfg("split", 2)),
+                 ("--resume", str(tmp_path / "runs" / "split"), "--set", "train.epochs=3")):
+        proc = _torchrun("fit", *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     a = torch.load(tmp_path / "runs" / "straight" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "runs" / "split" / "last.pt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 3 * 16  # 800 images / 2 ranks / 25
@@ -92,3 +92,21 @@ def test_sigint_to_torchrun_stops_every_rank_with_one_checkpoint(cifar_bin, tmp_
     assert err.count("vggtrain: stopped by SIGINT") == 1  # rank 0 alone says so
     state = torch.load(tmp_path / "runs" / "tiny" / "last.pt", weights_only=True)
     assert state["epoch"] >= 2 and not (tmp_path / "runs" / "tiny" / "report.json").exists()
+
+
+def test_a_torchrun_rank_flushes_its_output_and_skips_finalization(tmp_path):
+    # A rank ends with os._exit (see cli._exit_without_finalizing): its output, piped and so
+    # block-buffered, must still arrive, with the command's exit code; atexit handlers never run.
+    script = ("import atexit, sys; atexit.register(print, 'FINALIZED'); "
+              "from vggtrain.cli import main; sys.argv = ['vggtrain'] + sys.argv[1:]; sys.exit(main())")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    ok = subprocess.run([sys.executable, "-c", script, "info"], env=env, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0 and "torch:" in ok.stdout and "FINALIZED" not in ok.stdout
+    bad = subprocess.run([sys.executable, "-c", script, "fit", "--config", str(tmp_path / "no.yaml")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no.yaml" in bad.stderr and "FINALIZED" not in bad.stdout
+    env.pop("WORLD_SIZE")
+    alone = subprocess.run([sys.executable, "-c", script, "info"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert alone.returncode == 0 and "FINALIZED" in alone.stdout  # one process finalizes as usual
