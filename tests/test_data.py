@@ -104,6 +104,17 @@ def test_python_batch_with_wrong_dtype(cifar_py, tmp_path):
         load_cifar10(root)
 
 
+@pytest.mark.parametrize("labels", [[0, 1, 2, 2**70], [0, 1, -1, 3], [0, 1, 2, "3"]])
+def test_python_batch_with_labels_that_are_not_class_indices(cifar_py, tmp_path, labels):
+    import numpy as np
+
+    root, base = _copy(cifar_py, tmp_path, "cifar-10-batches-py")
+    bad = {b"data": np.zeros((4, 3072), dtype=np.uint8), b"labels": labels}
+    (base / "data_batch_1").write_bytes(pickle.dumps(bad, protocol=2))
+    with pytest.raises(DataError, match="expected 'labels' as a list of 4 class indices"):
+        load_cifar10(root)
+
+
 class _Payload:
     """Unpickling this would create a file: proof that code ran."""
 

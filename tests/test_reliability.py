@@ -234,6 +234,81 @@ def test_force_deletes_only_run_directories(cifar_bin, tmp_path, capsys):
     assert main(["fit", "--config", str(cfg), "--name", "run1", "--force"]) == 0  # a run: deleted
 
 
+def test_force_whose_delete_fails_halfway_leaves_no_half_run(cifar_bin, tmp_path, monkeypatch):
+    import shutil
+
+    import vggtrain.train as train_module
+
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs", train={"epochs": 1}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+
+    def rmtree_that_fails(path, *args, **kwargs):  # as a file it may not remove would make it
+        for f in sorted(Path(path).rglob("*.pt")):
+            f.unlink()
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(train_module.shutil, "rmtree", rmtree_that_fails)
+    with pytest.warns(UserWarning, match="remove that directory by hand"):
+        assert main(["fit", "--config", str(cfg), "--force", "--set", "seed=5"]) == 0
+    monkeypatch.setattr(train_module.shutil, "rmtree", shutil.rmtree)
+    run = tmp_path / "runs" / "tiny"
+    assert load_checkpoint(run / "last.pt")["config"]["seed"] == 5 and (run / "report.json").is_file()
+    assert len(list((tmp_path / "runs").glob(".tiny.deleting-*"))) == 1  # named in the warning
+
+
+def test_a_crash_between_best_and_last_redoes_that_epoch(cifar_bin, tmp_path, monkeypatch):
+    # Without validation every epoch is the best: both checkpoints are written at each epoch end.
+    import vggtrain.train as train_module
+
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                         data={"val_size": 0}, train={"epochs": 2}))
+    real_save, written = train_module.save_checkpoint, []
+
+    def save_then_die(path, state):
+        epoch_end_2 = state["epoch"] == 2 and not state["progress"]["step"]
+        if epoch_end_2 and written:
+            raise KeyboardInterrupt  # killed after the first of epoch 2's two writes
+        real_save(path, state)
+        if epoch_end_2:
+            written.append(path.name)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    assert main(["fit", "--config", str(cfg)]) == 130
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    run = tmp_path / "runs" / "tiny"
+    assert main(["fit", "--resume", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["best_epoch"] == 2, "the report tested a best.pt older than last.pt's best epoch"
+    assert load_checkpoint(run / "best.pt")["epoch"] == load_checkpoint(run / "last.pt")["epoch"] == 2
+
+
+def test_resume_refuses_what_it_would_get_wrong(cifar_bin, tmp_path, capsys):
+    import shutil
+
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs", train={"epochs": 1}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    before = (run / "report.json").read_bytes()
+    capsys.readouterr()
+    assert main(["fit", "--resume", str(run)]) == 2  # finished and reported: nothing to do
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has finished its 1 epochs" in err and "vggtrain eval --ckpt" in err
+    assert main(["fit", "--resume", str(run), "--config", str(cfg), "--set", "train.epochs=2"]) == 2
+    assert "drop --config" in capsys.readouterr().err
+
+    permuted = tmp_path / "permuted"  # the same data with two class names swapped
+    shutil.copytree(cifar_bin, permuted)
+    meta = permuted / "cifar-10-batches-bin" / "batches.meta.txt"
+    names = meta.read_text().split()
+    meta.write_text("\n".join([names[1], names[0], *names[2:]]) + "\n")
+    assert main(["fit", "--resume", str(run), "--set", "train.epochs=2",
+                 "--set", f"data.root={json.dumps(str(permuted))}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trained on the classes" in err
+    assert (run / "report.json").read_bytes() == before
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+
 def test_non_finite_weights_stop_before_the_checkpoint(cifar_bin, tmp_path, capsys, monkeypatch):
     # No validation to catch it and every loss finite: the epoch's last update alone breaks the net.
     import vggtrain.train as train_module
@@ -283,6 +358,23 @@ def test_epoch_end_resume_with_another_rank_count_keeps_the_schedule(cifar_bin, 
     save_checkpoint(last, {**state, "global_step": 8, "world_size": 2})
     assert main(["fit", "--resume", str(last.parent), "--set", "train.epochs=2"]) == 0
     assert load_checkpoint(last)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05)
+
+
+def test_ctrl_c_in_bench_interrupts_without_a_resume_hint(tmp_path, capsys, monkeypatch):
+    # bench trains in a temporary directory: there is nothing to resume afterwards.
+    import vggtrain.bench as bench_module
+
+    real = bench_module.train_one_epoch
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(bench_module, "train_one_epoch", interrupted)
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(tmp_path / "unused", tmp_path / "runs"))
+    assert main(["bench", "--config", str(cfg), "--parts", "fit", "--steps", "2", "--warmup", "1"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" not in err
 
 
 def test_unwritable_bench_json_is_a_usage_error(tmp_path, capsys):

@@ -120,7 +120,10 @@ def bench_fit(cfg: TrainConfig, run_dir: Path, steps: int, warmup: int) -> float
 
     run = build_run(cfg, run_dir, [str(i) for i in range(cfg.model.num_classes)])
     bs = cfg.train.batch_size
-    with SummaryWriter(str(run_dir / "tb")) as writer, StopSignals() as stop:
+    # StopSignals not entered: Ctrl-C interrupts at once, with no checkpoint to resume in a
+    # directory that is deleted as bench exits.
+    stop = StopSignals()
+    with SummaryWriter(str(run_dir / "tb")) as writer:
         bar = tqdm(disable=True)
         train_one_epoch(run, random_split(bs * max(warmup, 1), run.device, seed=1), writer, bar, stop)
         run.progress = EpochProgress()

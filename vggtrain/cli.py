@@ -167,6 +167,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     resume = None
     if isinstance(args.resume, str):
+        if args.config is not None:
+            raise UserError("usage error: --resume RUN_DIR continues with the run's own config; "
+                            "drop --config (change what a resume may change with --set)")
         ckpt = Path(args.resume)
         ckpt = ckpt / "last.pt" if ckpt.is_dir() else ckpt
         resume = (ckpt, load_checkpoint(ckpt))

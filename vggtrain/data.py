@@ -106,8 +106,8 @@ def _read_py_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             or data.shape[1] != IMAGE_BYTES:
         raise DataError(f"{path}: expected 'data' as a uint8 array of shape (N, {IMAGE_BYTES})")
     if not isinstance(labels, list) or len(labels) != len(data) \
-            or not all(isinstance(x, int) for x in labels):
-        raise DataError(f"{path}: expected 'labels' as a list of {len(data)} integers")
+            or not all(isinstance(x, int) and 0 <= x < 2**31 for x in labels):
+        raise DataError(f"{path}: expected 'labels' as a list of {len(data)} class indices")
     if len(data) > MAX_PER_BATCH:
         raise DataError(f"{path}: {len(data)} images, more than a CIFAR batch holds ({MAX_PER_BATCH})")
     images = torch.from_numpy(data.copy()).view(-1, 3, 32, 32)

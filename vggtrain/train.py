@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -94,6 +95,10 @@ class Run:
         if progress.get("step") and saved_world != self.dist.world:
             raise CheckpointError(f"{source}: saved mid-epoch by {saved_world} process(es); resume it "
                                   f"with the same number (now {self.dist.world}), or from an epoch end")
+        saved_names = state.get("class_names")
+        if saved_names is not None and list(saved_names) != self.class_names:
+            raise CheckpointError(f"{source}: trained on the classes {saved_names}, but the data has "
+                                  f"{self.class_names}; resume with the data it was trained on")
         load_model_state(self.model, state["model"], source)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -267,6 +272,27 @@ def _is_run_dir(path: Path) -> bool:
     except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError, UserError):
         return False
     return True
+
+
+def _delete_run_dir(run_dir: Path) -> None:
+    """--force: move the run aside in one rename, then delete it. A delete that fails halfway
+    (a signal, a file it may not remove) then cannot leave a run directory without its
+    checkpoints, which neither --resume nor --force would accept."""
+    import tempfile
+
+    aside = None
+    try:
+        aside = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.deleting-", dir=run_dir.parent))
+        os.replace(run_dir, aside / run_dir.name)
+    except OSError as e:
+        if aside is not None:
+            aside.rmdir()
+        raise UserError(f"--force: cannot delete {run_dir} ({e.strerror or e})") from None
+    try:
+        shutil.rmtree(aside)
+    except OSError as e:
+        warnings.warn(f"--force: {run_dir} is gone, but deleting its files in {aside} failed "
+                      f"({e.strerror or e}); remove that directory by hand", stacklevel=2)
 
 
 class StopSignals:
@@ -496,9 +522,12 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: 
                     writer.add_scalar("val/acc", va["acc"], step)
                 writer.flush()  # before the checkpoint: a resume purges whatever came after it
                 state = run.state()
-                save_checkpoint(run.dir / "last.pt", state)
+                # best.pt first: a run killed between the two writes resumes from the previous
+                # last.pt and redoes this epoch, instead of keeping a last.pt whose best_epoch
+                # points at weights that best.pt never received.
                 if improved:
                     save_checkpoint(run.dir / "best.pt", state)
+                save_checkpoint(run.dir / "last.pt", state)
                 val_text = f" | val loss {va['loss']:.4f} acc {va['acc']:.2%}" if va else ""
                 print(f"epoch {run.epoch}/{cfg.train.epochs} | train loss {tr['loss']:.4f} "
                       f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
@@ -568,6 +597,11 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
     run = build_run(cfg, run_dir, class_names, d, device_spec, whiten_images=train.images)
     if resume is not None:
         run.restore(resume[1], resume[0])
+        if run.epoch >= cfg.train.epochs and (run_dir / "report.json").is_file():
+            # Training again would only repeat the test and log it twice at the same step.
+            raise UserError(f"{run_dir} has finished its {cfg.train.epochs} epochs and has its report: "
+                            f"to train longer, add --set train.epochs=N; to test it again, "
+                            f"vggtrain eval --ckpt {run_dir}")
     if run.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train, val, test = train.to(run.device), val.to(run.device), test.to(run.device)
@@ -576,11 +610,13 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
     if d.is_main:
         try:
             if force and resume is None and run_dir.exists():
-                shutil.rmtree(run_dir)  # only now that data, config and device have all checked out
+                _delete_run_dir(run_dir)  # only now that data, config and device have all checked out
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         except OSError as e:
             problem = f"run directory {run_dir}: cannot write it ({e.strerror or e})"
+        except UserError as e:
+            problem = str(e)
     problem = distributed.agree(problem, d)  # every rank stops, not only the one that knows
     if problem:
         raise UserError(problem)
