@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,20 +51,23 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     from vggtrain import allocator
     from vggtrain.bench import machine_description
+    from vggtrain.cli import write_output
     from vggtrain.config import check_run_name, load_config
     from vggtrain.data import Split, load_cifar10
-    from vggtrain.errors import UserError
+    from vggtrain.errors import RunStopped, UserError
     from vggtrain.evaluate import evaluate_split
     from vggtrain.train import Run, fit
 
-    if not 0 < args.target <= 1 or args.budget_min <= 0 or args.probe_every < 1 \
-            or (args.probe_from is not None and args.probe_from < 1):
-        raise UserError("usage error: --target must be in (0, 1], --budget-min positive, "
+    if not 0 < args.target <= 1 or not (math.isfinite(args.budget_min) and args.budget_min > 0) \
+            or args.probe_every < 1 or (args.probe_from is not None and args.probe_from < 1):
+        raise UserError("usage error: --target must be in (0, 1], --budget-min a positive number, "
                         "--probe-every and --probe-from at least 1")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if os.environ.get("WORLD_SIZE", "1") != "1":
         raise UserError("usage error: time_to_accuracy.py runs in one process, not under torchrun")
     cfg = load_config(args.config, args.overrides)
     check_run_name(cfg, args.config)
+    if args.json:
+        _check_writable(args.json)  # now, not after the whole run
     run_dir = Path(cfg.train.out_dir) / str(cfg.name)
     budget_s = args.budget_min * 60
     curve: list[dict[str, float]] = []
@@ -90,27 +95,56 @@ def run(args: argparse.Namespace) -> dict:
         reached = ev.top1 >= args.target
         return (reached and not args.full) or wall >= budget_s
 
-    report = fit(cfg, run_dir, force=args.force, on_epoch_end=probe)
-    first = next((c for c in curve if c["test_acc"] >= args.target), None)
-    in_budget = first is not None and first["wall_s"] <= budget_s
-    return {
-        "schema": SCHEMA,
-        "config": str(args.config), "name": cfg.name, "overrides": args.overrides, "seed": cfg.seed,
-        "target": args.target, "budget_s": budget_s,
-        "reached": in_budget,
-        "time_to_target_s": first["wall_s"] if first else None,
-        "epochs_to_target": first["epoch"] if first else None,
-        "best_test_acc": max((c["test_acc"] for c in curve), default=None),
-        "final_test_acc": report["test"]["acc"] if report else None,
-        "epochs": curve[-1]["epoch"] if curve else 0,
-        "total_wall_s": round(time.perf_counter() - T0 - probe_s, 2),
-        "probe_s": round(probe_s, 2),
-        "curve": curve,
-        "run_dir": str(run_dir),
-        "allocator": allocator.in_effect(),
-        "machine": machine_description(),
-        "config_values": cfg.to_dict(),
-    }
+    def result(report: dict | None, stopped: str | None) -> dict:
+        first = next((c for c in curve if c["test_acc"] >= args.target), None)
+        return {
+            "schema": SCHEMA,
+            "config": str(args.config), "name": cfg.name, "overrides": args.overrides, "seed": cfg.seed,
+            "target": args.target, "budget_s": budget_s,
+            "reached": first is not None and first["wall_s"] <= budget_s,
+            "stopped": stopped,  # why the run ended early (a signal), else None
+            "time_to_target_s": first["wall_s"] if first else None,
+            "epochs_to_target": first["epoch"] if first else None,
+            "best_test_acc": max((c["test_acc"] for c in curve), default=None),
+            "final_test_acc": report["test"]["acc"] if report else None,
+            "epochs": curve[-1]["epoch"] if curve else 0,
+            "total_wall_s": round(time.perf_counter() - T0 - probe_s, 2),
+            "probe_s": round(probe_s, 2),
+            "curve": curve,
+            "run_dir": str(run_dir),
+            "allocator": allocator.in_effect(),
+            "machine": machine_description(),
+            "config_values": cfg.to_dict(),
+        }
+
+    try:
+        report = fit(cfg, run_dir, force=args.force, on_epoch_end=probe)
+    except (RunStopped, KeyboardInterrupt) as e:
+        if args.json and curve:  # keep what was measured before the stop
+            write_output(args.json, _to_json(result(None, str(e) or "interrupted")))
+        raise
+    return result(report, None)
+
+
+def _check_writable(out: str) -> None:
+    """Fail on an unwritable --json before training, without touching an existing file."""
+    from vggtrain.errors import UserError
+
+    if out == "-":
+        return
+    path = Path(out)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise UserError(f"--json {out}: cannot write it ({e.strerror or e})") from None
+
+
+def _to_json(result: dict) -> str:
+    return json.dumps(result, indent=2, allow_nan=False) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +172,7 @@ def _report(result: dict, args: argparse.Namespace) -> int:
     if args.json:
         from vggtrain.cli import write_output
 
-        write_output(args.json, json.dumps(result, indent=2) + "\n")
+        write_output(args.json, _to_json(result))
     return 0
 
 

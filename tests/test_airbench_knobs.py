@@ -294,3 +294,27 @@ def test_time_to_accuracy_bad_input_is_one_line_and_exit_2(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "no such config file" in proc.stderr
     proc = _tta_script("--config", "fast_cpu.yaml", "--target", "1.5")
     assert proc.returncode == 2 and "--target must be in (0, 1]" in proc.stderr
+    proc = _tta_script("--config", "fast_cpu.yaml", "--budget-min", "nan")
+    assert proc.returncode == 2 and "--budget-min a positive number" in proc.stderr
+    proc = _tta_script("--config", "fast_cpu.yaml", "--json", str(tmp_path))  # before any training
+    assert proc.returncode == 2 and f"--json {tmp_path}: cannot write it" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_time_to_accuracy_stopped_keeps_the_curve_it_measured(cifar_bin, tmp_path):
+    cfg = write_yaml(tmp_path / "t.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                      data={"val_size": 0}, train={"epochs": 50}))
+    out = tmp_path / "tta.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "time_to_accuracy.py"), "--config",
+                             str(cfg), "--full", "--json", str(out)],
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:
+        if line.startswith("time_to_accuracy: epoch 1 "):
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    result = json.loads(out.read_text())
+    assert result["stopped"].startswith("stopped by SIGINT") and result["curve"][0]["epoch"] == 1
+    assert result["final_test_acc"] is None and result["epochs"] < 50

@@ -240,3 +240,16 @@ def test_an_unreadable_batch_is_a_data_error(cifar_bin, tmp_path, monkeypatch):
     monkeypatch.setattr(type(base), "read_bytes", read_bytes)
     with pytest.raises(DataError, match=r"data_batch_3\.bin: Permission denied"):
         load_cifar10(root)
+
+
+def test_synthetic_writer_command(tmp_path, capsys):
+    from vggtrain.synthetic import main as synthetic_main
+
+    assert synthetic_main([str(tmp_path / "syn"), "--per-batch", "4", "--test-size", "4"]) == 0
+    train, test, names = load_cifar10(tmp_path / "syn")
+    assert len(train) == 20 and len(test) == 4 and len(names) == 10
+    assert not list((tmp_path / "syn").rglob(".*.tmp"))
+    (tmp_path / "afile").write_text("x")
+    assert synthetic_main([str(tmp_path / "afile" / "syn")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the dataset there" in err

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["test", "val"], default="test",
                     help="test (default) or the validation images the run held out")
     ev.add_argument("--data-root", metavar="DIR", help="default: data.root of the stored config")
-    ev.add_argument("--batch-size", type=_positive_int, metavar="N",
+    ev.add_argument("--batch-size", type=positive_int, metavar="N",
                     help="default: train.eval_batch_size of the stored config")
     ev.add_argument("--device", type=_device, default="auto", help=device_help)
     ev.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT ('-': print "
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Classify PNG/JPEG images (converted to RGB, resized to 32x32).")
     pr.add_argument("--ckpt", required=True, metavar="PATH", help=ckpt_help)
     pr.add_argument("images", nargs="+", metavar="IMAGE")
-    pr.add_argument("--topk", type=_positive_int, default=3, metavar="K", help="classes per image (3)")
+    pr.add_argument("--topk", type=positive_int, default=3, metavar="K", help="classes per image (3)")
     pr.add_argument("--json", metavar="OUT", help="also write the predictions as JSON to OUT ('-': "
                                                   "print only the JSON, to stdout)")
     pr.add_argument("--device", type=_device, default="auto", help=device_help)
@@ -96,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="YAML file or a name in configs/ (default: vgg16_cifar.yaml)")
     be.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set train.precision=bf16 (repeatable)")
-    be.add_argument("--steps", type=_positive_int, default=20, metavar="N",
+    be.add_argument("--steps", type=positive_int, default=20, metavar="N",
                     help="timed steps per measurement (20)")
-    be.add_argument("--warmup", type=_positive_int, default=3, metavar="N", help="untimed steps first (3)")
-    be.add_argument("--data-steps", type=_positive_int, default=200, metavar="N",
+    be.add_argument("--warmup", type=positive_int, default=3, metavar="N", help="untimed steps first (3)")
+    be.add_argument("--data-steps", type=positive_int, default=200, metavar="N",
                     help="timed batches for the data paths (200; the reference uses a quarter)")
     be.add_argument("--parts", default=",".join(BENCH_PARTS), metavar="LIST",
                     help=f"comma-separated subset of {','.join(BENCH_PARTS)}")
@@ -193,7 +193,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
     try:
         value = int(text)
     except ValueError:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import sys
 from pathlib import Path
 
 import torch
 
+from vggtrain.checkpoint import atomic_write, atomic_write_text
+from vggtrain.cli import positive_int, run_reporting_errors
 from vggtrain.data import BIN_DIR, PY_DIR, TEST_BATCHES, TRAIN_BATCHES
+from vggtrain.errors import UserError
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
                "dog", "frog", "horse", "ship", "truck"]
@@ -44,31 +48,43 @@ def write_synthetic_cifar10(root: str | Path, layout: str = "bin", per_batch: in
         images = synthetic_images(labels, g)
         if layout == "bin":
             records = torch.cat([labels.to(torch.uint8)[:, None], images.view(n, -1)], dim=1)
-            (base / f"{name}.bin").write_bytes(records.numpy().tobytes())
+            _write_bytes(base / f"{name}.bin", records.numpy().tobytes())
         else:
             batch = {b"batch_label": name.encode(), b"labels": labels.tolist(),
                      b"data": images.view(n, -1).numpy().astype(np.uint8),
                      b"filenames": [f"{i}.png".encode() for i in range(n)]}
-            (base / name).write_bytes(pickle.dumps(batch, protocol=2))
+            _write_bytes(base / name, pickle.dumps(batch, protocol=2))
     if layout == "bin":
-        (base / "batches.meta.txt").write_text("\n".join(CLASS_NAMES) + "\n\n")
+        atomic_write_text(base / "batches.meta.txt", "\n".join(CLASS_NAMES) + "\n\n")
     else:
         meta = {b"label_names": [c.encode() for c in CLASS_NAMES],
                 b"num_cases_per_batch": per_batch, b"num_vis": 3072}
-        (base / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+        _write_bytes(base / "batches.meta", pickle.dumps(meta, protocol=2))
     return base
 
 
-def main() -> None:
+def _write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))  # a killed `make smoke` leaves no torn batch
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Write a small synthetic CIFAR-10 for smoke tests.")
     p.add_argument("root")
     p.add_argument("--layout", choices=["bin", "py"], default="bin")
-    p.add_argument("--per-batch", type=int, default=200)
-    p.add_argument("--test-size", type=int, default=500)
+    p.add_argument("--per-batch", type=positive_int, default=200)
+    p.add_argument("--test-size", type=positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
-    print(write_synthetic_cifar10(a.root, a.layout, a.per_batch, a.test_size, a.seed))
+    a = p.parse_args(argv)
+
+    def write() -> int:
+        try:
+            print(write_synthetic_cifar10(a.root, a.layout, a.per_batch, a.test_size, a.seed))
+        except OSError as e:
+            raise UserError(f"{a.root}: cannot write the dataset there ({e.strerror or e})") from None
+        return 0
+
+    return run_reporting_errors("vggtrain.synthetic", write)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
