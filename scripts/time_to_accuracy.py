@@ -20,7 +20,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     from vggtrain import allocator
     from vggtrain.bench import machine_description
-    from vggtrain.cli import write_output
+    from vggtrain.cli import check_output_writable, write_output
     from vggtrain.config import check_run_name, load_config
     from vggtrain.data import Split, load_cifar10
     from vggtrain.errors import RunStopped, UserError
@@ -67,7 +66,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, args.overrides)
     check_run_name(cfg, args.config)
     if args.json:
-        _check_writable(args.json)  # now, not after the whole run
+        check_output_writable(args.json)  # now, not after the whole run
     run_dir = Path(cfg.train.out_dir) / str(cfg.name)
     budget_s = args.budget_min * 60
     curve: list[dict[str, float]] = []
@@ -124,23 +123,6 @@ def run(args: argparse.Namespace) -> dict:
             write_output(args.json, _to_json(result(None, str(e) or "interrupted")))
         raise
     return result(report, None)
-
-
-def _check_writable(out: str) -> None:
-    """Fail on an unwritable --json before training, without touching an existing file."""
-    from vggtrain.errors import UserError
-
-    if out == "-":
-        return
-    path = Path(out)
-    try:
-        if path.is_dir():
-            raise IsADirectoryError(21, "Is a directory")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as e:
-        raise UserError(f"--json {out}: cannot write it ({e.strerror or e})") from None
 
 
 def _to_json(result: dict) -> str:

@@ -212,6 +212,24 @@ def _device(text: str) -> str:
     return text
 
 
+def check_output_writable(out: str) -> None:
+    """Refuse an output path write_output would fail on, before hours of work and without
+    touching a file already there ('-' is stdout)."""
+    import tempfile
+
+    if out == "-":
+        return
+    path = Path(out)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise UserError(f"--json {out}: cannot write it ({e.strerror or e})") from None
+
+
 def write_output(out: str, text: str) -> None:
     """Write a command's --json file atomically ('-' means stdout); a failure is a UserError."""
     from vggtrain.checkpoint import atomic_write_text

@@ -597,11 +597,15 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
     run = build_run(cfg, run_dir, class_names, d, device_spec, whiten_images=train.images)
     if resume is not None:
         run.restore(resume[1], resume[0])
-        if run.epoch >= cfg.train.epochs and (run_dir / "report.json").is_file():
+        problem = None  # rank 0 wrote the report: it decides for all
+        if d.is_main and run.epoch >= cfg.train.epochs and (run_dir / "report.json").is_file():
             # Training again would only repeat the test and log it twice at the same step.
-            raise UserError(f"{run_dir} has finished its {cfg.train.epochs} epochs and has its report: "
-                            f"to train longer, add --set train.epochs=N; to test it again, "
-                            f"vggtrain eval --ckpt {run_dir}")
+            problem = (f"{run_dir} has finished its {cfg.train.epochs} epochs and has its report: "
+                       f"to train longer, add --set train.epochs=N; to test it again, "
+                       f"vggtrain eval --ckpt {run_dir}")
+        problem = distributed.agree(problem, d)
+        if problem:
+            raise UserError(problem)
     if run.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train, val, test = train.to(run.device), val.to(run.device), test.to(run.device)
