@@ -42,6 +42,15 @@ def tiny_config(data_root: Path, out_dir: Path, **sections) -> dict:
     return cfg
 
 
+def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """A run's TensorBoard scalars, tag -> [(step, value)], as TensorBoard reads them (purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def write_yaml(path: Path, data: object) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

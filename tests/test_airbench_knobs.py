@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from conftest import tiny_config, write_yaml
 from vggtrain.checkpoint import load_checkpoint
 from vggtrain.cli import main
-from vggtrain.config import config_from_dict, load_config
+from vggtrain.config import ModelConfig, config_from_dict, load_config
 from vggtrain.data import Split, crop_flip, normalize
 from vggtrain.errors import ConfigError
 from vggtrain.evaluate import log_probs
@@ -128,6 +128,9 @@ def test_identity_init_passes_each_input_channel_through():
     assert torch.equal(third.weight, eye)  # fewer filters than in-channels: the first 3 pass
     plain = VGG([4, 6, "M", 3], batch_norm=False)
     assert not torch.equal(plain.convs()[1].weight[:4], dirac)
+    configured = build_model(ModelConfig(arch="custom", layers=[4, 6, "M", 3], batch_norm=False,
+                                         identity_init=True))  # as model.identity_init reaches it
+    assert torch.equal(configured.convs()[1].weight[:4], dirac)
     assert not torch.equal(first.weight[:3], torch.zeros(3, 3, 3, 3)) and first.in_channels == 3
 
 
@@ -242,6 +245,10 @@ def test_airbench_knobs_train_and_resume_exactly_after_a_kill(cifar_bin, tmp_pat
     b = load_checkpoint(last)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    # The loop syncs at epoch ends too: the final slow weights are the model's (without the
+    # syncs they would still be the initial weights).
+    floats = [t for t in a["model"].values() if t.is_floating_point()]
+    assert all(torch.equal(slow, w) for slow, w in zip(a["lookahead"], floats, strict=True))
     report = json.loads((run / "report.json").read_text())
     assert report["tta"] is True and report["tta_mode"] == "multicrop"
     assert report["test"] == json.loads((tmp_path / "runs" / "straight" / "report.json").read_text())["test"]
@@ -296,8 +303,11 @@ def test_time_to_accuracy_bad_input_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2 and "--target must be in (0, 1]" in proc.stderr
     proc = _tta_script("--config", "fast_cpu.yaml", "--budget-min", "nan")
     assert proc.returncode == 2 and "--budget-min a positive number" in proc.stderr
-    proc = _tta_script("--config", "fast_cpu.yaml", "--json", str(tmp_path))  # before any training
-    assert proc.returncode == 2 and f"--json {tmp_path}: cannot write it" in proc.stderr
+    # Refused before any training: here the data root is empty, so a late check would fail on it.
+    proc = _tta_script("--config", "fast_cpu.yaml", "--set", f"train.out_dir={tmp_path / 'runs'}",
+                       "--set", f"data.root={tmp_path / 'nodata'}", "--set", "data.download=false",
+                       "--json", str(tmp_path))
+    assert proc.returncode == 2 and f"--json {tmp_path}: cannot write it" in proc.stderr, proc.stderr
     assert not (tmp_path / "runs").exists()
 
 

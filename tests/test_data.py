@@ -212,6 +212,16 @@ def test_train_batches_shuffle_cover_and_repeat(cifar_bin):
     cl = next(train_batches(tagged, 128, torch.Generator().manual_seed(1), channels_last=True))[0]
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, x)
 
+    # Shuffled (not in storage order, and another seed gives another order) and augmented: the same
+    # batch without augmentation is the plain normalised images, with it most images differ.
+    assert not torch.equal(seen, torch.arange(len(seen)))
+    other = torch.cat([y for _, y in train_batches(tagged, 128, torch.Generator().manual_seed(2))])
+    assert not torch.equal(other, seen)
+    plain, ids = next(train_batches(tagged, 128, torch.Generator().manual_seed(1), augment=False))
+    assert torch.equal(ids, first[0][1]) and torch.equal(plain, normalize(train.images[ids]))
+    changed = (x != plain).flatten(1).any(1)
+    assert changed.float().mean() > 0.9  # only no shift (1 in 81) and no flip (1 in 2) keeps one
+
 
 def test_eval_batches_keep_order_and_remainder(cifar_bin):
     _, test, _ = load_cifar10(cifar_bin)

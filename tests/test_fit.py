@@ -9,20 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import tiny_config, write_yaml
+from conftest import tb_scalars, tiny_config, write_yaml
 from vggtrain.checkpoint import load_checkpoint
 from vggtrain.cli import main
 
 EPOCH_TAGS = {"train/loss", "train/acc", "train/lr", "train/images_per_s", "train/epoch",
               "val/loss", "val/acc"}
-
-
-def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_fit_learns_and_writes_every_artefact(cifar_bin, tmp_path, capsys):
@@ -55,7 +48,7 @@ def test_fit_learns_and_writes_every_artefact(cifar_bin, tmp_path, capsys):
     last = load_checkpoint(run / "last.pt")
     assert last["epoch"] == 3 and last["scheduler"]["last_epoch"] == 3
 
-    scalars = _scalars(run)
+    scalars = tb_scalars(run)
     assert EPOCH_TAGS | {"train/loss_step", "test/acc"} <= set(scalars)
     steps = [s for s, _ in scalars["train/loss_step"]]
     assert steps == list(range(1, 3 * 16 + 1))  # 800 train images / batch 50, every step
@@ -92,7 +85,7 @@ def test_resume_continues_exactly(cifar_bin, tmp_path):
     assert a["epoch"] == b["epoch"] == 3 and a["global_step"] == b["global_step"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    sa, sb = _scalars(tmp_path / "runs" / "straight"), _scalars(tmp_path / "runs" / "split")
+    sa, sb = tb_scalars(tmp_path / "runs" / "straight"), tb_scalars(tmp_path / "runs" / "split")
     for tag in EPOCH_TAGS - {"train/images_per_s"} | {"train/loss_step"}:
         # continued: no duplicated or missing steps
         assert [s for s, _ in sa[tag]] == [s for s, _ in sb[tag]], tag

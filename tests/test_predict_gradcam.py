@@ -58,8 +58,9 @@ def images(test_split, tmp_path_factory) -> dict[str, Path]:
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    device = [] if "--device" in args else ["--device", "cpu"]  # where the model was trained
     try:
-        code = main(list(args))
+        code = main([*args, *device])
     except SystemExit as e:
         code = e.code
     captured = capsys.readouterr()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import tqdm
 
 from conftest import tiny_config, write_yaml
 from vggtrain.checkpoint import load_checkpoint
@@ -24,6 +25,33 @@ def test_bn_and_biases_can_be_excluded_from_weight_decay(tmp_path):
     assert len(decayed["params"]) + len(plain["params"]) == len(list(run.model.parameters()))
     default = build_run(config_from_dict(tiny_config(tmp_path, tmp_path), "t"), tmp_path, ["x"] * 10)
     assert len(default.optimizer.param_groups) == 1
+
+
+def test_optimizer_and_precision_settings_reach_the_step(tmp_path, monkeypatch):
+    import vggtrain.train as train_module
+    from vggtrain.data import Split
+    from vggtrain.train import EpochProgress, StopSignals, _NoWriter, train_one_epoch
+
+    cfg = config_from_dict(tiny_config(tmp_path, tmp_path, optim={"nesterov": True, "momentum": 0.85,
+                                                                  "label_smoothing": 0.2},
+                                       train={"precision": "bf16"}), "t")
+    run = build_run(cfg, tmp_path, ["x"] * 10)
+    group = run.optimizer.param_groups[0]
+    assert group["nesterov"] is True and group["momentum"] == 0.85 and group["lr"] == pytest.approx(0.05)
+    seen = {}
+    conv = next(m for m in run.model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, out: seen.update(dtype=out.dtype))
+    real_step = train_module.train_step
+
+    def step(r, x, y, criterion):
+        seen["smoothing"] = criterion.label_smoothing
+        return real_step(r, x, y, criterion)
+
+    monkeypatch.setattr(train_module, "train_step", step)
+    split = Split(torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8), torch.arange(100) % 10)
+    run.progress = EpochProgress()
+    train_one_epoch(run, split, _NoWriter(), tqdm.tqdm(disable=True), StopSignals())
+    assert seen == {"dtype": torch.bfloat16, "smoothing": 0.2}
 
 
 def test_warmup_ramps_per_step_then_steplr_counts_from_its_end(cifar_bin, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config, write_yaml
+from conftest import tb_scalars, tiny_config, write_yaml
 from vggtrain.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from vggtrain.cli import main
 from vggtrain.errors import CheckpointError
@@ -60,6 +61,13 @@ def test_signal_stops_after_the_step_saves_and_resumes(cifar_bin, tmp_path, sig,
     assert f"stopped by {signal.Signals(sig).name}" in err and f"vggtrain fit --resume {run}" in err
     last = load_checkpoint(run / "last.pt")
     assert 1 <= last["epoch"] < 500 and not (run / "report.json").exists()
+    # last.pt is what the stop saved, at the place it names (not merely the last epoch end).
+    mid = re.search(r"at epoch (\d+), step (\d+)", err)
+    if mid:
+        assert (last["epoch"], last["progress"]["step"]) == (int(mid[1]) - 1, int(mid[2])), err
+    else:
+        after = re.search(r"after epoch (\d+)", err)
+        assert after and (last["epoch"], last["progress"]["step"]) == (int(after[1]), 0), err
     # The stop landed mid-epoch: the resumed epoch must pick up at the saved step.
     assert main(["fit", "--resume", str(run), "--set", f"train.epochs={last['epoch'] + 1}"]) == 0
     assert json.loads((run / "report.json").read_text())["epochs"] == last["epoch"] + 1
@@ -100,6 +108,12 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(cifar_bin, tm
     report_a = json.loads((tmp_path / "runs" / "straight" / "report.json").read_text())
     report_b = json.loads((run / "report.json").read_text())
     assert report_a["test"] == report_b["test"]
+    # What the killed run logged after its last checkpoint was purged on resume, then logged
+    # again: the curves have each step once, as the straight run's do.
+    sa, sb = tb_scalars(tmp_path / "runs" / "straight"), tb_scalars(run)
+    for tag in ("train/loss_step", "train/loss", "train/lr", "val/acc"):
+        assert [step for step, _ in sa[tag]] == [step for step, _ in sb[tag]], tag
+        assert [v for _, v in sa[tag]] == pytest.approx([v for _, v in sb[tag]]), tag
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_bin, tmp_path, capsys):
@@ -254,6 +268,41 @@ def test_force_whose_delete_fails_halfway_leaves_no_half_run(cifar_bin, tmp_path
     run = tmp_path / "runs" / "tiny"
     assert load_checkpoint(run / "last.pt")["config"]["seed"] == 5 and (run / "report.json").is_file()
     assert len(list((tmp_path / "runs").glob(".tiny.deleting-*"))) == 1  # named in the warning
+
+
+def test_force_deletes_nothing_until_data_and_config_check_out(cifar_bin, tmp_path, capsys):
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs", train={"epochs": 1}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    last = tmp_path / "runs" / "tiny" / "last.pt"
+    before = last.read_bytes()
+    capsys.readouterr()
+    assert main(["fit", "--config", str(cfg), "--force", "--set", f"data.root={tmp_path / 'nodata'}",
+                 "--set", "data.download=false"]) == 2
+    assert main(["fit", "--config", str(cfg), "--force", "--set", "train.batch_size=5000"]) == 2
+    assert main(["fit", "--config", str(cfg), "--force", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 3 and "--resume and --force exclude each other" in err
+    assert last.read_bytes() == before
+
+
+def test_exit_codes_of_the_error_kinds(capsys):
+    from vggtrain.cli import run_reporting_errors
+    from vggtrain.errors import RunStopped, UserError
+
+    def raises(e: BaseException):
+        def command() -> int:
+            raise e
+        return command
+
+    assert run_reporting_errors("x", lambda: 0) == 0
+    assert run_reporting_errors("x", raises(UserError("config error: bad"))) == 2
+    assert capsys.readouterr().err == "x: config error: bad\n"
+    assert run_reporting_errors("x", raises(RunStopped("stopped by SIGTERM", 143))) == 143
+    assert run_reporting_errors("x", raises(KeyboardInterrupt())) == 130
+    capsys.readouterr()
+    assert run_reporting_errors("x", raises(ZeroDivisionError("a bug"))) == 1
+    err = capsys.readouterr().err  # a bug is reported with its traceback
+    assert "Traceback" in err and "ZeroDivisionError: a bug" in err and "unexpected failure" in err
 
 
 def test_a_crash_between_best_and_last_redoes_that_epoch(cifar_bin, tmp_path, monkeypatch):
