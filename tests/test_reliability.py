@@ -249,8 +249,6 @@ def test_force_deletes_only_run_directories(cifar_bin, tmp_path, capsys):
 
 
 def test_force_whose_delete_fails_halfway_leaves_no_half_run(cifar_bin, tmp_path, monkeypatch):
-    import shutil
-
     import vggtrain.train as train_module
 
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs", train={"epochs": 1}))
@@ -264,7 +262,7 @@ def test_force_whose_delete_fails_halfway_leaves_no_half_run(cifar_bin, tmp_path
     monkeypatch.setattr(train_module.shutil, "rmtree", rmtree_that_fails)
     with pytest.warns(UserWarning, match="remove that directory by hand"):
         assert main(["fit", "--config", str(cfg), "--force", "--set", "seed=5"]) == 0
-    monkeypatch.setattr(train_module.shutil, "rmtree", shutil.rmtree)
+    monkeypatch.undo()
     run = tmp_path / "runs" / "tiny"
     assert load_checkpoint(run / "last.pt")["config"]["seed"] == 5 and (run / "report.json").is_file()
     assert len(list((tmp_path / "runs").glob(".tiny.deleting-*"))) == 1  # named in the warning
