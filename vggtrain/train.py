@@ -569,19 +569,25 @@ def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None
         distributed.shutdown()
 
 
-def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, force: bool, d: Dist,
-         device_spec: str, on_epoch_end: EpochHook | None = None) -> dict | None:
-    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed here
-
+def _rank0_verdict(d: Dist, check: Callable[[], None]) -> None:
+    """Run check on rank 0 alone (it owns the run directory and the report); the UserError it
+    raises, if any, stops every rank of the job with the same message."""
     problem = None
-    if d.is_main:  # rank 0 owns the run directory; the others follow its verdict
+    if d.is_main:
         try:
-            check_run_dir(run_dir, resume is not None, force)
+            check()
         except UserError as e:
             problem = str(e)
     problem = distributed.agree(problem, d)
     if problem:
         raise UserError(problem)
+
+
+def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, force: bool, d: Dist,
+         device_spec: str, on_epoch_end: EpochHook | None = None) -> dict | None:
+    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed here
+
+    _rank0_verdict(d, lambda: check_run_dir(run_dir, resume is not None, force))
     if d.enabled and d.local_rank != 0:
         distributed.barrier(d)  # let this node's local rank 0 download the data first
     train_full, test, class_names = load_cifar10(cfg.data.root, cfg.data.download)
@@ -597,33 +603,30 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
     run = build_run(cfg, run_dir, class_names, d, device_spec, whiten_images=train.images)
     if resume is not None:
         run.restore(resume[1], resume[0])
-        problem = None  # rank 0 wrote the report: it decides for all
-        if d.is_main and run.epoch >= cfg.train.epochs and (run_dir / "report.json").is_file():
-            # Training again would only repeat the test and log it twice at the same step.
-            problem = (f"{run_dir} has finished its {cfg.train.epochs} epochs and has its report: "
-                       f"to train longer, add --set train.epochs=N; to test it again, "
-                       f"vggtrain eval --ckpt {run_dir}")
-        problem = distributed.agree(problem, d)
-        if problem:
-            raise UserError(problem)
+
+        def not_finished() -> None:
+            if run.epoch >= cfg.train.epochs and (run_dir / "report.json").is_file():
+                # Training again would only repeat the test and log it twice at the same step.
+                raise UserError(f"{run_dir} has finished its {cfg.train.epochs} epochs and has its "
+                                f"report: to train longer, add --set train.epochs=N; to test it "
+                                f"again, vggtrain eval --ckpt {run_dir}")
+
+        _rank0_verdict(d, not_finished)
     if run.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train, val, test = train.to(run.device), val.to(run.device), test.to(run.device)
-    writer: Any = _NoWriter()
-    problem = None
-    if d.is_main:
+
+    def prepare_run_dir() -> None:
         try:
             if force and resume is None and run_dir.exists():
                 _delete_run_dir(run_dir)  # only now that data, config and device have all checked out
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         except OSError as e:
-            problem = f"run directory {run_dir}: cannot write it ({e.strerror or e})"
-        except UserError as e:
-            problem = str(e)
-    problem = distributed.agree(problem, d)  # every rank stops, not only the one that knows
-    if problem:
-        raise UserError(problem)
+            raise UserError(f"run directory {run_dir}: cannot write it ({e.strerror or e})") from None
+
+    _rank0_verdict(d, prepare_run_dir)  # every rank stops, not only the one that knows
+    writer: Any = _NoWriter()
     if d.is_main:
         where = f"; resuming at epoch {run.epoch + 1}, step {run.progress.step}" if resume else ""
         ranks = f" x {d.world} ranks (batch {cfg.train.batch_size} each)" if d.enabled else ""
