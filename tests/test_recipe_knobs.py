@@ -27,14 +27,15 @@ def test_bn_and_biases_can_be_excluded_from_weight_decay(tmp_path):
     assert len(default.optimizer.param_groups) == 1
 
 
-def test_optimizer_and_precision_settings_reach_the_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_optimizer_and_precision_settings_reach_the_step(tmp_path, monkeypatch, precision):
     import vggtrain.train as train_module
     from vggtrain.data import Split
     from vggtrain.train import EpochProgress, StopSignals, _NoWriter, train_one_epoch
 
     cfg = config_from_dict(tiny_config(tmp_path, tmp_path, optim={"nesterov": True, "momentum": 0.85,
                                                                   "label_smoothing": 0.2},
-                                       train={"precision": "bf16"}), "t")
+                                       train={"precision": precision}), "t")
     run = build_run(cfg, tmp_path, ["x"] * 10)
     group = run.optimizer.param_groups[0]
     assert group["nesterov"] is True and group["momentum"] == 0.85 and group["lr"] == pytest.approx(0.05)
@@ -51,7 +52,17 @@ def test_optimizer_and_precision_settings_reach_the_step(tmp_path, monkeypatch):
     split = Split(torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8), torch.arange(100) % 10)
     run.progress = EpochProgress()
     train_one_epoch(run, split, _NoWriter(), tqdm.tqdm(disable=True), StopSignals())
-    assert seen == {"dtype": torch.bfloat16, "smoothing": 0.2}
+    assert seen == {"dtype": getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision]),
+                    "smoothing": 0.2}
+    # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and must not pay for it.
+    assert run.scaler.is_enabled() == (precision == "fp16")
+    if precision == "fp16":
+        # The scaler's state resumes with the run: 100 images in batches of 50 are 2 steps, which
+        # grow its tracker to 2 (or an overflow halves the scale), so a fresh scaler differs.
+        fresh = build_run(cfg, tmp_path, ["x"] * 10)
+        assert fresh.scaler.state_dict() != run.scaler.state_dict()
+        fresh.restore(run.state(), tmp_path / "last.pt")
+        assert fresh.scaler.state_dict() == run.scaler.state_dict()
 
 
 def test_warmup_ramps_per_step_then_steplr_counts_from_its_end(cifar_bin, tmp_path):
