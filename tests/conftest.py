@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,31 @@ def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def write_yaml(path: Path, data: object) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 600) -> None:
+    """Read proc's stdout up to the first line starting with prefix; the rest stays unread.
+
+    A plain `for line in proc.stdout` blocks for good on a child that hangs without printing;
+    reading in a thread bounds the wait: past the deadline the child is killed and the test fails
+    with its stderr."""
+    found = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            if line.startswith(prefix):
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if found.is_set():
+        return
+    timed_out = reader.is_alive()
+    proc.kill()
+    reader.join()
+    _, err = proc.communicate()
+    what = f"no line starting {prefix!r} within {timeout:.0f} s" if timed_out else \
+        f"the process ended before printing {prefix!r}"
+    raise AssertionError(f"{what}: {err}")

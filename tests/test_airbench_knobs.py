@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config, write_yaml
+from conftest import tiny_config, wait_for_line, write_yaml
 from vggtrain.checkpoint import load_checkpoint
 from vggtrain.cli import main
 from vggtrain.config import ModelConfig, config_from_dict, load_config
@@ -319,10 +319,8 @@ def test_time_to_accuracy_stopped_keeps_the_curve_it_measured(cifar_bin, tmp_pat
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "time_to_accuracy.py"), "--config",
                              str(cfg), "--full", "--json", str(out)],
                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for line in proc.stdout:
-        if line.startswith("time_to_accuracy: epoch 1 "):
-            proc.send_signal(signal.SIGINT)
-            break
+    wait_for_line(proc, "time_to_accuracy: epoch 1 ")
+    proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
     assert proc.returncode == 130
     result = json.loads(out.read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config, write_yaml
+from conftest import tiny_config, wait_for_line, write_yaml
 from vggtrain import allocator
 from vggtrain.allocator import APPLIED, GLIBC_SETTING, SWITCH, plan
 
@@ -110,9 +110,7 @@ def test_sigint_reaches_the_reexecuted_process(cifar_bin, tmp_path):
     env.pop(APPLIED, None)
     proc = subprocess.Popen([sys.executable, "-m", "vggtrain", "fit", "--config", str(cfg)],
                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for line in proc.stdout:
-        if line.startswith("epoch 1/"):
-            break
+    wait_for_line(proc, "epoch 1/")
     proc.send_signal(signal.SIGINT)  # the PID we started: the re-exec kept it
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "stopped by SIGINT" in err

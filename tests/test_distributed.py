@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import tiny_config, write_yaml
+from conftest import tiny_config, wait_for_line, write_yaml
 from vggtrain.cli import main
 from vggtrain.data import Split, train_batches
 
@@ -84,9 +84,7 @@ def test_sigint_to_torchrun_stops_every_rank_with_one_checkpoint(cifar_bin, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              "--nproc_per_node=2", "-m", "vggtrain", "fit", "--config", str(cfg)],
                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for line in proc.stdout:
-        if line.startswith("epoch 2/500"):
-            break
+    wait_for_line(proc, "epoch 2/500")
     proc.send_signal(signal.SIGINT)  # torchrun passes it on to every rank
     _, err = proc.communicate(timeout=120)
     assert err.count("vggtrain: stopped by SIGINT") == 1  # rank 0 alone says so

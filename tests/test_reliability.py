@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tb_scalars, tiny_config, write_yaml
+from conftest import tb_scalars, tiny_config, wait_for_line, write_yaml
 from vggtrain.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from vggtrain.cli import main
 from vggtrain.errors import CheckpointError
@@ -28,15 +28,6 @@ def _start_fit(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "vggtrain", "fit", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    for line in proc.stdout:
-        if line.startswith(prefix):
-            return
-        assert time.monotonic() < deadline, f"no line starting {prefix!r}"
-    raise AssertionError(f"process ended before printing {prefix!r}: {proc.stderr.read()}")
 
 
 def _same_weights(a: dict, b: dict) -> None:
@@ -52,7 +43,7 @@ def test_signal_stops_after_the_step_saves_and_resumes(cifar_bin, tmp_path, sig,
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
                                                          train={"epochs": 500}))
     proc = _start_fit("--config", str(cfg))
-    _wait_for_line(proc, "epoch 1/500")
+    wait_for_line(proc, "epoch 1/500")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
@@ -88,7 +79,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(cifar_bin, tm
                                                           "checkpoint_every_steps": 5})
     killed = write_yaml(tmp_path / "killed.yaml", {**cfg, "name": "killed"})
     proc = _start_fit("--config", str(killed))
-    _wait_for_line(proc, "epoch 2/6")
+    wait_for_line(proc, "epoch 2/6")
     time.sleep(0.2)
     proc.kill()
     proc.wait(timeout=30)
