@@ -240,3 +240,15 @@ def test_output_names_never_collide(tmp_path):
     paths = ["a/cat.png", "b/cat.png", "cat.jpg", "dog.png"]
     assert [p.name for p in output_paths(paths, tmp_path)] == \
         ["cat.gradcam.png", "cat-2.gradcam.png", "cat-3.gradcam.png", "dog.gradcam.png"]
+
+
+def test_read_image_applies_exif_orientation(tmp_path):
+    # A phone photo stores its pixels sideways plus an EXIF Orientation tag; viewers rotate it,
+    # and so must we, or the model sees the image on its side.
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    Image.fromarray(rgb).save(tmp_path / "sideways.png", exif=exif)
+    shown = read_image(tmp_path / "sideways.png")
+    assert shown.shape == (3, 30, 20)
+    assert torch.equal(shown, torch.from_numpy(np.rot90(rgb, k=-1).copy()).permute(2, 0, 1))
