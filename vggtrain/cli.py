@@ -1,4 +1,5 @@
-"""Command line: ``vggtrain fit ...``. Exit codes: 0 ok, 2 bad input, 1 unexpected, 130 Ctrl-C."""
+"""Command line: ``vggtrain fit ...``. Exit codes: 0 ok, 2 bad input, 1 unexpected, 130 Ctrl-C,
+143 SIGTERM."""
 
 from __future__ import annotations
 
@@ -332,7 +333,8 @@ def _exit_without_finalizing(code: int) -> NoReturn:
 
 def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
     """Run a command; turn this project's errors into one line on stderr and the exit code
-    (2 usage/config/data, the signal's for a stop, 130 Ctrl-C, 1 with a traceback for a bug)."""
+    (2 usage/config/data, 128 + the signal's number for a stop: 130 Ctrl-C, 143 SIGTERM; 1 with a
+    traceback for a bug)."""
     try:
         return command()
     except UserError as e:
