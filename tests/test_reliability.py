@@ -107,6 +107,25 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(cifar_bin, tm
         assert [v for _, v in sa[tag]] == pytest.approx([v for _, v in sb[tag]]), tag
 
 
+def test_a_resume_in_the_same_second_as_the_killed_run_keeps_the_curves_in_order(cifar_bin, tmp_path):
+    # TensorBoard reads a run's event files in name order: the second the writer opened, then its
+    # pid. Name the first run's file as a writer opened in the coming second by a high pid would
+    # (a kill and resume within one second, or a clock a little ahead): the resumed run's file
+    # must still be read after it, or its steps come before the first run's.
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                         train={"epochs": 1, "log_every": 1}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    [first] = (run / "tb").glob("events.out.tfevents.*")
+    parts = first.name.split(".")
+    parts[3], parts[-2] = str(int(time.time()) + 1), "9999999"
+    first.rename(first.with_name(".".join(parts)))
+    assert main(["fit", "--resume", str(run), "--set", "train.epochs=2"]) == 0
+    assert sorted((run / "tb").glob("events.out.tfevents.*"))[0].name == ".".join(parts)
+    steps = [step for step, _ in tb_scalars(run)["train/loss_step"]]
+    assert steps == list(range(1, load_checkpoint(run / "last.pt")["global_step"] + 1))
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_bin, tmp_path, capsys):
     # An absurd learning rate and no batch norm to lean on: the loss blows up within steps.
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(

@@ -551,6 +551,32 @@ class _NoWriter:
         return lambda *args, **kwargs: None
 
 
+def _open_summary_writer(tb_dir: Path, purge_step: int | None) -> Any:
+    """A SummaryWriter whose event file TensorBoard reads after every file already in tb_dir.
+
+    TensorBoard reads a run's event files in name order, and a name starts with the second the
+    writer opened, then the pid. A resumed writer opened within the same second as the killed
+    run's (or on a machine whose clock is a little behind) can sort first: its purge is then read
+    before the events it was meant to purge, and the killed run's steps land after the resumed
+    ones. Waiting out that second is the only ordering the file name offers."""
+    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed here
+
+    seconds = []
+    for path in tb_dir.glob("events.out.tfevents.*"):
+        try:
+            seconds.append(int(path.name.split(".")[3]))
+        except (IndexError, ValueError):
+            pass  # not a name TensorBoard's writers make: it does not take part in the order
+    wait = max(seconds, default=0) + 1 - time.time()
+    if wait > 5:
+        print(f"warning: {tb_dir} has event files dated {wait:.0f} s ahead of this machine's "
+              f"clock; TensorBoard will read this run's new curves before them", file=sys.stderr)
+    elif wait > 0:
+        time.sleep(wait)
+    # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps.
+    return SummaryWriter(str(tb_dir), purge_step=purge_step)
+
+
 def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None,
         force: bool = False, on_epoch_end: EpochHook | None = None) -> dict | None:
     """Train, checkpoint every epoch, then test the best checkpoint. Returns the report (None on
@@ -585,8 +611,6 @@ def _rank0_verdict(d: Dist, check: Callable[[], None]) -> None:
 
 def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, force: bool, d: Dist,
          device_spec: str, on_epoch_end: EpochHook | None = None) -> dict | None:
-    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed here
-
     _rank0_verdict(d, lambda: check_run_dir(run_dir, resume is not None, force))
     if d.enabled and d.local_rank != 0:
         distributed.barrier(d)  # let this node's local rank 0 download the data first
@@ -634,8 +658,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
               f"{run.device}{ranks}, {cfg.train.precision}; {len(train)} train / {len(val)} val / "
               f"{len(test)} test images{where}", flush=True)
         print(f"allocator: {allocator.in_effect()}", flush=True)
-        # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps.
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=run.global_step + 1 if resume else None)
+        writer = _open_summary_writer(run_dir / "tb", run.global_step + 1 if resume else None)
     try:
         train_epochs(run, train, val, writer, on_epoch_end)
         if not d.is_main:
