@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -8,6 +9,15 @@ import pytest
 import yaml
 
 from vggtrain.synthetic import write_synthetic_cifar10
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_raises_keyboard_interrupt():
+    """Tests that send SIGINT expect Python's default handler; a shell that starts pytest in the
+    background (`pytest &`, nohup) hands it SIGINT ignored instead."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session")

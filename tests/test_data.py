@@ -179,6 +179,8 @@ def test_download_fetches_verifies_and_loads(tmp_path, monkeypatch):
                                              functools.partial(Quiet, directory=str(tmp_path)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # a CI proxy could not reach this local server
     monkeypatch.setattr(CIFAR10, "url", f"{url}/{archive.name}")
     monkeypatch.setattr(CIFAR10, "tgz_md5", md5(archive))
     monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5(base / f"data_batch_{i}")]
