@@ -18,8 +18,9 @@ import torch
 from conftest import tb_scalars, tiny_config, wait_for_line, write_yaml
 from vggtrain.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from vggtrain.cli import main
-from vggtrain.errors import CheckpointError
-from vggtrain.train import StopSignals
+from vggtrain.config import config_from_dict
+from vggtrain.errors import CheckpointError, UserError
+from vggtrain.train import StopSignals, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,6 +125,54 @@ def test_a_resume_in_the_same_second_as_the_killed_run_keeps_the_curves_in_order
     assert sorted((run / "tb").glob("events.out.tfevents.*"))[0].name == ".".join(parts)
     steps = [step for step, _ in tb_scalars(run)["train/loss_step"]]
     assert steps == list(range(1, load_checkpoint(run / "last.pt")["global_step"] + 1))
+
+
+def test_one_process_at_a_time_trains_in_a_run_directory(cifar_bin, tmp_path, capsys):
+    fcntl = pytest.importorskip("fcntl")
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                         train={"epochs": 1}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    before = sorted(p.name for p in run.iterdir())
+    stale = run / ".last.pt.k1ll3d.tmp"  # what a SIGKILL in the middle of a save leaves
+    stale.write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+
+    holder = os.open(run, os.O_RDONLY)  # the lock a run still training (or still saving) holds
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for args in (["--resume", str(run), "--set", "train.epochs=2"], ["--config", str(cfg), "--force"]):
+            assert main(["fit", *args]) == 2
+            err = capsys.readouterr().err
+            assert err == f"vggtrain: run directory {run} is in use by another vggtrain process; " \
+                          f"wait for it to end, or stop it, then run this again\n", err
+            assert sorted(p.name for p in run.iterdir()) == sorted([*before, stale.name])
+    finally:
+        os.close(holder)
+    assert main(["fit", "--resume", str(run), "--set", "train.epochs=2"]) == 0
+    assert not stale.exists()
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    holder = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the finished run let go of it
+    finally:
+        os.close(holder)
+
+
+def test_a_resume_refuses_a_checkpoint_saved_again_after_it_was_read(cifar_bin, tmp_path, capsys):
+    # The run's previous process was still finishing its last save when the resume read last.pt.
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                         train={"epochs": 1}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    last = tmp_path / "runs" / "tiny" / "last.pt"
+    read = load_checkpoint(last)
+    save_checkpoint(last, {**read, "global_step": read["global_step"] + 1})
+    capsys.readouterr()
+    cfg2 = config_from_dict(read["config"], "last.pt")
+    cfg2.train.epochs = 2
+    with pytest.raises(UserError, match="was saved again while this resume read it"):
+        fit(cfg2, last.parent, resume=(last, read))
+    assert load_checkpoint(last)["global_step"] == read["global_step"] + 1  # left as it was
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_bin, tmp_path, capsys):

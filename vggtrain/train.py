@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -13,26 +12,33 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
 import vggtrain
 from vggtrain import allocator, distributed
 from vggtrain.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
-from vggtrain.config import TrainConfig, config_from_dict, dump_config
+from vggtrain.config import TrainConfig, dump_config
 from vggtrain.data import Split, load_cifar10, normalize, split_train_val, train_batches
 from vggtrain.device import autocast, channels_last_for, select_device
 from vggtrain.distributed import Dist
 from vggtrain.errors import CheckpointError, RunStopped, UserError, first_line
 from vggtrain.evaluate import Evaluation, build_report, evaluate_split
 from vggtrain.model import build_model, count_parameters, init_whitening
+from vggtrain.rundir import (
+    check_resume_point_unchanged,
+    check_run_dir,
+    delete_run_dir,
+    lock_run_dir,
+    remove_stale_temp_files,
+)
 
 
 @dataclass
@@ -242,57 +248,6 @@ def compile_model(model: nn.Module, device: torch.device) -> Any:
 
     torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly
     return torch.compile(model)
-
-
-def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """Refuse, before any work, to train into a used run directory by accident, or to let --force
-    delete a directory that is not a run (a dataset, a home directory)."""
-    if resume or not run_dir.exists():
-        return
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} is a file; pick another --name or train.out_dir")
-    try:
-        used = any(run_dir.iterdir())
-    except OSError as e:
-        raise UserError(f"run directory {run_dir}: cannot read it ({e.strerror or e})") from None
-    if used and not force:
-        raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it "
-                        f"or --force to delete it and start over")
-    if used and not _is_run_dir(run_dir):
-        raise UserError(f"--force refuses to delete {run_dir}: it holds no last.pt, best.pt or "
-                        f"vggtrain config.yaml, so it is not a run directory")
-
-
-def _is_run_dir(path: Path) -> bool:
-    """A checkpoint, or a config.yaml that is a vggtrain config (what fit writes first)."""
-    if (path / "last.pt").is_file() or (path / "best.pt").is_file():
-        return True
-    try:
-        config_from_dict(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")), "config.yaml")
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError, UserError):
-        return False
-    return True
-
-
-def _delete_run_dir(run_dir: Path) -> None:
-    """--force: move the run aside in one rename, then delete it. A delete that fails halfway
-    (a signal, a file it may not remove) then cannot leave a run directory without its
-    checkpoints, which neither --resume nor --force would accept."""
-    import tempfile
-
-    aside = None
-    try:
-        aside = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.deleting-", dir=run_dir.parent))
-        os.replace(run_dir, aside / run_dir.name)
-    except OSError as e:
-        if aside is not None:
-            aside.rmdir()
-        raise UserError(f"--force: cannot delete {run_dir} ({e.strerror or e})") from None
-    try:
-        shutil.rmtree(aside)
-    except OSError as e:
-        warnings.warn(f"--force: {run_dir} is gone, but deleting its files in {aside} failed "
-                      f"({e.strerror or e}); remove that directory by hand", stacklevel=2)
 
 
 class StopSignals:
@@ -588,7 +543,8 @@ def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None
     d = distributed.from_env()
     device_spec = distributed.init(d, cfg.train.device)
     try:
-        report = _fit(cfg, run_dir, resume, force, d, device_spec, on_epoch_end)
+        with ExitStack() as held:  # what rank 0 holds for the run's lifetime: its directory's lock
+            report = _fit(cfg, run_dir, resume, force, d, device_spec, held, on_epoch_end)
         distributed.barrier(d)  # the other ranks wait for rank 0's report before the group ends
         return report
     finally:
@@ -610,8 +566,18 @@ def _rank0_verdict(d: Dist, check: Callable[[], None]) -> None:
 
 
 def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, force: bool, d: Dist,
-         device_spec: str, on_epoch_end: EpochHook | None = None) -> dict | None:
-    _rank0_verdict(d, lambda: check_run_dir(run_dir, resume is not None, force))
+         device_spec: str, held: ExitStack, on_epoch_end: EpochHook | None = None) -> dict | None:
+    locked = False  # rank 0 holds the run directory's lock (see lock_run_dir)
+
+    def claim_run_dir() -> None:
+        nonlocal locked
+        check_run_dir(run_dir, resume is not None, force)
+        if run_dir.is_dir():
+            locked = lock_run_dir(run_dir, held)
+            if locked and resume is not None:
+                check_resume_point_unchanged(*resume)
+
+    _rank0_verdict(d, claim_run_dir)
     if d.enabled and d.local_rank != 0:
         distributed.barrier(d)  # let this node's local rank 0 download the data first
     train_full, test, class_names = load_cifar10(cfg.data.root, cfg.data.download)
@@ -641,10 +607,16 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
     train, val, test = train.to(run.device), val.to(run.device), test.to(run.device)
 
     def prepare_run_dir() -> None:
+        nonlocal locked
         try:
             if force and resume is None and run_dir.exists():
-                _delete_run_dir(run_dir)  # only now that data, config and device have all checked out
+                delete_run_dir(run_dir)  # only now that data, config and device have all checked out
+                locked = False  # the lock went with the old directory
             run_dir.mkdir(parents=True, exist_ok=True)
+            if not locked:
+                locked = lock_run_dir(run_dir, held)
+            if locked:
+                remove_stale_temp_files(run_dir)
             atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         except OSError as e:
             raise UserError(f"run directory {run_dir}: cannot write it ({e.strerror or e})") from None

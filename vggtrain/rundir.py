@@ -1,0 +1,112 @@
+"""The run directory: never trained into by accident, deleted only on --force and only if it is a
+run, and trained in by one process at a time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from contextlib import ExitStack
+from pathlib import Path
+
+import yaml
+
+from vggtrain.checkpoint import load_checkpoint
+from vggtrain.config import config_from_dict
+from vggtrain.errors import UserError
+
+
+def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    """Refuse, before any work, to train into a used run directory by accident, or to let --force
+    delete a directory that is not a run (a dataset, a home directory)."""
+    if resume or not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} is a file; pick another --name or train.out_dir")
+    try:
+        used = any(run_dir.iterdir())
+    except OSError as e:
+        raise UserError(f"run directory {run_dir}: cannot read it ({e.strerror or e})") from None
+    if used and not force:
+        raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it "
+                        f"or --force to delete it and start over")
+    if used and not _is_run_dir(run_dir):
+        raise UserError(f"--force refuses to delete {run_dir}: it holds no last.pt, best.pt or "
+                        f"vggtrain config.yaml, so it is not a run directory")
+
+
+def _is_run_dir(path: Path) -> bool:
+    """A checkpoint, or a config.yaml that is a vggtrain config (what fit writes first)."""
+    if (path / "last.pt").is_file() or (path / "best.pt").is_file():
+        return True
+    try:
+        config_from_dict(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")), "config.yaml")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError, UserError):
+        return False
+    return True
+
+
+def delete_run_dir(run_dir: Path) -> None:
+    """--force: move the run aside in one rename, then delete it. A delete that fails halfway
+    (a signal, a file it may not remove) then cannot leave a run directory without its
+    checkpoints, which neither --resume nor --force would accept."""
+    aside = None
+    try:
+        aside = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.deleting-", dir=run_dir.parent))
+        os.replace(run_dir, aside / run_dir.name)
+    except OSError as e:
+        if aside is not None:
+            aside.rmdir()
+        raise UserError(f"--force: cannot delete {run_dir} ({e.strerror or e})") from None
+    try:
+        shutil.rmtree(aside)
+    except OSError as e:
+        warnings.warn(f"--force: {run_dir} is gone, but deleting its files in {aside} failed "
+                      f"({e.strerror or e}); remove that directory by hand", stacklevel=2)
+
+
+def lock_run_dir(run_dir: Path, held: ExitStack) -> bool:
+    """Lock run_dir until held closes (True), or refuse: a second process training in the same
+    directory (a resume started while the stopped run is still saving, one name launched twice)
+    would overwrite the other's checkpoints and curves. An flock on the directory itself: the
+    kernel drops it when its process ends however it ends (SIGKILL too), so a lock never outlives
+    its run and leaves no file behind. Where directories cannot be flocked (Windows, some network
+    file systems) training goes on unguarded (False)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError as e:
+        raise UserError(f"run directory {run_dir}: cannot read it ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"run directory {run_dir} is in use by another vggtrain process; wait for "
+                        f"it to end, or stop it, then run this again") from None
+    except OSError:
+        os.close(fd)
+        return False
+    held.callback(os.close, fd)
+    return True
+
+
+def check_resume_point_unchanged(path: Path, state: dict) -> None:
+    """Refuse a resume whose checkpoint was saved again after it was read: the run's previous
+    process was still finishing its last save when this one started, and training on from the
+    older state would overwrite the newer one."""
+    now = load_checkpoint(path)
+    if (now.get("epoch"), now.get("global_step")) != (state.get("epoch"), state.get("global_step")):
+        raise UserError(f"{path} was saved again while this resume read it (its previous process "
+                        f"was still ending); run this again to continue from the newer state")
+
+
+def remove_stale_temp_files(run_dir: Path) -> None:
+    """Delete the temp files of atomic writes that a SIGKILL cut short (a checkpoint's can be
+    hundreds of MB). Call it only under the run's lock: no other process is writing one."""
+    for path in run_dir.glob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
