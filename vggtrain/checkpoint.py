@@ -65,8 +65,11 @@ def _check_container(path: Path) -> None:
                               f"missing; {size:,} bytes)")
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by save_checkpoint. Raises CheckpointError on anything else."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint written by save_checkpoint. Raises CheckpointError on anything else.
+
+    mmap: map the tensors from the file instead of reading them (a look at a few keys)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -77,7 +80,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         with warnings.catch_warnings():  # a refused file gets one line from us, not torch's noise
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # weights_only refuses any global it does not know, before calling it.
         lines = [ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln]

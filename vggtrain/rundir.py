@@ -98,7 +98,7 @@ def check_resume_point_unchanged(path: Path, state: dict) -> None:
     """Refuse a resume whose checkpoint was saved again after it was read: the run's previous
     process was still finishing its last save when this one started, and training on from the
     older state would overwrite the newer one."""
-    now = load_checkpoint(path)
+    now = load_checkpoint(path, mmap=True)  # its counters only: no need to read the tensors
     if (now.get("epoch"), now.get("global_step")) != (state.get("epoch"), state.get("global_step")):
         raise UserError(f"{path} was saved again while this resume read it (its previous process "
                         f"was still ending); run this again to continue from the newer state")
