@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import tb_scalars, tiny_config, wait_for_line, write_yaml
+from vggtrain import train as train_module
 from vggtrain.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from vggtrain.cli import main
 from vggtrain.config import config_from_dict
@@ -136,6 +137,8 @@ def test_one_process_at_a_time_trains_in_a_run_directory(cifar_bin, tmp_path, ca
     before = sorted(p.name for p in run.iterdir())
     stale = run / ".last.pt.k1ll3d.tmp"  # what a SIGKILL in the middle of a save leaves
     stale.write_bytes(b"half a checkpoint")
+    others = run / ".notes.txt.x1.tmp"  # another program's: not fit's to delete
+    others.write_bytes(b"")
     capsys.readouterr()
 
     holder = os.open(run, os.O_RDONLY)  # the lock a run still training (or still saving) holds
@@ -146,17 +149,47 @@ def test_one_process_at_a_time_trains_in_a_run_directory(cifar_bin, tmp_path, ca
             err = capsys.readouterr().err
             assert err == f"vggtrain: run directory {run} is in use by another vggtrain process; " \
                           f"wait for it to end, or stop it, then run this again\n", err
-            assert sorted(p.name for p in run.iterdir()) == sorted([*before, stale.name])
+            assert sorted(p.name for p in run.iterdir()) == sorted([*before, stale.name, others.name])
     finally:
         os.close(holder)
     assert main(["fit", "--resume", str(run), "--set", "train.epochs=2"]) == 0
-    assert not stale.exists()
+    assert not stale.exists() and others.exists()
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
     holder = os.open(run, os.O_RDONLY)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the finished run let go of it
     finally:
         os.close(holder)
+
+
+@pytest.mark.parametrize("other_run_is_live", [True, False])
+def test_a_run_of_the_same_name_started_while_the_data_loaded_is_left_alone(
+        cifar_bin, tmp_path, monkeypatch, capsys, other_run_is_live):
+    # Both processes found no run directory at first; the other one created (and locked) it while
+    # this one loaded its data. --force must not delete a live run, nor a plain fit use a new one.
+    fcntl = pytest.importorskip("fcntl")
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                         train={"epochs": 1}))
+    run = tmp_path / "runs" / "tiny"
+    load_cifar10, holder = train_module.load_cifar10, []
+
+    def load_while_the_other_run_starts(*args, **kwargs):
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text((tmp_path / "tiny.yaml").read_text())
+        if other_run_is_live:
+            holder.append(os.open(run, os.O_RDONLY))
+            fcntl.flock(holder[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return load_cifar10(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "load_cifar10", load_while_the_other_run_starts)
+    try:
+        assert main(["fit", "--config", str(cfg), *(["--force"] if other_run_is_live else [])]) == 2
+    finally:
+        for fd in holder:
+            os.close(fd)
+    err = capsys.readouterr().err
+    assert ("is in use by another vggtrain process" if other_run_is_live else "already exists") in err
+    assert [p.name for p in run.iterdir()] == ["config.yaml"]
 
 
 def test_a_resume_refuses_a_checkpoint_saved_again_after_it_was_read(cifar_bin, tmp_path, capsys):

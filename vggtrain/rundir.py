@@ -107,6 +107,9 @@ def check_resume_point_unchanged(path: Path, state: dict) -> None:
 def remove_stale_temp_files(run_dir: Path) -> None:
     """Delete the temp files of atomic writes that a SIGKILL cut short (a checkpoint's can be
     hundreds of MB). Call it only under the run's lock: no other process is writing one."""
-    for path in run_dir.glob(".*.tmp"):
-        if path.is_file():
-            path.unlink(missing_ok=True)
+    for name in ("last.pt", "best.pt"):  # only fit's own: the directory may hold others' temp files
+        for path in run_dir.glob(f".{name}.*.tmp"):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # only a cleanup: a file it may not delete does not stop the run

@@ -609,6 +609,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None, forc
     def prepare_run_dir() -> None:
         nonlocal locked
         try:
+            if not locked and run_dir.exists():
+                claim_run_dir()  # it appeared while the data loaded (the same name started twice)
             if force and resume is None and run_dir.exists():
                 delete_run_dir(run_dir)  # only now that data, config and device have all checked out
                 locked = False  # the lock went with the old directory
