@@ -252,11 +252,11 @@ def test_airbench_knobs_train_and_resume_exactly_after_a_kill(cifar_bin, tmp_pat
     report = json.loads((run / "report.json").read_text())
     assert report["tta"] is True and report["tta_mode"] == "multicrop"
     assert report["test"] == json.loads((tmp_path / "runs" / "straight" / "report.json").read_text())["test"]
-    # eval reproduces fit's multicrop report from the checkpoint alone.
+    # eval reproduces fit's multicrop report from the checkpoint alone: the run's train.tta is its default.
     out = tmp_path / "eval.json"
-    args = ["eval", "--ckpt", str(run), "--device", "cpu", "--tta", "multicrop", "--json", str(out)]
-    assert main(args) == 0
-    assert json.loads(out.read_text())["metrics"]["top1"] == report["metrics"]["top1"]
+    assert main(["eval", "--ckpt", str(run), "--device", "cpu", "--json", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["tta_mode"] == "multicrop" and ev["metrics"]["top1"] == report["metrics"]["top1"]
 
 
 def _tta_script(*args: str) -> subprocess.CompletedProcess:

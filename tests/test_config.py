@@ -150,6 +150,18 @@ def test_cli_usage_error_exits_2_with_one_line(capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--device", "gpu", "argument --device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    ("--name", "my run", "argument --name: a run name is 1-100 letters"),
+])
+def test_fit_flags_are_checked_as_flags(flag, value, expected, capsys):
+    # The error names the flag the user typed, not the --set it becomes.
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", "smoke.yaml", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and expected in err and "--set" not in err, err
+
+
 def test_a_file_name_that_cannot_name_a_new_run_is_refused(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     for stem in ("my run", "_base", ".", "x" * 101, "run\n"):

@@ -92,10 +92,14 @@ def test_tta_in_fit_matches_eval_with_tta(cifar_bin, tmp_path, capsys):
     assert report["tta"] is True
     capsys.readouterr()
     ckpt = str(tmp_path / "runs" / "tiny" / "best.pt")
-    assert main(["eval", "--ckpt", ckpt, "--device", "cpu", "--tta", "--json", "-"]) == 0
+    assert main(["eval", "--ckpt", ckpt, "--device", "cpu", "--json", "-"]) == 0  # the run's tta by default
     ev = json.loads(capsys.readouterr().out)
-    assert ev["metrics"]["top1"] == report["metrics"]["top1"]
+    assert ev["tta"] is True and ev["metrics"]["top1"] == report["metrics"]["top1"]
     assert ev["metrics"]["loss"] == pytest.approx(report["metrics"]["loss"], rel=1e-5)
+    assert main(["eval", "--ckpt", ckpt, "--device", "cpu", "--tta", "none", "--json", "-"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["tta"] is False
+    assert plain["metrics"]["loss"] != pytest.approx(ev["metrics"]["loss"], rel=1e-5)
     assert main(["eval", "--ckpt", ckpt, "--device", "cpu", "--split", "val", "--tta", "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"]["top1"] == report["val_acc"]
     assert torch.is_tensor(load_checkpoint(ckpt)["model"]["classifier.weight"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from vggtrain import __version__
-from vggtrain.config import TTA_MODES
+from vggtrain.config import DEVICE_RE, RUN_NAME_RE, RUN_NAME_RULE, TTA_MODES
 from vggtrain.errors import RunStopped, UserError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -37,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--config", help="YAML file, or a name in configs/ (e.g. vgg16_cifar.yaml)")
     fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set optim.lr=0.1 (repeatable)")
-    fit.add_argument("--name", help="run name (default: the config's name, else the file's stem)")
-    fit.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default: train.device)")
+    fit.add_argument("--name", type=_run_name,
+                     help="run name (default: the config's name, else the file's stem)")
+    fit.add_argument("--device", type=_device,
+                     help="auto | cpu | cuda | cuda:N | mps (default: train.device)")
     fit.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR_OR_CKPT",
                      help="continue from last.pt: of the run named by the config, or of the "
                           "given run directory / checkpoint (its stored config is used)")
@@ -59,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", type=_device, default="auto", help=device_help)
     ev.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT ('-': print "
                                                   "only the JSON, to stdout)")
-    ev.add_argument("--tta", nargs="?", const="flip", default="none", choices=TTA_MODES,
-                    help="test-time augmentation: flip (the default when given alone) averages each "
-                         "image with its mirror; multicrop adds one-pixel shifts (airbench's level 2)")
+    ev.add_argument("--tta", nargs="?", const="flip", default=None, choices=TTA_MODES,
+                    help="test-time augmentation (default: the run's train.tta, as its report used): "
+                         "flip (when given alone) averages each image with its mirror; multicrop "
+                         "adds one-pixel shifts (airbench's level 2); none turns it off")
 
     pr = sub.add_parser("predict", help="top-k classes for image files",
                         description="Classify PNG/JPEG images (converted to RGB, resized to 32x32).")
@@ -206,10 +209,14 @@ def positive_int(text: str) -> int:
 
 
 def _device(text: str) -> str:
-    import re
-
-    if not re.match(r"^(auto|cpu|mps|cuda(:\d+)?)$", text):
+    if not DEVICE_RE.match(text):
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def _run_name(text: str) -> str:
+    if not RUN_NAME_RE.match(text):
+        raise argparse.ArgumentTypeError(f"a run name is {RUN_NAME_RULE}, got {text!r}")
     return text
 
 

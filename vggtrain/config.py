@@ -169,9 +169,9 @@ class TrainConfig:
         return asdict(self)
 
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")  # one safe path component, never . or ..
-_NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")  # one safe path component, never . or ..
+RUN_NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -282,11 +282,11 @@ def _cross_check(cfg: TrainConfig, where: Callable[[str], str]) -> None:
         if first % 2 or first > WHITEN_MAX_WIDTH:
             raise ConfigError(f"{where('model.whiten')}: model.whiten needs an even first convolution "
                               f"width of at most {WHITEN_MAX_WIDTH} (got {first})")
-    if not _DEVICE_RE.match(cfg.train.device):
+    if not DEVICE_RE.match(cfg.train.device):
         raise ConfigError(f"{where('train.device')}: train.device must be auto, cpu, cuda, cuda:N or mps "
                           f"(got {_show(cfg.train.device)})")
-    if cfg.name is not None and not _NAME_RE.match(cfg.name):
-        raise ConfigError(f"{where('name')}: name must be {_NAME_RULE} (got {_show(cfg.name)})")
+    if cfg.name is not None and not RUN_NAME_RE.match(cfg.name):
+        raise ConfigError(f"{where('name')}: name must be {RUN_NAME_RULE} (got {_show(cfg.name)})")
 
 
 def config_from_dict(raw: Any, source: str, overridden: dict[str, str] | None = None) -> TrainConfig:
@@ -374,8 +374,8 @@ def load_config(path_or_name: str, overrides: Sequence[str] = ()) -> TrainConfig
 def check_run_name(cfg: TrainConfig, source: str) -> None:
     """Before a new run directory is named after the config file's stem, check it as a name: key
     is checked, so the run can be evaluated and resumed (and "..yaml" cannot name runs/ itself)."""
-    if not _NAME_RE.match(str(cfg.name)):
-        raise ConfigError(f"{source}: the file name {_show(cfg.name)} cannot name the run ({_NAME_RULE}); "
+    if not RUN_NAME_RE.match(str(cfg.name)):
+        raise ConfigError(f"{source}: the file name {_show(cfg.name)} cannot name the run ({RUN_NAME_RULE}); "
                           f"set name: in the file, or pass --name or --set name=...")
 
 
@@ -429,4 +429,4 @@ def dump_config(cfg: TrainConfig) -> str:
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
            "load_config", "config_from_dict", "config_with_overrides", "dump_config",
            "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "tta_mode",
-           "TTA_MODES"]
+           "TTA_MODES", "DEVICE_RE", "RUN_NAME_RE", "RUN_NAME_RULE"]

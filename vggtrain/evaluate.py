@@ -217,15 +217,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | None = None,
-                        batch_size: int | None = None, device: str = "auto", tta: bool | str = False
-                        ) -> dict[str, Any]:
+                        batch_size: int | None = None, device: str = "auto",
+                        tta: bool | str | None = None) -> dict[str, Any]:
     """The report for a checkpoint on the test split, or on the validation split its run held out
-    (rebuilt from the stored data.val_size and seed). Needs nothing but the checkpoint and data."""
+    (rebuilt from the stored data.val_size and seed). Needs nothing but the checkpoint and data.
+    tta None means the run's own train.tta, so that a re-test reproduces the run's report."""
     from vggtrain.data import load_cifar10, split_train_val
 
     dev = select_device(device)
     loaded = load_model(resolve_checkpoint(ckpt), dev)
     cfg = loaded.cfg
+    if tta is None:
+        tta = cfg.train.tta
     root = data_root if data_root is not None else cfg.data.root
     train, test, names = load_cifar10(root, cfg.data.download and data_root is None)
     if len(names) != cfg.model.num_classes:
