@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from vggtrain import __version__
-from vggtrain.config import DEVICE_RE, RUN_NAME_RE, RUN_NAME_RULE, TTA_MODES
+from vggtrain.config import DEVICE_RE, DEVICE_RULE, RUN_NAME_RE, RUN_NAME_RULE, TTA_MODES
 from vggtrain.errors import RunStopped, UserError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -210,7 +210,7 @@ def positive_int(text: str) -> int:
 
 def _device(text: str) -> str:
     if not DEVICE_RE.match(text):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {DEVICE_RULE}, got {text!r}")
     return text
 
 

@@ -170,6 +170,7 @@ class TrainConfig:
 
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_RULE = "auto, cpu, cuda, cuda:N or mps"
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")  # one safe path component, never . or ..
 RUN_NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -283,7 +284,7 @@ def _cross_check(cfg: TrainConfig, where: Callable[[str], str]) -> None:
             raise ConfigError(f"{where('model.whiten')}: model.whiten needs an even first convolution "
                               f"width of at most {WHITEN_MAX_WIDTH} (got {first})")
     if not DEVICE_RE.match(cfg.train.device):
-        raise ConfigError(f"{where('train.device')}: train.device must be auto, cpu, cuda, cuda:N or mps "
+        raise ConfigError(f"{where('train.device')}: train.device must be {DEVICE_RULE} "
                           f"(got {_show(cfg.train.device)})")
     if cfg.name is not None and not RUN_NAME_RE.match(cfg.name):
         raise ConfigError(f"{where('name')}: name must be {RUN_NAME_RULE} (got {_show(cfg.name)})")
@@ -429,4 +430,4 @@ def dump_config(cfg: TrainConfig) -> str:
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
            "load_config", "config_from_dict", "config_with_overrides", "dump_config",
            "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "tta_mode",
-           "TTA_MODES", "DEVICE_RE", "RUN_NAME_RE", "RUN_NAME_RULE"]
+           "TTA_MODES", "DEVICE_RE", "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE"]
