@@ -54,8 +54,9 @@ def run(args: argparse.Namespace) -> dict:
     from vggtrain.config import check_run_name, load_config
     from vggtrain.data import Split, load_cifar10
     from vggtrain.errors import RunStopped, UserError
-    from vggtrain.evaluate import evaluate_split
-    from vggtrain.train import Run, fit
+    from vggtrain.evaluate import eval_settings, evaluate_split
+    from vggtrain.fit import fit
+    from vggtrain.run import Run
 
     if not 0 < args.target <= 1 or not (math.isfinite(args.budget_min) and args.budget_min > 0) \
             or args.probe_every < 1 or (args.probe_from is not None and args.probe_from < 1):
@@ -84,8 +85,7 @@ def run(args: argparse.Namespace) -> dict:
         if "test" not in on_device:  # read once, inside the probe's own time (fit reads it too)
             on_device["test"] = load_cifar10(cfg.data.root, download=False)[1].to(r.device)
         split = on_device["test"]
-        ev = evaluate_split(r.model, split, cfg.model.num_classes, cfg.train.eval_batch_size, r.device,
-                            cfg.train.precision, r.channels_last, tta=cfg.train.tta)
+        ev = evaluate_split(r.model, split, eval_settings(cfg, r.device))
         probe_s += time.perf_counter() - start
         curve.append({"epoch": r.epoch, "wall_s": round(wall, 2), "train_s": round(r.train_time_s, 2),
                       "test_acc": ev.top1})

@@ -26,7 +26,8 @@ from vggtrain.data import Split, crop_flip, normalize
 from vggtrain.errors import ConfigError
 from vggtrain.evaluate import log_probs
 from vggtrain.model import VGG, build_model, init_whitening
-from vggtrain.train import build_run, lookahead_sync, train_step
+from vggtrain.run import build_run
+from vggtrain.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 AIRBENCH = {  # every option at once, on the tiny net
@@ -103,7 +104,7 @@ def test_whitening_decorrelates_patches_and_is_frozen(tmp_path):
 
     cfg = _cfg(tmp_path, model={"whiten": True, "layers": [8, "M", 16, "M"]})
     images_u8 = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8, generator=g)
-    run = build_run(cfg, tmp_path, ["x"] * 10, whiten_images=images_u8)
+    run = build_run(cfg, tmp_path, ["x"] * 10, 1000, whiten_images=images_u8)
     first = run.model.convs()[0].weight
     assert not first.requires_grad
     assert all(p is not first for group in run.optimizer.param_groups for p in group["params"])
@@ -137,7 +138,7 @@ def test_identity_init_passes_each_input_channel_through():
 def test_bn_bias_groups_fixed_bn_weights_and_logit_scale(tmp_path):
     cfg = _cfg(tmp_path, model={"bn_weight": False, "logit_scale": 0.25},
                optim={"bn_bias_lr_scale": 8.0, "weight_decay": 1e-3})
-    run = build_run(cfg, tmp_path, ["x"] * 10)
+    run = build_run(cfg, tmp_path, ["x"] * 10, 1000)
     bns = [m for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     rest, fast = run.optimizer.param_groups
     assert {id(p) for p in fast["params"]} == {id(m.bias) for m in bns}
@@ -153,23 +154,23 @@ def test_bn_bias_groups_fixed_bn_weights_and_logit_scale(tmp_path):
     with torch.no_grad():
         raw = run.model.classifier(torch.flatten(run.model.pool(run.model.features(x)), 1))
         assert torch.allclose(run.model(x), raw * 0.25)
-    # StepLR keeps the ratio between the groups.
+    # The schedule keeps the ratio between the groups.
     run.scheduler.step()
     assert fast["lr"] / rest["lr"] == pytest.approx(8.0)
 
 
 def test_lookahead_sync_pulls_fast_weights_to_the_slow_ones(tmp_path):
     cfg = _cfg(tmp_path, optim={"lookahead_every": 5})
-    run = build_run(cfg, tmp_path, ["x"] * 10)
-    start = [t.clone() for t in run.slow]
+    run = build_run(cfg, tmp_path, ["x"] * 10, 1000)
+    start = [t.clone() for t in run.lookahead.state_dict()]
     x = normalize(torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8))
     for _ in range(2):
         train_step(run, x, torch.arange(20) % 10, torch.nn.CrossEntropyLoss())
     fast = [t.clone() for t in run.model.state_dict().values() if t.is_floating_point()]
     decay = 0.95 ** 5 * 0.125  # at step 50 of 100: 0.95^5 * (50/100)^3
-    lookahead_sync(run, 50, 100)
+    run.lookahead.sync(50, 100)
     now = [t for t in run.model.state_dict().values() if t.is_floating_point()]
-    for s0, f, s, n in zip(start, fast, run.slow, now, strict=True):
+    for s0, f, s, n in zip(start, fast, run.lookahead.state_dict(), now, strict=True):
         assert torch.allclose(s, decay * s0 + (1 - decay) * f, atol=1e-6)
         assert torch.equal(n, s)
     assert math.isclose(decay, 0.0967, rel_tol=1e-3)

@@ -21,9 +21,9 @@ from vggtrain.checkpoint import load_checkpoint
 from vggtrain.cli import main
 from vggtrain.config import ModelConfig, TrainConfig
 from vggtrain.data import Split
-from vggtrain.evaluate import SCHEMA, build_report, evaluate_split, log_probs
+from vggtrain.evaluate import EvalSettings, evaluate_split, log_probs
 from vggtrain.model import build_model
-from vggtrain.report import confusion_image, format_text
+from vggtrain.report import SCHEMA, build_report, confusion_image, format_text
 
 # The documented schema (README.md, "Evaluating a model"): eval writes exactly these keys ...
 EVAL_KEYS = {"schema", "split", "metrics", "tta", "tta_mode", "per_class", "class_names", "confusion_matrix",
@@ -212,7 +212,8 @@ def test_metrics_on_chosen_predictions():
     labels = torch.tensor([0, 1, 1, 2, 0, 1])
     images = torch.zeros(6, 3, 32, 32, dtype=torch.uint8)
     images[:, 0, 0, 0] = torch.tensor(rows, dtype=torch.uint8)
-    ev = evaluate_split(_Fixed(table), Split(images, labels), 3, batch_size=4, device=torch.device("cpu"))
+    ev = evaluate_split(_Fixed(table), Split(images, labels),
+                        EvalSettings(3, batch_size=4, device=torch.device("cpu")))
     assert ev.top1 == pytest.approx(3 / 6)  # images 0, 2, 3
     # top-min(5, 3) = top-3 is always right with 3 classes
     assert ev.top5 == 1.0
@@ -226,7 +227,7 @@ def test_metrics_on_chosen_predictions():
 def test_report_from_a_diverged_model_is_valid_json():
     table = torch.tensor([[float("nan"), 0.0]])
     ev = evaluate_split(_Fixed(table), Split(torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
-                                             torch.tensor([0, 1])), 2, 8, torch.device("cpu"))
+                                             torch.tensor([0, 1])), EvalSettings(2, 8, torch.device("cpu")))
     cfg = TrainConfig()
     report = build_report(ev, split="test", model=_Fixed(table), cfg=cfg, class_names=["a", "b"],
                           checkpoint="x.pt", checkpoint_epoch=1, device="cpu", precision="fp32")

@@ -46,7 +46,7 @@ def test_fit_learns_and_writes_every_artefact(cifar_bin, tmp_path, capsys):
             "rng"} <= set(best)
     assert best["epoch"] == report["best_epoch"] and best["best_metric"] == report["val_acc"]
     last = load_checkpoint(run / "last.pt")
-    assert last["epoch"] == 3 and last["scheduler"]["last_epoch"] == 3
+    assert last["epoch"] == 3 and last["scheduler"]["last_epoch"] == 3 * 16  # per step
 
     scalars = tb_scalars(run)
     assert EPOCH_TAGS | {"train/loss_step", "test/acc"} <= set(scalars)
@@ -147,7 +147,7 @@ def test_compile_trains_and_saves_the_plain_model(cifar_bin, tmp_path):
 def test_compile_without_a_compiler_falls_back_with_a_warning(monkeypatch):
     import shutil
 
-    from vggtrain.train import compile_model
+    from vggtrain.run import compile_model
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     model = torch.nn.Linear(2, 2)

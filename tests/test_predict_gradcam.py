@@ -15,8 +15,8 @@ from PIL import Image
 from conftest import tiny_config, write_yaml
 from vggtrain.cli import main
 from vggtrain.data import load_cifar10, normalize
-from vggtrain.evaluate import load_model
 from vggtrain.gradcam import PANEL, find_layer, grad_cam, output_paths, upsample
+from vggtrain.inference import load_model
 from vggtrain.predict import SCHEMA, read_image
 from vggtrain.synthetic import SIGNAL
 

@@ -6,24 +6,23 @@ import json
 
 import pytest
 import torch
-import tqdm
 
 from conftest import tiny_config, write_yaml
 from vggtrain.checkpoint import load_checkpoint
 from vggtrain.cli import main
 from vggtrain.config import config_from_dict
-from vggtrain.train import build_run
+from vggtrain.run import build_run
 
 
 def test_bn_and_biases_can_be_excluded_from_weight_decay(tmp_path):
     cfg = config_from_dict(tiny_config(tmp_path, tmp_path, optim={"exclude_bn_bias_from_decay": True}),
                            "t")
-    run = build_run(cfg, tmp_path, ["x"] * 10)
+    run = build_run(cfg, tmp_path, ["x"] * 10, 100)
     decayed, plain = run.optimizer.param_groups
     assert decayed["weight_decay"] == pytest.approx(5e-4) and plain["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(run.model.parameters()))
-    default = build_run(config_from_dict(tiny_config(tmp_path, tmp_path), "t"), tmp_path, ["x"] * 10)
+    default = build_run(config_from_dict(tiny_config(tmp_path, tmp_path), "t"), tmp_path, ["x"] * 10, 100)
     assert len(default.optimizer.param_groups) == 1
 
 
@@ -31,12 +30,13 @@ def test_bn_and_biases_can_be_excluded_from_weight_decay(tmp_path):
 def test_optimizer_and_precision_settings_reach_the_step(tmp_path, monkeypatch, precision):
     import vggtrain.train as train_module
     from vggtrain.data import Split
-    from vggtrain.train import EpochProgress, StopSignals, _NoWriter, train_one_epoch
+    from vggtrain.run import EpochProgress
+    from vggtrain.train import train_one_epoch
 
     cfg = config_from_dict(tiny_config(tmp_path, tmp_path, optim={"nesterov": True, "momentum": 0.85,
                                                                   "label_smoothing": 0.2},
                                        train={"precision": precision}), "t")
-    run = build_run(cfg, tmp_path, ["x"] * 10)
+    run = build_run(cfg, tmp_path, ["x"] * 10, 100)
     group = run.optimizer.param_groups[0]
     assert group["nesterov"] is True and group["momentum"] == 0.85 and group["lr"] == pytest.approx(0.05)
     seen = {}
@@ -51,7 +51,7 @@ def test_optimizer_and_precision_settings_reach_the_step(tmp_path, monkeypatch, 
     monkeypatch.setattr(train_module, "train_step", step)
     split = Split(torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8), torch.arange(100) % 10)
     run.progress = EpochProgress()
-    train_one_epoch(run, split, _NoWriter(), tqdm.tqdm(disable=True), StopSignals())
+    train_one_epoch(run, split)
     assert seen == {"dtype": getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision]),
                     "smoothing": 0.2}
     # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and must not pay for it.
@@ -59,7 +59,7 @@ def test_optimizer_and_precision_settings_reach_the_step(tmp_path, monkeypatch, 
     if precision == "fp16":
         # The scaler's state resumes with the run: 100 images in batches of 50 are 2 steps, which
         # grow its tracker to 2 (or an overflow halves the scale), so a fresh scaler differs.
-        fresh = build_run(cfg, tmp_path, ["x"] * 10)
+        fresh = build_run(cfg, tmp_path, ["x"] * 10, 100)
         assert fresh.scaler.state_dict() != run.scaler.state_dict()
         fresh.restore(run.state(), tmp_path / "last.pt")
         assert fresh.scaler.state_dict() == run.scaler.state_dict()
@@ -72,15 +72,16 @@ def test_warmup_ramps_per_step_then_steplr_counts_from_its_end(cifar_bin, tmp_pa
         train={"epochs": 1}))
     assert main(["fit", "--config", str(mid)]) == 0
     state = load_checkpoint(tmp_path / "runs" / "mid" / "last.pt")
-    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 16 / 32)
-    assert state["scheduler"]["last_epoch"] == 0  # StepLR has not started
+    # After 16 of the 32 warm-up steps the optimizer holds the rate of step 17.
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 17 / 32)
+    assert state["scheduler"]["last_epoch"] == 16  # the schedule's position: steps done
 
     after = write_yaml(tmp_path / "after.yaml", tiny_config(
         cifar_bin, tmp_path / "runs", name="after", schedule={"warmup_epochs": 1, "step_size": 1,
                                                                "gamma": 0.5}, train={"epochs": 3}))
     assert main(["fit", "--config", str(after)]) == 0
     state = load_checkpoint(tmp_path / "runs" / "after" / "last.pt")
-    assert state["scheduler"]["last_epoch"] == 2  # stepped after epochs 2 and 3 only
+    assert state["scheduler"]["last_epoch"] == 48  # 3 epochs of 16 steps
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.25)
 
 

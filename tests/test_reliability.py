@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from conftest import tb_scalars, tiny_config, wait_for_line, write_yaml
-from vggtrain import train as train_module
+from vggtrain import fit as fit_module
 from vggtrain.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from vggtrain.cli import main
 from vggtrain.config import config_from_dict
 from vggtrain.errors import CheckpointError, UserError
-from vggtrain.train import StopSignals, fit
+from vggtrain.fit import fit
+from vggtrain.train import StopSignals
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,7 +172,7 @@ def test_a_run_of_the_same_name_started_while_the_data_loaded_is_left_alone(
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
                                                          train={"epochs": 1}))
     run = tmp_path / "runs" / "tiny"
-    load_cifar10, holder = train_module.load_cifar10, []
+    load_cifar10, holder = fit_module.load_cifar10, []
 
     def load_while_the_other_run_starts(*args, **kwargs):
         run.mkdir(parents=True)
@@ -181,7 +182,7 @@ def test_a_run_of_the_same_name_started_while_the_data_loaded_is_left_alone(
             fcntl.flock(holder[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
         return load_cifar10(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "load_cifar10", load_while_the_other_run_starts)
+    monkeypatch.setattr(fit_module, "load_cifar10", load_while_the_other_run_starts)
     try:
         assert main(["fit", "--config", str(cfg), *(["--force"] if other_run_is_live else [])]) == 2
     finally:
@@ -341,7 +342,7 @@ def test_force_deletes_only_run_directories(cifar_bin, tmp_path, capsys):
 
 
 def test_force_whose_delete_fails_halfway_leaves_no_half_run(cifar_bin, tmp_path, monkeypatch):
-    import vggtrain.train as train_module
+    import vggtrain.rundir as rundir_module
 
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs", train={"epochs": 1}))
     assert main(["fit", "--config", str(cfg)]) == 0
@@ -351,7 +352,7 @@ def test_force_whose_delete_fails_halfway_leaves_no_half_run(cifar_bin, tmp_path
             f.unlink()
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(train_module.shutil, "rmtree", rmtree_that_fails)
+    monkeypatch.setattr(rundir_module.shutil, "rmtree", rmtree_that_fails)
     with pytest.warns(UserWarning, match="remove that directory by hand"):
         assert main(["fit", "--config", str(cfg), "--force", "--set", "seed=5"]) == 0
     monkeypatch.undo()
@@ -493,7 +494,8 @@ def test_epoch_end_resume_with_another_rank_count_keeps_the_schedule(cifar_bin, 
     assert main(["fit", "--config", str(cfg)]) == 0
     last = tmp_path / "runs" / "tiny" / "last.pt"
     state = load_checkpoint(last)
-    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 16 / 32)
+    # The rate of the next step: step 17 of the 32 warm-up steps.
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 17 / 32)
     save_checkpoint(last, {**state, "global_step": 8, "world_size": 2})
     assert main(["fit", "--resume", str(last.parent), "--set", "train.epochs=2"]) == 0
     assert load_checkpoint(last)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05)

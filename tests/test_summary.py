@@ -9,8 +9,8 @@ import pytest
 from conftest import write_yaml
 from vggtrain.cli import main
 from vggtrain.config import PROJECT_CONFIGS, ModelConfig, load_config
-from vggtrain.model import VGG_LAYERS, build_model, count_parameters
-from vggtrain.summary import blocks, summarize
+from vggtrain.model import VGG_LAYERS, blocks, build_model, count_parameters
+from vggtrain.summary import summarize
 
 
 def _macs_by_hand(layers: list, classes: int = 10) -> int:

@@ -3,8 +3,8 @@
 bare step       forward + backward + SGD on one fixed device-resident batch: the ceiling
 data path       vggtrain's batched sampling + crop/flip + normalisation on the device
 reference data  torchvision's RandomCrop/RandomHorizontalFlip/ToTensor/Normalize, DataLoader(2 workers)
-fit             the real training loop (train_one_epoch) over N steps, TensorBoard logging included
-eval            evaluate_split() over a few batches
+fit             the real training loop (train.train_one_epoch) over N steps, TensorBoard logging included
+eval            evaluate.evaluate_split() over a few batches
 allocator       the bare step in two fresh processes: system allocator vs the configured one
 
 Images are random uint8 (speed does not depend on content), so no dataset is needed.
@@ -26,15 +26,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from vggtrain import allocator
 from vggtrain.config import TrainConfig
 from vggtrain.data import Split, train_batches
 from vggtrain.device import channels_last_for, select_device, synchronize
-from vggtrain.evaluate import evaluate_split
+from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.model import build_model, count_parameters
-from vggtrain.train import EpochProgress, StopSignals, build_run, train_one_epoch, train_step
+from vggtrain.run import EpochProgress, build_run
+from vggtrain.train import train_one_epoch, train_step
 
 
 def _rate(fn: Callable[[], int], device: torch.device, warmup: int, steps: int) -> float:
@@ -55,8 +55,12 @@ def random_split(n: int, device: torch.device, seed: int = 0) -> Split:
     return Split(images, torch.randint(0, 10, (n,), generator=g)).to(device)
 
 
+def _bench_run(cfg: TrainConfig, run_dir: Path, train_size: int) -> Any:
+    return build_run(cfg, run_dir, [str(i) for i in range(cfg.model.num_classes)], train_size)
+
+
 def bench_bare_step(cfg: TrainConfig, run_dir: Path, warmup: int, steps: int) -> float:
-    run = build_run(cfg, run_dir, [str(i) for i in range(cfg.model.num_classes)])
+    run = _bench_run(cfg, run_dir, cfg.train.batch_size * steps)
     batch = next(train_batches(random_split(cfg.train.batch_size, run.device), cfg.train.batch_size,
                                torch.Generator().manual_seed(0), cfg.data.augment, run.channels_last,
                                pad=cfg.data.crop_padding))
@@ -118,28 +122,25 @@ def bench_fit(cfg: TrainConfig, run_dir: Path, steps: int, warmup: int) -> float
     """The real loop over `steps` steps, after a short warm-up epoch (first-call costs excluded)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    run = build_run(cfg, run_dir, [str(i) for i in range(cfg.model.num_classes)])
     bs = cfg.train.batch_size
-    # StopSignals not entered: Ctrl-C interrupts at once, with no checkpoint to resume in a
-    # directory that is deleted as bench exits.
-    stop = StopSignals()
+    run = _bench_run(cfg, run_dir, bs * steps)
+    # No stop signals: Ctrl-C interrupts at once, with no checkpoint to resume in a directory that
+    # is deleted as bench exits.
     with SummaryWriter(str(run_dir / "tb")) as writer:
-        bar = tqdm(disable=True)
-        train_one_epoch(run, random_split(bs * max(warmup, 1), run.device, seed=1), writer, bar, stop)
+        train_one_epoch(run, random_split(bs * max(warmup, 1), run.device, seed=1), writer)
         run.progress = EpochProgress()
         split = random_split(bs * steps, run.device, seed=2)
         synchronize(run.device)
         t0 = time.perf_counter()
-        train_one_epoch(run, split, writer, bar, stop)  # ends with a host read of its sums
+        train_one_epoch(run, split, writer)  # ends with a host read of its sums
         return bs * steps / (time.perf_counter() - t0)
 
 
 def bench_eval(cfg: TrainConfig, run_dir: Path, split: Split) -> float:
-    run = build_run(cfg, run_dir, [str(i) for i in range(cfg.model.num_classes)])
-    args = (run.model, split, cfg.model.num_classes, cfg.train.eval_batch_size, run.device,
-            cfg.train.precision, run.channels_last)
-    evaluate_split(*args)  # warm-up
-    return evaluate_split(*args).images_per_s  # timed inside, to its final host read
+    run = _bench_run(cfg, run_dir, len(split))
+    settings = eval_settings(cfg, run.device, tta=False)
+    evaluate_split(run.model, split, settings)  # warm-up
+    return evaluate_split(run.model, split, settings).images_per_s  # timed inside, to its final host read
 
 
 def peak_memory_mib(device: torch.device) -> float:

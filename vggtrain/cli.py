@@ -159,7 +159,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from vggtrain.checkpoint import load_checkpoint
     from vggtrain.config import check_resume_changes, check_run_name, config_with_overrides, load_config
-    from vggtrain.train import fit
+    from vggtrain.fit import fit
 
     extra = list(args.overrides)
     if args.name is not None:
@@ -252,8 +252,8 @@ def write_output(out: str, text: str) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from vggtrain.evaluate import evaluate_checkpoint, report_json
-    from vggtrain.report import format_text
+    from vggtrain.evaluate import evaluate_checkpoint
+    from vggtrain.report import format_text, report_json
 
     report = evaluate_checkpoint(args.ckpt, args.split, args.data_root, args.batch_size, args.device,
                                  args.tta)
@@ -266,7 +266,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from vggtrain.device import select_device
-    from vggtrain.evaluate import load_model, resolve_checkpoint
+    from vggtrain.inference import load_model, resolve_checkpoint
     from vggtrain.predict import format_predictions, predict_files, predictions_json
 
     device = select_device(args.device)
@@ -284,8 +284,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_gradcam(args: argparse.Namespace) -> int:
     from vggtrain.device import select_device
-    from vggtrain.evaluate import load_model, resolve_checkpoint
     from vggtrain.gradcam import explain_files
+    from vggtrain.inference import load_model, resolve_checkpoint
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

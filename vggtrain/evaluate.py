@@ -1,14 +1,8 @@
-"""Measure a model on a split: top-1, top-5, loss, per-class accuracy, confusion matrix.
-
-Also the one place that turns a checkpoint back into a ready model (``load_model``) for `eval`,
-`predict` and `gradcam`, and the JSON report schema shared by `vggtrain eval` and the report at
-the end of `fit` (``build_report``; documented in README.md, "Evaluating a model").
-"""
+"""Measure a model on a split: top-1, top-5, loss, per-class accuracy, confusion matrix; and
+`vggtrain eval`, which measures a checkpoint (its report's schema is report.py's)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,18 +12,34 @@ from typing import Any
 import torch
 from torch import nn
 
-import vggtrain
 from vggtrain import distributed
-from vggtrain.checkpoint import load_checkpoint, load_model_state
-from vggtrain.config import TrainConfig, config_from_dict, tta_mode
+from vggtrain.config import TrainConfig, tta_mode
 from vggtrain.data import Split, eval_batches
 from vggtrain.device import autocast, channels_last_for, select_device, synchronize
 from vggtrain.distributed import Dist
-from vggtrain.errors import CheckpointError, DataError, UserError
-from vggtrain.model import build_model, count_parameters
+from vggtrain.errors import DataError, UserError
 
-SCHEMA = "vggtrain.report/1"  # bump when a key changes meaning or goes away; adding keys is fine
 TOPK = 5
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a split is measured: built once from the run's config and device (eval_settings)."""
+
+    num_classes: int
+    batch_size: int
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = False
+    tta: bool | str = False
+
+
+def eval_settings(cfg: TrainConfig, device: torch.device, tta: bool | str | None = None,
+                  batch_size: int | None = None) -> EvalSettings:
+    """The settings a run validates and tests with; tta and batch_size override its config's."""
+    return EvalSettings(cfg.model.num_classes, batch_size or cfg.train.eval_batch_size, device,
+                        cfg.train.precision, channels_last_for(cfg.train.channels_last, device),
+                        cfg.train.tta if tta is None else tta)
 
 
 @dataclass
@@ -76,14 +86,14 @@ def log_probs(model: nn.Module, x: torch.Tensor, tta: bool | str = False) -> tor
 
 
 @torch.no_grad()
-def evaluate_split(model: nn.Module, split: Split, num_classes: int, batch_size: int,
-                   device: torch.device, precision: str = "fp32", channels_last: bool = False,
-                   tta: bool | str = False, dist: Dist = distributed.SINGLE) -> Evaluation:
+def evaluate_split(model: nn.Module, split: Split, settings: EvalSettings,
+                   dist: Dist = distributed.SINGLE) -> Evaluation:
     """Everything the report needs from one pass; sums stay on the device until the end.
 
     Under torchrun (dist), each rank measures every world-th image and the sums are all-reduced:
     the metrics are those of the whole split; predictions and confidence cover this rank's share.
     """
+    s, device, num_classes = settings, settings.device, settings.num_classes
     model.eval()
     total = len(split)
     if dist.enabled:
@@ -96,9 +106,9 @@ def evaluate_split(model: nn.Module, split: Split, num_classes: int, batch_size:
     preds, confs = [], []
     synchronize(device)
     t0 = time.perf_counter()
-    for x, y in eval_batches(split, batch_size, channels_last):
-        with autocast(device, precision):
-            logp = log_probs(model, x, tta)
+    for x, y in eval_batches(split, s.batch_size, s.channels_last):
+        with autocast(device, s.precision):
+            logp = log_probs(model, x, s.tta)
         loss_sum += nn.functional.nll_loss(logp, y, reduction="sum")
         best = logp.topk(k, dim=1).indices
         pred = best[:, 0]
@@ -123,98 +133,7 @@ def evaluate_split(model: nn.Module, split: Split, num_classes: int, batch_size:
                       predictions=predictions, confidence=confidence, seconds=seconds)
 
 
-# --- a model from a checkpoint --------------------------------------------------------------
-
-@dataclass
-class LoadedModel:
-    model: nn.Module  # in eval mode, on the requested device
-    cfg: TrainConfig
-    class_names: list[str]
-    path: Path
-    epoch: int
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild the model a checkpoint's own config describes and load its weights into it.
-
-    Raises CheckpointError (or ConfigError for a stored config that no longer validates) on a
-    file that is missing, not a checkpoint, truncated, or whose weights do not fit that model.
-    """
-    path = Path(path)
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"], f"{path} (its stored config)")
-    model = build_model(cfg.model)
-    load_model_state(model, state["model"], path)
-    names = state.get("class_names")
-    if names is None:
-        names = [str(i) for i in range(cfg.model.num_classes)]
-    if not isinstance(names, list) or len(names) != cfg.model.num_classes \
-            or not all(isinstance(n, str) for n in names):
-        raise CheckpointError(f"{path}: class_names does not list {cfg.model.num_classes} names")
-    try:
-        epoch = int(state.get("epoch", 0))
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{path}: epoch is not a number") from None
-    model = model.to(device)
-    if channels_last_for(cfg.train.channels_last, torch.device(device)):
-        model = model.to(memory_format=torch.channels_last)
-    model.eval()
-    return LoadedModel(model, cfg, list(names), path, epoch)
-
-
-# --- the JSON report ----------------------------------------------------------------------
-
-def config_digest(cfg: TrainConfig) -> str:
-    """sha256 of the resolved config as canonical JSON: equal digests, equal configs."""
-    text = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _finite(x: float | None) -> float | None:
-    # JSON has no NaN or Infinity; a diverged model's loss is reported as null.
-    return x if x is not None and math.isfinite(x) else None
-
-
-def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConfig,
-                 class_names: list[str], checkpoint: str | Path, checkpoint_epoch: int,
-                 device: torch.device | str, precision: str, tta: bool | str = False) -> dict[str, Any]:
-    """The report as plain data, in the documented schema (README.md, "Evaluating a model")."""
-    per_class = [{"class": name, "correct": c, "total": t, "acc": c / t if t else None}
-                 for name, (c, t) in zip(class_names, ev.per_class(), strict=True)]
-    return {
-        "schema": SCHEMA,
-        "split": split,
-        "metrics": {"top1": ev.top1, "top5": ev.top5, "loss": _finite(ev.loss), "images": ev.images},
-        "tta": tta_mode(tta) != "none",
-        "tta_mode": tta_mode(tta),
-        "per_class": per_class,
-        "class_names": list(class_names),
-        "confusion_matrix": ev.confusion.tolist(),
-        "checkpoint": str(checkpoint),
-        "checkpoint_epoch": int(checkpoint_epoch),
-        "parameters": count_parameters(model),
-        "device": str(device),
-        "precision": precision,
-        "images_per_s": ev.images_per_s,
-        "eval_time_s": ev.seconds,
-        "torch_version": str(torch.__version__),
-        "vggtrain_version": vggtrain.__version__,
-        "config_digest": config_digest(cfg),
-        "config": cfg.to_dict(),
-    }
-
-
-def report_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2, allow_nan=False) + "\n"
-
-
 # --- `vggtrain eval` ---------------------------------------------------------------------------
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file as given, or a run directory's best.pt."""
-    path = Path(path)
-    return path / "best.pt" if path.is_dir() else path
-
 
 def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | None = None,
                         batch_size: int | None = None, device: str = "auto",
@@ -223,6 +142,8 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
     (rebuilt from the stored data.val_size and seed). Needs nothing but the checkpoint and data.
     tta None means the run's own train.tta, so that a re-test reproduces the run's report."""
     from vggtrain.data import load_cifar10, split_train_val
+    from vggtrain.inference import load_model, resolve_checkpoint
+    from vggtrain.report import build_report
 
     dev = select_device(device)
     loaded = load_model(resolve_checkpoint(ckpt), dev)
@@ -243,8 +164,7 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
         _, data = split_train_val(train, cfg.data.val_size, cfg.seed)
     else:
         data = test
-    ev = evaluate_split(loaded.model, data.to(dev), len(names), batch_size or cfg.train.eval_batch_size,
-                        dev, cfg.train.precision, channels_last_for(cfg.train.channels_last, dev), tta)
+    ev = evaluate_split(loaded.model, data.to(dev), eval_settings(cfg, dev, tta, batch_size))
     return build_report(ev, split=split, model=loaded.model, cfg=cfg, class_names=names,
                         checkpoint=loaded.path, checkpoint_epoch=loaded.epoch, device=dev,
                         precision=cfg.train.precision, tta=tta)

@@ -19,10 +19,10 @@ from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 
 from vggtrain.data import normalize
+from vggtrain.draw import JET, apply_colormap, font, save_png, text_size, to_pil
 from vggtrain.errors import DataError, UserError
-from vggtrain.evaluate import LoadedModel
-from vggtrain.report import JET, apply_colormap, font, save_png, text_size, to_pil
-from vggtrain.summary import blocks
+from vggtrain.inference import LoadedModel
+from vggtrain.model import blocks
 
 PANEL = 256  # pixels per side of each picture in the overlay PNG
 ALPHA = 0.5  # heat map opacity over the (grey) image

@@ -8,6 +8,8 @@ the paper's shape (two hidden layers with ReLU and dropout).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -134,3 +136,52 @@ def init_whitening(model: VGG, images: torch.Tensor, eps: float = 5e-4) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- layer names: the paper's, for `summary` and `gradcam --layer` ---------------------------
+
+@dataclass
+class Block:
+    """A named group of consecutive modules (a conv with its BN and ReLU, a pool, a linear layer
+    with its ReLU and dropout); its output is the output of its last module."""
+
+    name: str
+    modules: list[tuple[str, nn.Module]] = field(default_factory=list)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.modules[0][1]
+
+    @property
+    def output(self) -> tuple[str, nn.Module]:
+        return self.modules[-1]
+
+
+def blocks(model: nn.Module) -> list[Block]:
+    """The model's layers under the paper's names, in forward order."""
+    out: list[Block] = []
+    stage, index = 1, 0
+    for name, m in model.features.named_children():
+        qualified = f"features.{name}"
+        if isinstance(m, nn.Conv2d):
+            index += 1
+            out.append(Block(f"conv{stage}_{index}", [(qualified, m)]))
+        elif isinstance(m, nn.MaxPool2d):
+            out.append(Block(f"pool{stage}", [(qualified, m)]))
+            stage, index = stage + 1, 0
+        else:  # BatchNorm2d, ReLU: part of the conv before them
+            out[-1].modules.append((qualified, m))
+    if not isinstance(model.pool, nn.Identity):
+        out.append(Block("global_pool", [("pool", model.pool)]))
+    head = model.classifier
+    children = list(head.named_children()) if isinstance(head, nn.Sequential) else [("", head)]
+    linears = sum(isinstance(m, nn.Linear) for _, m in children)
+    count = 0
+    for name, m in children:
+        qualified = f"classifier.{name}" if name else "classifier"
+        if isinstance(m, nn.Linear):
+            count += 1
+            out.append(Block("fc" if linears == 1 else f"fc{count}", [(qualified, m)]))
+        else:
+            out[-1].modules.append((qualified, m))
+    return out

@@ -15,7 +15,7 @@ import torch
 
 from vggtrain.data import normalize
 from vggtrain.errors import DataError, first_line
-from vggtrain.evaluate import LoadedModel
+from vggtrain.inference import LoadedModel
 from vggtrain.model import IMAGE_SIZE
 
 SCHEMA = "vggtrain.predict/1"

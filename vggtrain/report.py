@@ -1,5 +1,7 @@
-"""Presenting a report: terminal text, report.md, the confusion-matrix and mistakes pictures, and
-TensorBoard (images, and the run's hparams with its final metrics).
+"""The report: its JSON schema (shared by `vggtrain eval` and the report at the end of `fit`;
+documented in README.md, "Evaluating a model"), and its presentations: terminal text, report.md,
+the confusion-matrix and mistakes pictures, and TensorBoard (images, and the run's hparams with
+its final metrics).
 
 Everything textual is rendered from the report dict alone (what report.json holds), so report.md
 can always be rebuilt from report.json. Pictures are drawn with Pillow and torchvision's
@@ -8,77 +10,73 @@ make_grid: a confusion matrix needs labelled text, which is all matplotlib would
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+from torch import nn
 
-from vggtrain.checkpoint import atomic_write, atomic_write_text
+import vggtrain
+from vggtrain.checkpoint import atomic_write_text
+from vggtrain.config import TrainConfig, tta_mode
 from vggtrain.data import Split
-from vggtrain.evaluate import Evaluation
+from vggtrain.draw import BLUES, apply_colormap, font, save_png, text_rotated, text_size, to_pil, to_tensor
+from vggtrain.model import count_parameters
 
-# A white-to-blue ramp (ColorBrewer "Blues") for rates, and "jet" for Grad-CAM heat maps.
-BLUES = [(0.0, (247, 251, 255)), (0.25, (198, 219, 239)), (0.5, (107, 174, 214)),
-         (0.75, (33, 113, 181)), (1.0, (8, 48, 107))]
-JET = [(0.0, (0, 0, 143)), (0.125, (0, 0, 255)), (0.375, (0, 255, 255)), (0.625, (255, 255, 0)),
-       (0.875, (255, 0, 0)), (1.0, (128, 0, 0))]
+if TYPE_CHECKING:
+    from vggtrain.evaluate import Evaluation
+
+SCHEMA = "vggtrain.report/1"  # bump when a key changes meaning or goes away; adding keys is fine
 MISTAKES_SHOWN = 32
 
 
-# --- drawing helpers ------------------------------------------------------------------------
-
-def font(size: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, str]:
-    """(font, arrow): DejaVu Sans where installed (it has an arrow glyph), else Pillow's own."""
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size), "\u2192"
-    except OSError:
-        pass
-    try:
-        return ImageFont.load_default(size=size), "->"  # Pillow >= 10.1 with FreeType
-    except (TypeError, ImportError, OSError):
-        return ImageFont.load_default(), "->"
+def config_digest(cfg: TrainConfig) -> str:
+    """sha256 of the resolved config as canonical JSON: equal digests, equal configs."""
+    text = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def text_size(draw: ImageDraw.ImageDraw, text: str, f: Any) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=f)
-    return right - left, bottom - top
+def _finite(x: float | None) -> float | None:
+    # JSON has no NaN or Infinity; a diverged model's loss is reported as null.
+    return x if x is not None and math.isfinite(x) else None
 
 
-def apply_colormap(values: torch.Tensor, stops: list[tuple[float, tuple[int, int, int]]]) -> torch.Tensor:
-    """values in [0, 1], any shape -> uint8 RGB with a leading channel axis, by linear interpolation."""
-    pos = torch.tensor([p for p, _ in stops])
-    col = torch.tensor([c for _, c in stops], dtype=torch.float32)
-    v = values.float().clamp(0, 1).contiguous()
-    i = torch.searchsorted(pos, v, right=True).clamp(1, len(stops) - 1)
-    t = ((v - pos[i - 1]) / (pos[i] - pos[i - 1])).unsqueeze(-1)
-    rgb = col[i - 1] * (1 - t) + col[i] * t
-    return rgb.round().to(torch.uint8).movedim(-1, 0)
+def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConfig,
+                 class_names: list[str], checkpoint: str | Path, checkpoint_epoch: int,
+                 device: torch.device | str, precision: str, tta: bool | str = False) -> dict[str, Any]:
+    """The report as plain data, in the documented schema (README.md, "Evaluating a model")."""
+    per_class = [{"class": name, "correct": c, "total": t, "acc": c / t if t else None}
+                 for name, (c, t) in zip(class_names, ev.per_class(), strict=True)]
+    return {
+        "schema": SCHEMA,
+        "split": split,
+        "metrics": {"top1": ev.top1, "top5": ev.top5, "loss": _finite(ev.loss), "images": ev.images},
+        "tta": tta_mode(tta) != "none",
+        "tta_mode": tta_mode(tta),
+        "per_class": per_class,
+        "class_names": list(class_names),
+        "confusion_matrix": ev.confusion.tolist(),
+        "checkpoint": str(checkpoint),
+        "checkpoint_epoch": int(checkpoint_epoch),
+        "parameters": count_parameters(model),
+        "device": str(device),
+        "precision": precision,
+        "images_per_s": ev.images_per_s,
+        "eval_time_s": ev.seconds,
+        "torch_version": str(torch.__version__),
+        "vggtrain_version": vggtrain.__version__,
+        "config_digest": config_digest(cfg),
+        "config": cfg.to_dict(),
+    }
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """A Pillow RGB image as a uint8 (3, H, W) tensor, what TensorBoard's add_image takes."""
-    return torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8) \
-        .view(img.height, img.width, 3).permute(2, 0, 1).contiguous()
+def report_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, allow_nan=False) + "\n"
 
-
-def to_pil(chw: torch.Tensor) -> Image.Image:
-    return Image.fromarray(chw.permute(1, 2, 0).contiguous().numpy(), "RGB")
-
-
-def save_png(path: Path, img: Image.Image | torch.Tensor) -> None:
-    pil = to_pil(img) if isinstance(img, torch.Tensor) else img
-    atomic_write(path, lambda f: pil.save(f, format="PNG", optimize=True))
-
-
-def _text_rotated(img: Image.Image, xy: tuple[int, int], text: str, f: Any, fill: tuple) -> None:
-    """Text reading bottom to top, its top-left corner at xy (after rotation)."""
-    probe = ImageDraw.Draw(img)
-    left, top, right, bottom = probe.textbbox((0, 0), text, font=f)
-    mask = Image.new("L", (right - left + 2, bottom - top + 2), 0)
-    ImageDraw.Draw(mask).text((-left + 1, -top + 1), text, font=f, fill=255)
-    mask = mask.rotate(90, expand=True)
-    img.paste(Image.new("RGB", mask.size, fill), xy, mask)
 
 
 # --- the confusion matrix picture -------------------------------------------------------------
@@ -117,7 +115,7 @@ def confusion_image(confusion: list[list[int]] | torch.Tensor, class_names: list
     tw, _ = text_size(draw, "predicted class", label_f)
     draw.text((x0 + (c * cell - tw) // 2, pad + title_h), "predicted class", font=label_f, fill=black)
     tw, th = text_size(draw, "true class", label_f)
-    _text_rotated(img, (pad, y0 + (c * cell - tw) // 2), "true class", label_f, black)
+    text_rotated(img, (pad, y0 + (c * cell - tw) // 2), "true class", label_f, black)
 
     colours = apply_colormap(rates, BLUES)  # (3, C, C)
     # Counts in every cell or in none: a matrix with only the small ones written in misleads.
@@ -127,7 +125,7 @@ def confusion_image(confusion: list[list[int]] | torch.Tensor, class_names: list
         name_w, name_h = text_size(draw, class_names[i], label_f)
         draw.text((x0 - 6 - name_w, y0 + i * cell + (cell - name_h) // 2 - 2), class_names[i],
                   font=label_f, fill=black)
-        _text_rotated(img, (x0 + i * cell + (cell - name_h) // 2 - 2, y0 - 6 - name_w), class_names[i],
+        text_rotated(img, (x0 + i * cell + (cell - name_h) // 2 - 2, y0 - 6 - name_w), class_names[i],
                       label_f, black)
         for j in range(c):
             box = (x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1)

@@ -1,5 +1,6 @@
 """The run directory: never trained into by accident, deleted only on --force and only if it is a
-run, and trained in by one process at a time."""
+run, and trained in by one process at a time. `RunDir` holds the order; the functions below it
+are the steps."""
 
 from __future__ import annotations
 
@@ -12,9 +13,50 @@ from pathlib import Path
 
 import yaml
 
-from vggtrain.checkpoint import load_checkpoint
+from vggtrain.checkpoint import atomic_write_text, load_checkpoint
 from vggtrain.config import config_from_dict
 from vggtrain.errors import UserError
+
+
+class RunDir:
+    """A run's directory for the lifetime of its process (rank 0's): `claim` before any work
+    (checked, locked, the resume point confirmed), `prepare` once data, config and device have
+    checked out (--force deletes only now; created, locked, cleared of stale temp files,
+    config.yaml written). The lock is released when the `with` block ends."""
+
+    def __init__(self, path: Path, resume: tuple[Path, dict] | None = None, force: bool = False) -> None:
+        self.path, self.resume, self.force = path, resume, force
+        self.locked = False
+        self._held = ExitStack()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._held.close()
+
+    def claim(self) -> None:
+        check_run_dir(self.path, self.resume is not None, self.force)
+        if self.path.is_dir():
+            self.locked = lock_run_dir(self.path, self._held)
+            if self.locked and self.resume is not None:
+                check_resume_point_unchanged(*self.resume)
+
+    def prepare(self, config_yaml: str) -> None:
+        try:
+            if not self.locked and self.path.exists():
+                self.claim()  # it appeared while the data loaded (the same name started twice)
+            if self.force and self.resume is None and self.path.exists():
+                delete_run_dir(self.path)
+                self.locked = False  # the lock went with the old directory
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not self.locked:
+                self.locked = lock_run_dir(self.path, self._held)
+            if self.locked:
+                remove_stale_temp_files(self.path)
+            atomic_write_text(self.path / "config.yaml", config_yaml)
+        except OSError as e:
+            raise UserError(f"run directory {self.path}: cannot write it ({e.strerror or e})") from None
 
 
 def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:

@@ -1,9 +1,9 @@
 """`vggtrain summary`: the model a config builds, layer by layer, with parameters and
 multiply-accumulates, and the paper's argument for stacks of 3x3 convolutions in numbers.
 
-Layers get the paper's names: convS_I is the I-th convolution of stage S (a stage ends at a 2x2
-max-pool, poolS), each with its batch norm and ReLU; fc (or fc1..fc3 for the MLP head) is the
-classifier. `vggtrain gradcam --layer` takes the same names.
+Layers get the paper's names (model.blocks): convS_I is the I-th convolution of stage S (a stage
+ends at a 2x2 max-pool, poolS), each with its batch norm and ReLU; fc (or fc1..fc3 for the MLP
+head) is the classifier. `vggtrain gradcam --layer` takes the same names.
 
 The model is built on the meta device: shapes and parameter counts without allocating weights,
 so even a width-16 VGG19 summarises instantly.
@@ -11,60 +11,13 @@ so even a width-16 VGG19 summarises instantly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from vggtrain.config import ModelConfig
-from vggtrain.model import IMAGE_SIZE, build_model
-
-
-@dataclass
-class Block:
-    """A named group of consecutive modules (a conv with its BN and ReLU, a pool, a linear layer
-    with its ReLU and dropout); its output is the output of its last module."""
-
-    name: str
-    modules: list[tuple[str, nn.Module]] = field(default_factory=list)
-
-    @property
-    def head(self) -> nn.Module:
-        return self.modules[0][1]
-
-    @property
-    def output(self) -> tuple[str, nn.Module]:
-        return self.modules[-1]
-
-
-def blocks(model: nn.Module) -> list[Block]:
-    """The model's layers under the paper's names, in forward order."""
-    out: list[Block] = []
-    stage, index = 1, 0
-    for name, m in model.features.named_children():
-        qualified = f"features.{name}"
-        if isinstance(m, nn.Conv2d):
-            index += 1
-            out.append(Block(f"conv{stage}_{index}", [(qualified, m)]))
-        elif isinstance(m, nn.MaxPool2d):
-            out.append(Block(f"pool{stage}", [(qualified, m)]))
-            stage, index = stage + 1, 0
-        else:  # BatchNorm2d, ReLU: part of the conv before them
-            out[-1].modules.append((qualified, m))
-    if not isinstance(model.pool, nn.Identity):
-        out.append(Block("global_pool", [("pool", model.pool)]))
-    head = model.classifier
-    children = list(head.named_children()) if isinstance(head, nn.Sequential) else [("", head)]
-    linears = sum(isinstance(m, nn.Linear) for _, m in children)
-    count = 0
-    for name, m in children:
-        qualified = f"classifier.{name}" if name else "classifier"
-        if isinstance(m, nn.Linear):
-            count += 1
-            out.append(Block("fc" if linears == 1 else f"fc{count}", [(qualified, m)]))
-        else:
-            out[-1].modules.append((qualified, m))
-    return out
+from vggtrain.model import IMAGE_SIZE, Block, blocks, build_model
 
 
 @dataclass

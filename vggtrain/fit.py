@@ -1,0 +1,152 @@
+"""`vggtrain fit`: the run's directory, data and state set up in order, the loop, the test report.
+
+Under torchrun every rank calls fit; rank 0 owns the run directory, TensorBoard and the report,
+and a check it fails stops every rank with the same one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vggtrain import allocator, distributed
+from vggtrain.checkpoint import atomic_write_text, load_checkpoint
+from vggtrain.config import TrainConfig, dump_config
+from vggtrain.data import Split, load_cifar10, split_train_val
+from vggtrain.distributed import Dist
+from vggtrain.errors import UserError
+from vggtrain.evaluate import Evaluation, eval_settings, evaluate_split
+from vggtrain.model import count_parameters
+from vggtrain.run import Run, build_run, refuse_finished_run, steps_per_epoch
+from vggtrain.rundir import RunDir
+from vggtrain.tb import NullWriter, open_summary_writer
+from vggtrain.train import EpochHook, train_epochs
+
+
+def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None,
+        force: bool = False, on_epoch_end: EpochHook | None = None) -> dict | None:
+    """Train, checkpoint every epoch, then test the best checkpoint. Returns the report (None on
+    ranks other than 0 of a torchrun job).
+
+    resume: (path, state) of the checkpoint to continue from, as load_checkpoint read it.
+    on_epoch_end: see train.train_epochs.
+    """
+    d = distributed.from_env()
+    device_spec = distributed.init(d, cfg.train.device)
+    try:
+        with RunDir(run_dir, resume, force) as rd:  # rank 0 holds its lock for the run's lifetime
+            report = _fit(cfg, rd, d, device_spec, on_epoch_end)
+        distributed.barrier(d)  # the other ranks wait for rank 0's report before the group ends
+        return report
+    finally:
+        distributed.shutdown()
+
+
+def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: EpochHook | None
+         ) -> dict | None:
+    rank0_verdict(d, rd.claim)  # before any work: a used directory, a live run, a stale resume
+    train, val, test, class_names = load_data(cfg, d)
+    run = build_run(cfg, rd.path, class_names, len(train), d, device_spec, whiten_images=train.images)
+    if rd.resume is not None:
+        run.restore(rd.resume[1], rd.resume[0])
+        rank0_verdict(d, lambda: refuse_finished_run(run))
+    if run.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train, val, test = train.to(run.device), val.to(run.device), test.to(run.device)
+    rank0_verdict(d, lambda: rd.prepare(dump_config(cfg)))  # every rank stops, not only the one that knows
+    writer: Any = NullWriter()
+    if d.is_main:
+        announce(run, rd, len(train), len(val), len(test))
+        writer = open_summary_writer(rd.path / "tb", run.global_step + 1 if rd.resume else None)
+    try:
+        train_epochs(run, train, val, writer, on_epoch_end)
+        if not d.is_main:
+            return None
+        from vggtrain.report import log_report, report_pictures, write_report_files  # Pillow, only here
+
+        report, evaluation = test_report(run, test)
+        pictures = report_pictures(report, evaluation, test)
+        log_report(writer, report, pictures, run.global_step)
+    finally:
+        writer.close()
+    write_report_files(rd.path, report, pictures)
+    # Last: a report.json means the pictures and report.md beside it are complete.
+    atomic_write_text(rd.path / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    m = report["metrics"]
+    loss = "n/a" if m["loss"] is None else f"{m['loss']:.4f}"
+    print(f"test accuracy {m['top1']:.2%} (top-5 {m['top5']:.2%}, loss {loss}, {m['images']} images) "
+          f"with best.pt from epoch {report['best_epoch']}; report in {rd.path / 'report.md'}", flush=True)
+    return report
+
+
+def rank0_verdict(d: Dist, check: Callable[[], None]) -> None:
+    """Run check on rank 0 alone (it owns the run directory and the report); the UserError it
+    raises, if any, stops every rank of the job with the same message."""
+    problem = None
+    if d.is_main:
+        try:
+            check()
+        except UserError as e:
+            problem = str(e)
+    problem = distributed.agree(problem, d)
+    if problem:
+        raise UserError(problem)
+
+
+def load_data(cfg: TrainConfig, d: Dist) -> tuple[Split, Split, Split, list[str]]:
+    """(train, val, test, class names), checked against the config; each node's local rank 0
+    downloads the data first, if it must."""
+    if d.enabled and d.local_rank != 0:
+        distributed.barrier(d)
+    train_full, test, class_names = load_cifar10(cfg.data.root, cfg.data.download)
+    if d.enabled and d.local_rank == 0:
+        distributed.barrier(d)
+    if len(class_names) != cfg.model.num_classes:
+        raise UserError(f"config error: model.num_classes is {cfg.model.num_classes} but the data "
+                        f"in {cfg.data.root} has {len(class_names)} classes")
+    train, val = split_train_val(train_full, cfg.data.val_size, cfg.seed)
+    if steps_per_epoch(len(train), d, cfg.train.batch_size) == 0:
+        raise UserError(f"config error: train.batch_size {cfg.train.batch_size} is larger than the "
+                        f"{len(train) // d.world} training images of each of {d.world} rank(s)")
+    return train, val, test, class_names
+
+
+def announce(run: Run, rd: RunDir, n_train: int, n_val: int, n_test: int) -> None:
+    cfg, d = run.cfg, run.dist
+    where = f"; resuming at epoch {run.epoch + 1}, step {run.progress.step}" if rd.resume else ""
+    ranks = f" x {d.world} ranks (batch {cfg.train.batch_size} each)" if d.enabled else ""
+    print(f"run {rd.path}: {cfg.model.arch} ({count_parameters(run.model):,} parameters) on "
+          f"{run.device}{ranks}, {cfg.train.precision}; {n_train} train / {n_val} val / "
+          f"{n_test} test images{where}", flush=True)
+    print(f"allocator: {allocator.in_effect()}", flush=True)
+
+
+def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
+    """Load best.pt into the model and measure it on the test set, which nothing else touches.
+
+    Returns the report (the schema `vggtrain eval` writes, plus the run's training facts) and the
+    evaluation itself, whose per-image predictions the report's pictures need.
+    """
+    from vggtrain.report import build_report
+
+    best = load_checkpoint(run.dir / "best.pt", map_location=run.device)
+    run.model.load_state_dict(best["model"])
+    cfg = run.cfg
+    ev = evaluate_split(run.model, test, eval_settings(cfg, run.device))
+    report = build_report(ev, split="test", model=run.model, cfg=cfg, class_names=run.class_names,
+                          checkpoint=run.dir / "best.pt", checkpoint_epoch=int(best["epoch"]),
+                          device=run.device, precision=cfg.train.precision, tta=cfg.train.tta)
+    m = report["metrics"]
+    report.update({
+        "test": {"loss": m["loss"], "acc": m["top1"], "images": m["images"]},  # fit's first keys
+        "best_epoch": int(best["epoch"]),
+        "val_acc": best["best_metric"] if cfg.data.val_size else None,
+        "epochs": run.epoch,
+        "train_time_s": run.train_time_s,
+        "allocator": allocator.in_effect(),  # the CPU memory allocator the run trained with
+    })
+    return report, ev

@@ -1,0 +1,222 @@
+"""A training run's state: what the loop mutates, how it is built from the config, and how it is
+saved to and restored from one checkpoint dict (with the checks a resume must pass)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import vggtrain
+from vggtrain import distributed
+from vggtrain.averaging import Lookahead
+from vggtrain.checkpoint import load_model_state
+from vggtrain.config import TrainConfig
+from vggtrain.data import normalize
+from vggtrain.device import channels_last_for, select_device
+from vggtrain.distributed import Dist
+from vggtrain.errors import CheckpointError, UserError, first_line
+from vggtrain.model import build_model, init_whitening
+from vggtrain.optim import build_optimizer
+from vggtrain.schedule import build_scheduler
+
+
+@dataclass
+class EpochProgress:
+    """How far the current epoch got: a mid-epoch checkpoint resumes it exactly."""
+
+    step: int = 0  # batches done in this epoch
+    seen: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    time_s: float = 0.0
+
+
+@dataclass
+class Run:
+    """Everything a training run mutates, in one place so a checkpoint can hold it whole."""
+
+    cfg: TrainConfig
+    dir: Path
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    class_names: list[str]
+    steps_per_epoch: int  # each rank's, at today's rank count: the schedule's unit
+    epoch: int = 0  # completed epochs
+    global_step: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    train_time_s: float = 0.0
+    progress: EpochProgress = field(default_factory=EpochProgress)
+    dist: Dist = distributed.SINGLE
+    channels_last: bool = False  # train.channels_last resolved for the device
+    forward: Any = None  # what the train step calls: the model, its DDP wrapper, or torch.compile'd twin
+    lookahead: Lookahead | None = None
+
+    def __post_init__(self) -> None:
+        if self.forward is None:
+            self.forward = self.model
+
+    @property
+    def position(self) -> int:
+        """Steps done, counted at today's rank count (global_step may hold steps of a job resumed
+        from an epoch end with another): the schedule and lookahead are functions of it."""
+        return self.epoch * self.steps_per_epoch + self.progress.step
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.epochs * self.steps_per_epoch
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch, "global_step": self.global_step, "progress": asdict(self.progress),
+            "best_metric": self.best_acc, "best_epoch": self.best_epoch,
+            "train_time_s": self.train_time_s, "config": self.cfg.to_dict(),
+            "class_names": self.class_names, "rng": _rng_state(self.device), "world_size": self.dist.world,
+            "lookahead": self.lookahead.state_dict() if self.lookahead else None,
+            "versions": {"vggtrain": vggtrain.__version__, "torch": str(torch.__version__)},
+        }
+
+    def restore(self, state: dict[str, Any], source: Path) -> None:
+        """Continue from a checkpoint's state (one written by any vggtrain version since 0.1.0)."""
+        check_resumable(state, self, source)
+        load_model_state(self.model, state["model"], source)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+            self.progress = EpochProgress(**state["progress"])
+            self.best_acc, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+            self.train_time_s = float(state["train_time_s"])
+            _set_rng_state(state["rng"], self.device)
+            if self.lookahead is not None:
+                self.lookahead.load_state_dict(state.get("lookahead") or None)
+            # The schedule is a function of the position; its saved counter (or an older version's
+            # StepLR state) is not needed to continue it.
+            self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.steps_per_epoch,
+                                             self.position)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{source}: cannot resume from it: {first_line(e)}") from None
+
+
+def check_resumable(state: dict[str, Any], run: Run, source: Path) -> None:
+    """Refuse a checkpoint this run cannot continue exactly."""
+    saved_world = state.get("world_size", 1)
+    progress = state.get("progress")
+    if not isinstance(progress, dict):
+        raise CheckpointError(f"{source}: cannot resume from it: no epoch progress entry")
+    if progress.get("step") and saved_world != run.dist.world:
+        raise CheckpointError(f"{source}: saved mid-epoch by {saved_world} process(es); resume it "
+                              f"with the same number (now {run.dist.world}), or from an epoch end")
+    saved_names = state.get("class_names")
+    if saved_names is not None and list(saved_names) != run.class_names:
+        raise CheckpointError(f"{source}: trained on the classes {saved_names}, but the data has "
+                              f"{run.class_names}; resume with the data it was trained on")
+
+
+def refuse_finished_run(run: Run) -> None:
+    """A resumed run that has done its epochs and written its report: training again would only
+    repeat the test and log it twice at the same step."""
+    if run.epoch >= run.cfg.train.epochs and (run.dir / "report.json").is_file():
+        raise UserError(f"{run.dir} has finished its {run.cfg.train.epochs} epochs and has its "
+                        f"report: to train longer, add --set train.epochs=N; to test it "
+                        f"again, vggtrain eval --ckpt {run.dir}")
+
+
+def steps_per_epoch(images: int, d: Dist, batch_size: int) -> int:
+    """Each rank's share of the split, in whole batches (train_batches drops the rest)."""
+    return (images // d.world) // batch_size
+
+
+def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_size: int,
+              d: Dist = distributed.SINGLE, device_spec: str | None = None,
+              whiten_images: torch.Tensor | None = None) -> Run:
+    """A new run for a training split of train_size images. whiten_images: uint8 training images
+    for model.whiten's first-layer init (a resumed run overwrites those weights; without images
+    the fixed layer stays random, for benchmarks)."""
+    device = select_device(device_spec or cfg.train.device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    model = build_model(cfg.model)
+    if cfg.model.whiten and whiten_images is not None:  # the first 5,000 suffice, as in airbench
+        init_whitening(model, normalize(whiten_images[:5000].cpu()))
+    if d.enabled and cfg.train.sync_bn:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif d.is_main:
+            warnings.warn("train.sync_bn: SyncBatchNorm needs CUDA; each rank keeps its own BN "
+                          "statistics", stacklevel=2)
+    model = model.to(device)
+    channels_last = channels_last_for(cfg.train.channels_last, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    steps = steps_per_epoch(train_size, d, cfg.train.batch_size)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule, steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    # Checkpoints keep saving `model` itself: unwrapped, loadable by a single process.
+    forward: Any = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        forward = compile_model(forward, device)
+    lookahead = Lookahead(model, cfg.optim.lookahead_every) if cfg.optim.lookahead_every else None
+    return Run(cfg, run_dir, device, model, optimizer, scheduler, scaler, class_names, steps, dist=d,
+               channels_last=channels_last, forward=forward, lookahead=lookahead)
+
+
+def compile_model(model: nn.Module, device: torch.device) -> Any:
+    """torch.compile for the train step, or the model itself (with a warning) where the compiler
+    cannot work. Checkpoints keep saving the plain model's state_dict either way."""
+    missing = None
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        missing = "no C++ compiler on PATH"
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        missing = None if has_triton() else "triton is not installed"
+    elif device.type not in ("cpu", "cuda"):
+        missing = f"not supported on {device.type}"
+    if missing:
+        warnings.warn(f"train.compile: {missing}; training uncompiled", stacklevel=2)
+        return model
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly
+    return torch.compile(model)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every generator a run may draw from. The data order and augmentation need none of these:
+    they come from a generator seeded by (seed, epoch), see train.train_one_epoch."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            # The run's own GPU only (rank 0's, which every rank's matches: they are seeded alike
+            # and draw alike); all GPUs' states would be other ranks' untouched generators.
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
+            # as plain data: weights_only loading refuses numpy arrays
+            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
+
+
+def _set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"][0], device)
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
