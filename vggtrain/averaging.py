@@ -22,19 +22,21 @@ def float_tensors(model: nn.Module) -> list[torch.Tensor]:
 class Lookahead:
     """Every `every` steps, and at each epoch end (so checkpoints hold synced weights), slow
     weights <- lerp(slow, fast, 1 - decay), then fast <- slow. The decay is airbench's schedule,
-    0.95^every x (done / total)^3: ~0 early, 0.95^every at the end. Written here because torch
-    has no Lookahead."""
+    0.95^every x (done / total)^3: ~0 early, 0.95^every at the end (final_full_sync: 1 at the
+    last step, so the run ends on the slow weights). Written here because torch has no Lookahead."""
 
-    def __init__(self, model: nn.Module, every: int) -> None:
-        self.every = every
+    def __init__(self, model: nn.Module, every: int, final_full_sync: bool = False) -> None:
+        self.every, self.final_full_sync = every, final_full_sync
         self.fast = float_tensors(model)  # views: load_state_dict and optimizer steps write in place
         self.slow = [t.detach().clone() for t in self.fast]
 
     def decay(self, done: int, total: int) -> float:
+        if self.final_full_sync and done >= total:
+            return 1.0  # the run ends on the slow weights (airbench's final sync)
         return 0.95 ** self.every * (done / max(total, 1)) ** 3
 
     def step(self, done: int, total: int, epoch_end: bool = False) -> None:
-        if done % self.every == 0 or epoch_end:
+        if done % self.every == 0 or epoch_end or done >= total:
             self.sync(done, total)
 
     @torch.no_grad()

@@ -25,6 +25,9 @@ from vggtrain.errors import ConfigError
 Check = Callable[[Any], "str | None"]
 ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "custom")
 TTA_MODES = ("none", "flip", "multicrop")
+WHITEN_MODES = ("3x3", "2x2")
+BLOCK_ORDERS = ("conv_bn_act_pool", "conv_pool_bn_act")
+SCHEDULES = ("step", "linear")
 WHITEN_MAX_WIDTH = 2 * 3 * 3 * 3  # +/- each eigenvector of the 27-dimensional 3x3 RGB patches
 PROJECT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -81,6 +84,11 @@ class DataConfig:
     augment: bool = _opt(True)
     # How far a random crop may translate an image, in pixels each way (airbench uses 2).
     crop_padding: int = _opt(4, _between(0, 16))
+    # What the crop pads with: zeros, or the image reflected at its border (airbench).
+    crop_pad_mode: str = _opt("zeros", _one_of("zeros", "reflect"))
+    # random: each image flipped with probability 1/2 every epoch; alternating: each image flipped
+    # at random once, then the whole set mirrored every other epoch (airbench).
+    flip: str = _opt("random", _one_of("random", "alternating"))
 
 
 @dataclass
@@ -94,9 +102,24 @@ class ModelConfig:
     hidden: int = _opt(512, _between(1, 65_536))
     dropout: float = _opt(0.5, _between(0, 1, hi_open=True))
     global_pool: str = _opt("none", _one_of("none", "max", "avg"))
-    # The first convolution becomes a fixed whitening of 3x3 patches, computed from the training
-    # images before training (airbench's first-layer init): its width must be even, at most 54.
-    whiten: bool = _opt(False)
+    # true or "3x3": the first convolution becomes a fixed whitening of 3x3 patches, computed from
+    # the training images before training (its width must be even, at most 54). "2x2": a fixed
+    # 24-wide whitening of 2x2 patches (padding 0, with a bias, then the activation) in front of the
+    # layers, as airbench's first layer.
+    whiten: bool | str = _opt(False, lambda v: None if v in (True, False) or v in WHITEN_MODES
+                              else f"must be true, false or one of {', '.join(WHITEN_MODES)}")
+    # Train the whitening layer's bias for the first N epochs only (null: throughout); airbench: 3.
+    whiten_bias_epochs: int | float | None = _opt(None, lambda v: None if v is None or v >= 0
+                                                  else "must be >= 0")
+    # conv_bn_act_pool: VGG's order; conv_pool_bn_act: a convolution followed by a pool is pooled
+    # first, so its BN and activation run on the 4x smaller map (airbench).
+    block_order: str = _opt("conv_bn_act_pool", _one_of(*BLOCK_ORDERS))
+    activation: str = _opt("relu", _one_of("relu", "gelu"))
+    conv_bias: bool = _opt(True)
+    # BatchNorm2d's momentum (PyTorch's sense: the weight of each new batch) and eps; airbench's
+    # "momentum 0.6" is 0.4 here, its eps 1e-12.
+    bn_momentum: float = _opt(0.1, _between(0, 1, lo_open=True))
+    bn_eps: float = _opt(1e-5, _between(0, 1, lo_open=True))
     # Each later convolution starts as the identity on its first in-channels filters (plus the
     # usual random init elsewhere), as airbench's Dirac init does.
     identity_init: bool = _opt(False)
@@ -121,22 +144,32 @@ class OptimConfig:
     # Lookahead: every N steps (and at each epoch end) the weights move back to slow weights that
     # follow them with a decay growing as progress^3 up to 0.95^N (airbench's schedule); 0: off.
     lookahead_every: int = _opt(0, _between(0, 1000))
+    # The last step ends on the slow weights themselves (airbench's final full sync), not on the
+    # usual interpolation.
+    lookahead_final_full_sync: bool = _opt(False)
 
 
 @dataclass
 class ScheduleConfig:
+    # step: StepLR (gamma every step_size epochs, counted from the end of the warm-up); linear:
+    # from start_factor up to 1 over the warm-up, then down to end_factor at the last step.
+    # Both are applied per step (schedule.py).
+    kind: str = _opt("step", _one_of(*SCHEDULES))
     step_size: int = _opt(30, _between(1, 1_000_000))
     gamma: float = _opt(0.1, _between(0, 1, lo_open=True))
-    # Linear warm-up of the learning rate, step by step, over the first N epochs; StepLR counts
-    # its epochs from the end of the warm-up.
-    warmup_epochs: int = _opt(0, _between(0, 1_000_000))
+    # Linear warm-up of the learning rate, step by step, over the first N epochs (fractions of an
+    # epoch allowed).
+    warmup_epochs: int | float = _opt(0, _between(0, 1_000_000))
+    start_factor: float = _opt(0.2, _between(0, 1))  # linear: the first step's rate x this
+    end_factor: float = _opt(0.0, _between(0, 1))  # linear: the last step's rate x this
 
 
 @dataclass
 class LoopConfig:
     """The YAML's ``train:`` section: how the loop runs, not what it optimises."""
 
-    epochs: int = _opt(30, _between(1, 1_000_000))
+    # A fraction ends the last epoch early, at ceil(epochs x steps per epoch) steps (airbench: 9.9).
+    epochs: int | float = _opt(30, _between(0, 1_000_000, lo_open=True))
     batch_size: int = _opt(128, _between(1, 65_536))
     eval_batch_size: int = _opt(1000, _between(1, 65_536))
     device: str = _opt("auto")
@@ -277,12 +310,18 @@ def _cross_check(cfg: TrainConfig, where: Callable[[str], str]) -> None:
     if m.arch != "custom" and m.layers is not None:
         raise ConfigError(f"{where('model.layers')}: model.layers is only used with model.arch: custom "
                           f"(got arch {m.arch!r})")
-    if m.whiten:
+    if m.whiten in (True, "3x3"):
         first = next(x for x in m.layers if x != "M") if m.layers else 64  # the paper VGGs: 64
         first = max(1, round(int(first) * m.width))
         if first % 2 or first > WHITEN_MAX_WIDTH:
             raise ConfigError(f"{where('model.whiten')}: model.whiten needs an even first convolution "
                               f"width of at most {WHITEN_MAX_WIDTH} (got {first})")
+    if m.whiten_bias_epochs is not None and not m.whiten:
+        raise ConfigError(f"{where('model.whiten_bias_epochs')}: model.whiten_bias_epochs needs "
+                          f"model.whiten (a whitening layer whose bias trains)")
+    if m.whiten_bias_epochs is not None and m.whiten in (True, "3x3") and not m.conv_bias:
+        raise ConfigError(f"{where('model.whiten_bias_epochs')}: the 3x3 whitening layer has no bias "
+                          f"with model.conv_bias false")
     if not DEVICE_RE.match(cfg.train.device):
         raise ConfigError(f"{where('train.device')}: train.device must be {DEVICE_RULE} "
                           f"(got {_show(cfg.train.device)})")

@@ -48,13 +48,16 @@ class Split:
                          self.labels.pin_memory().to(device, non_blocking=True))
         return Split(self.images.to(device), self.labels.to(device))
 
-    def crop_source(self, channels_last: bool = False, pad: int = PAD) -> torch.Tensor:
-        """The zero-padded images followed by their mirror images, (2N, 3, 32+2pad, 32+2pad)
-        uint8 in the asked memory layout, made once: a flipped crop is then a plain crop of the
-        mirror, so crop and flip are one gather, and the gather reads and writes memory in order."""
-        key = (channels_last, pad)
+    def crop_source(self, channels_last: bool = False, pad: int = PAD, pad_mode: str = "zeros"
+                    ) -> torch.Tensor:
+        """The padded images (zeros, or reflected at the border) followed by their mirror images,
+        (2N, 3, 32+2pad, 32+2pad) uint8 in the asked memory layout, made once: a flipped crop is
+        then a plain crop of the mirror, so crop and flip are one gather, and the gather reads and
+        writes memory in order."""
+        key = (channels_last, pad, pad_mode)
         if key not in self._crop_sources:
-            padded = F.pad(self.images, (pad, pad, pad, pad))
+            mode = "reflect" if pad_mode == "reflect" and pad else "constant"
+            padded = F.pad(self.images, (pad, pad, pad, pad), mode=mode)
             both = torch.cat([padded, padded.flip(3)])
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             self._crop_sources = {key: both.contiguous(memory_format=fmt)}
@@ -243,14 +246,14 @@ def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor
 
 
 def crop_flip(split: Split, idx: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor,
-              channels_last: bool = False, pad: int = PAD) -> torch.Tensor:
+              channels_last: bool = False, pad: int = PAD, pad_mode: str = "zeros") -> torch.Tensor:
     """Images idx of the split, each cropped from its zero-padded self at its own offset and
     mirrored where flips says: uint8 (B, 3, 32, 32) from a single gather.
 
     shifts: (B, 2) int row/column offsets in [0, 2*pad]; flips: (B,) bool. The crops are a view
     (unfold) of every 32x32 window of split.crop_source(), indexed per image.
     """
-    source = split.crop_source(channels_last, pad)
+    source = split.crop_source(channels_last, pad, pad_mode)
     size = source.shape[-1] - 2 * pad
     windows = source.unfold(2, size, 1).unfold(3, size, 1)  # (2N, 3, 9, 9, 32, 32), no copy
     if channels_last:  # gather into (B, 32, 32, 3): NHWC memory, viewed back as NCHW
@@ -262,9 +265,18 @@ def crop_flip(split: Split, idx: torch.Tensor, shifts: torch.Tensor, flips: torc
     return out.permute(0, 3, 1, 2) if channels_last else out
 
 
+def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """airbench's flips: each image mirrored or not at random once (from the seed), then the whole
+    set mirrored on every other epoch (epoch 0-based: odd epochs). Every image is seen both ways
+    in any two consecutive epochs, which random flips only do half the time."""
+    base = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed * 7919 + 17)).bool()
+    return base ^ bool(epoch % 2)
+
+
 def train_batches(split: Split, batch_size: int, generator: torch.Generator, augment: bool = True,
                   channels_last: bool = False, start: int = 0, rank: int = 0, world: int = 1,
-                  pad: int = PAD) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  pad: int = PAD, pad_mode: str = "zeros", flips: torch.Tensor | None = None
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled, augmented, normalised batches; the last partial batch is dropped
     (a BN net with a batch of one fails, and a ragged batch would recompile compiled models).
 
@@ -272,15 +284,18 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
     and a resumed epoch skips its first ``start`` batches without changing the rest. With
     ``world`` ranks, every rank draws the same permutation and takes every world-th image of it
     from the rank-th on: disjoint shards of equal size (the last n % world images sit out).
+    flips: (N,) bool per image (alternating_flips); None draws them at random for this epoch.
     """
     n = len(split)
     device = split.images.device
     perm = torch.randperm(n, generator=generator)[rank:n - n % world:world].to(device)
     shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).to(device)
-    flips = torch.randint(0, 2, (n,), generator=generator).bool().to(device)
+    if flips is None:
+        flips = torch.randint(0, 2, (n,), generator=generator).bool()
+    flips = flips.to(device)
     for first in range(start * batch_size, len(perm) - batch_size + 1, batch_size):
         idx = perm[first:first + batch_size]
-        images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last, pad) if augment \
+        images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last, pad, pad_mode) if augment \
             else split.images[idx]
         yield normalize(images, channels_last), split.labels[idx]
 

@@ -4,6 +4,10 @@ The conv stacks are the paper's configurations A, B, D and E: only 3x3 convoluti
 and 2x2 max-pools. With five pools a 32x32 image ends as 1x1x512, so the paper's 224x224 head
 (7x7x512 -> 4096 -> 4096) is replaced by a linear 512 -> classes layer, or by a small MLP with
 the paper's shape (two hidden layers with ReLU and dropout).
+
+airbench's options change the blocks, not the stack: the order conv -> pool -> BN -> activation
+for a convolution followed by a pool, GELU, BN momentum and eps, convolutions without bias, and
+a fixed whitening layer (of 3x3 patches as the first convolution, or of 2x2 patches in front).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ VGG_LAYERS: dict[str, list[int | str]] = {
               512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
 IMAGE_SIZE = 32
+WHITEN_2X2_WIDTH = 2 * 3 * 2 * 2  # +/- each eigenvector of the 12-dimensional 2x2 RGB patches
 
 
 def layer_list(cfg: ModelConfig) -> list[int | str]:
@@ -33,24 +38,44 @@ def layer_list(cfg: ModelConfig) -> list[int | str]:
     return [x if x == "M" else max(1, round(int(x) * cfg.width)) for x in base]
 
 
+def _activation(name: str) -> nn.Module:
+    return nn.GELU() if name == "gelu" else nn.ReLU(inplace=True)
+
+
 class VGG(nn.Module):
     def __init__(self, layers: list[int | str], num_classes: int = 10, batch_norm: bool = True,
                  head: str = "linear", hidden: int = 512, dropout: float = 0.5,
                  global_pool: str = "none", identity_init: bool = False, bn_weight: bool = True,
-                 logit_scale: float = 1.0, whiten: bool = False) -> None:
+                 logit_scale: float = 1.0, whiten: bool | str = False,
+                 block_order: str = "conv_bn_act_pool", activation: str = "relu", conv_bias: bool = True,
+                 bn_momentum: float = 0.1, bn_eps: float = 1e-5) -> None:
         super().__init__()
         self.logit_scale = logit_scale
-        blocks: list[nn.Module] = []
+        self.whiten_mode = "3x3" if whiten in (True, "3x3") else (whiten or None)
         channels, size = 3, IMAGE_SIZE
-        for x in layers:
+        self.stem: nn.Module = nn.Identity()
+        if self.whiten_mode == "2x2":  # airbench's first layer: no BN, padding 0 (31x31 out)
+            self.stem = nn.Sequential(nn.Conv2d(3, WHITEN_2X2_WIDTH, 2, padding=0, bias=True),
+                                      _activation(activation))
+            channels, size = WHITEN_2X2_WIDTH, IMAGE_SIZE - 1
+        blocks: list[nn.Module] = []
+        pool_first = block_order == "conv_pool_bn_act"
+        i = 0
+        while i < len(layers):
+            x = layers[i]
+            i += 1
             if x == "M":
                 blocks.append(nn.MaxPool2d(2, 2))
                 size //= 2
                 continue
-            blocks.append(nn.Conv2d(channels, int(x), kernel_size=3, padding=1))
+            blocks.append(nn.Conv2d(channels, int(x), kernel_size=3, padding=1, bias=conv_bias))
+            if pool_first and i < len(layers) and layers[i] == "M":
+                blocks.append(nn.MaxPool2d(2, 2))  # BN and activation on the pooled map
+                size //= 2
+                i += 1
             if batch_norm:
-                blocks.append(nn.BatchNorm2d(int(x)))
-            blocks.append(nn.ReLU(inplace=True))
+                blocks.append(nn.BatchNorm2d(int(x), eps=bn_eps, momentum=bn_momentum))
+            blocks.append(_activation(activation))
             channels = int(x)
         self.features = nn.Sequential(*blocks)
         pool = {"none": nn.Identity(), "max": nn.AdaptiveMaxPool2d(1), "avg": nn.AdaptiveAvgPool2d(1)}
@@ -69,15 +94,16 @@ class VGG(nn.Module):
             for m in self.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.weight.requires_grad_(False)
-        if whiten:  # a fixed layer: init_whitening fills it from the training images
-            self.convs()[0].weight.requires_grad_(False)
+        if self.whiten_mode:  # a fixed layer: init_whitening fills it from the training images
+            self.whitening().weight.requires_grad_(False)
 
     def _init_weights(self, identity_init: bool) -> None:
         # As torchvision.models.VGG does.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -85,15 +111,22 @@ class VGG(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
         if identity_init:  # airbench's Dirac init: a new layer starts by passing its input through
-            for m in self.convs()[1:]:
+            for m in self.convs()[0 if self.whiten_mode == "2x2" else 1:]:
                 with torch.no_grad():
                     nn.init.dirac_(m.weight[:m.in_channels])
 
     def convs(self) -> list[nn.Conv2d]:
+        """The convolutions of the layer list (not the 2x2 whitening in front)."""
         return [m for m in self.features if isinstance(m, nn.Conv2d)]
 
+    def whitening(self) -> nn.Conv2d | None:
+        """The fixed whitening convolution, if the model has one."""
+        if self.whiten_mode == "2x2":
+            return self.stem[0]
+        return self.convs()[0] if self.whiten_mode else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.features(x))
+        x = self.pool(self.features(self.stem(x)))
         logits = self.classifier(torch.flatten(x, 1))
         return logits * self.logit_scale if self.logit_scale != 1.0 else logits
 
@@ -102,18 +135,19 @@ def build_model(cfg: ModelConfig) -> VGG:
     return VGG(layer_list(cfg), num_classes=cfg.num_classes, batch_norm=cfg.batch_norm,
                head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout, global_pool=cfg.global_pool,
                identity_init=cfg.identity_init, bn_weight=cfg.bn_weight, logit_scale=cfg.logit_scale,
-               whiten=cfg.whiten)
+               whiten=cfg.whiten, block_order=cfg.block_order, activation=cfg.activation,
+               conv_bias=cfg.conv_bias, bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps)
 
 
 @torch.no_grad()
 def init_whitening(model: VGG, images: torch.Tensor, eps: float = 5e-4) -> None:
-    """Make the first convolution a fixed whitening of 3x3 patches (airbench's first-layer init).
+    """Make the whitening convolution a fixed whitening of its patches (airbench's first-layer init).
 
     images: normalised float (N, 3, H, W). Its filters are the top width/2 eigenvectors of the
     patch covariance, each scaled by 1/sqrt(eigenvalue) and paired with its negation (so the
     ReLU after it loses nothing). A model built with whiten=True keeps these weights fixed.
     """
-    conv = model.convs()[0]
+    conv = model.whitening() or model.convs()[0]  # a model without whiten: its first convolution
     c, k = conv.in_channels, conv.kernel_size[0]
     dim = c * k * k
     if conv.out_channels % 2 or conv.out_channels > 2 * dim:
@@ -160,6 +194,8 @@ class Block:
 def blocks(model: nn.Module) -> list[Block]:
     """The model's layers under the paper's names, in forward order."""
     out: list[Block] = []
+    if isinstance(model.stem, nn.Sequential):  # the 2x2 whitening in front of stage 1
+        out.append(Block("whiten", [(f"stem.{n}", m) for n, m in model.stem.named_children()]))
     stage, index = 1, 0
     for name, m in model.features.named_children():
         qualified = f"features.{name}"
@@ -169,7 +205,7 @@ def blocks(model: nn.Module) -> list[Block]:
         elif isinstance(m, nn.MaxPool2d):
             out.append(Block(f"pool{stage}", [(qualified, m)]))
             stage, index = stage + 1, 0
-        else:  # BatchNorm2d, ReLU: part of the conv before them
+        else:  # BatchNorm2d, the activation: part of the conv (or the pool) before them
             out[-1].modules.append((qualified, m))
     if not isinstance(model.pool, nn.Identity):
         out.append(Block("global_pool", [("pool", model.pool)]))

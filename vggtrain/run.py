@@ -3,6 +3,7 @@ saved to and restored from one checkpoint dict (with the checks a resume must pa
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import warnings
@@ -75,7 +76,7 @@ class Run:
 
     @property
     def total_steps(self) -> int:
-        return self.cfg.train.epochs * self.steps_per_epoch
+        return math.ceil(self.cfg.train.epochs * self.steps_per_epoch)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -106,7 +107,7 @@ class Run:
             # The schedule is a function of the position; its saved counter (or an older version's
             # StepLR state) is not needed to continue it.
             self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.steps_per_epoch,
-                                             self.position)
+                                             self.total_steps, self.position)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{source}: cannot resume from it: {first_line(e)}") from None
 
@@ -164,8 +165,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     steps = steps_per_epoch(train_size, d, cfg.train.batch_size)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, steps)
+    optimizer = build_optimizer(model, cfg.optim, cfg.model.whiten_bias_epochs)
+    scheduler = build_scheduler(optimizer, cfg.schedule, steps, math.ceil(cfg.train.epochs * steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     # Checkpoints keep saving `model` itself: unwrapped, loadable by a single process.
     forward: Any = model
@@ -175,7 +176,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         forward = compile_model(forward, device)
-    lookahead = Lookahead(model, cfg.optim.lookahead_every) if cfg.optim.lookahead_every else None
+    lookahead = Lookahead(model, cfg.optim.lookahead_every, cfg.optim.lookahead_final_full_sync) \
+        if cfg.optim.lookahead_every else None
     return Run(cfg, run_dir, device, model, optimizer, scheduler, scaler, class_names, steps, dist=d,
                channels_last=channels_last, forward=forward, lookahead=lookahead)
 

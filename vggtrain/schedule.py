@@ -6,12 +6,19 @@ optimizer step; its state is a counter, and a resumed run rebuilds it at its pos
 done x steps per epoch at today's rank count, plus the steps done inside the epoch), so the
 rates resume exactly, also after a change of rank count at an epoch end.
 
-StepLR (the shipped default) is ``gamma ** ((epoch - warmup_epochs) // step_size)``, counting
-its epochs from the end of a linear per-step warm-up over ``warmup_epochs``.
+schedule.kind:
+- step (the shipped default): StepLR, ``gamma ** floor((epoch - warmup_epochs) / step_size)``,
+  counting its epochs from the end of a linear per-step warm-up over ``warmup_epochs``.
+- linear: from ``start_factor`` up to 1 over the warm-up, then linearly down to ``end_factor`` at
+  the run's last step (airbench's triangle: 0.2 -> 1 over 23% of the steps, then -> 0.07).
+
+A parameter group with a ``frozen_after_epochs`` entry (the whitening bias, model.whiten_bias_epochs)
+gets rate 0 from that step on: frozen, and the same on every rank and after a resume.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -25,22 +32,33 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step
                         category=UserWarning)
 
 
-def lr_factor(position: int, schedule: ScheduleConfig, steps_per_epoch: int) -> float:
+def lr_factor(position: int, schedule: ScheduleConfig, steps_per_epoch: int, total_steps: int) -> float:
     """The multiplier of the base learning rate for the step with `position` steps before it."""
-    warmup = schedule.warmup_epochs * steps_per_epoch
+    warmup = round(schedule.warmup_epochs * steps_per_epoch)
+    if schedule.kind == "linear":
+        if position < warmup:
+            return schedule.start_factor + (1.0 - schedule.start_factor) * position / warmup
+        done = min((position - warmup) / max(total_steps - warmup, 1), 1.0)
+        return 1.0 + (schedule.end_factor - 1.0) * done
     if position < warmup:
         return (position + 1) / warmup
     epoch = position // max(steps_per_epoch, 1)
-    return schedule.gamma ** ((epoch - schedule.warmup_epochs) // schedule.step_size)
+    return schedule.gamma ** max(0, math.floor((epoch - schedule.warmup_epochs) / schedule.step_size))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, steps_per_epoch: int,
-                    position: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+                    total_steps: int, position: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step LambdaLR at `position` (0: a new run), which sets the optimizer's rates for the
     next step. At a position > 0 the optimizer's groups must hold their `initial_lr` (as a loaded
     optimizer state does): that is the documented way to start a scheduler part-way."""
 
     def factor(step: int) -> float:
-        return lr_factor(step, schedule, steps_per_epoch)
+        return lr_factor(step, schedule, steps_per_epoch, total_steps)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=position - 1)
+    def frozen_after(epochs: float) -> object:
+        limit = round(epochs * steps_per_epoch)
+        return lambda step: factor(step) if step < limit else 0.0
+
+    lambdas = [factor if g.get("frozen_after_epochs") is None else frozen_after(g["frozen_after_epochs"])
+               for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=position - 1)

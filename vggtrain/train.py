@@ -23,7 +23,7 @@ from tqdm import tqdm
 from vggtrain import distributed
 from vggtrain.averaging import float_tensors
 from vggtrain.checkpoint import save_checkpoint
-from vggtrain.data import Split, train_batches
+from vggtrain.data import Split, alternating_flips, train_batches
 from vggtrain.device import autocast
 from vggtrain.errors import RunStopped
 from vggtrain.evaluate import eval_settings, evaluate_split
@@ -85,12 +85,15 @@ def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignal
     # Derived from (seed, epoch) rather than carried along, so a resumed run draws the same batches.
     generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + run.epoch + 1) % 2**63)
     steps, every = steps_per_epoch(len(train), d, cfg.train.batch_size), cfg.train.checkpoint_every_steps
+    flips = alternating_flips(len(train), cfg.seed, run.epoch) if cfg.data.flip == "alternating" else None
     meter = EpochMeter(run)
     bar.update(p.step)
     run.model.train()
     for x, y in train_batches(train, cfg.train.batch_size, generator, cfg.data.augment,
                               run.channels_last, start=p.step, rank=d.rank, world=d.world,
-                              pad=cfg.data.crop_padding):
+                              pad=cfg.data.crop_padding, pad_mode=cfg.data.crop_pad_mode, flips=flips):
+        if run.position >= run.total_steps:  # a fractional last epoch (train.epochs: 9.9) ends here
+            break
         loss, logits = train_step(run, x, y, criterion)
         run.scheduler.step()
         run.global_step += 1
@@ -157,8 +160,8 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: 
     with StopSignals() as stop:
         while run.epoch < cfg.train.epochs:
             lr = run.scheduler.get_last_lr()[0]  # the rate the epoch starts with
-            with tqdm(total=steps_per_epoch(len(train), d, cfg.train.batch_size),
-                      desc=f"epoch {run.epoch + 1}/{cfg.train.epochs}", leave=False, file=sys.stdout,
+            with tqdm(total=steps_per_epoch(len(train), d, cfg.train.batch_size), leave=False,
+                      desc=f"epoch {run.epoch + 1}/{math.ceil(cfg.train.epochs)}", file=sys.stdout,
                       disable=not (sys.stdout.isatty() and d.is_main), dynamic_ncols=True) as bar:
                 tr = train_one_epoch(run, train, writer, stop, bar)
             run.epoch, run.progress = run.epoch + 1, EpochProgress()
@@ -174,7 +177,7 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: 
                                   scalars=scalars, improved=improved)
             if d.is_main:
                 val_text = f" | val loss {va['loss']:.4f} acc {va['acc']:.2%}" if va else ""
-                print(f"epoch {run.epoch}/{cfg.train.epochs} | train loss {tr['loss']:.4f} "
+                print(f"epoch {run.epoch}/{math.ceil(cfg.train.epochs)} | train loss {tr['loss']:.4f} "
                       f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
                       f"{tr['time_s']:.1f}s{' | best' if improved and va else ''}", flush=True)
             if signum:
