@@ -203,3 +203,89 @@ def test_bad_new_options_are_one_line_errors(tmp_path, section, values, message)
     raw[section].update(values)
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw, "t")
+
+
+def test_muon_orthogonalises_the_filter_updates_and_sgd_does_the_rest():
+    from vggtrain.optim import MuonSGD, build_optimizer, orthogonalize
+
+    g = torch.randn(64, 576)
+    s = torch.linalg.svdvals(orthogonalize(g).float())
+    assert 0.3 < s.min() and s.max() < 1.6  # all directions at about unit size, whatever g's spectrum
+    torch.manual_seed(0)
+    cfg = config_from_dict(_airbench(".", ".", batch_size=50), "t")
+    cfg.optim.name = "muon"
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim, cfg.model.whiten_bias_epochs)
+    assert isinstance(opt, MuonSGD)
+    muon = [g for g in opt.param_groups if g.get("muon")]
+    assert len(muon) == 1 and all(p.ndim == 4 for p in muon[0]["params"])
+    assert len(muon[0]["params"]) == len(model.convs())  # the whitening filters are frozen, not here
+    assert all(p.ndim < 4 for g in opt.param_groups if not g.get("muon") for p in g["params"])
+    conv, head = model.convs()[1].weight, model.classifier.weight
+    x = torch.randn(8, 3, 32, 32)
+    torch.nn.functional.cross_entropy(model(x), torch.arange(8)).backward()
+    before, grad = conv.detach().clone(), conv.grad.clone()
+    head_before, head_grad = head.detach().clone(), head.grad.clone()
+    opt.step()
+    m, lr = cfg.optim.muon_momentum, cfg.optim.muon_lr
+    nesterov = grad + m * grad  # the first step: momentum buffer = grad
+    update = orthogonalize(nesterov.reshape(len(grad), -1)).view(grad.shape)
+    expected = before * (len(before) ** 0.5 / before.norm()) - lr * update
+    assert torch.allclose(conv.detach(), expected, atol=1e-6)
+    sgd_lr, wd = cfg.optim.lr, cfg.optim.weight_decay  # plain SGD: lr x (grad + wd w), nesterov
+    step = head_grad + wd * head_before
+    assert torch.allclose(head.detach(), head_before - sgd_lr * (step + cfg.optim.momentum * step), atol=1e-6)
+
+
+def test_muon_run_resumes_bit_identically_after_a_mid_epoch_stop(cifar_bin, tmp_path, monkeypatch):
+    out = tmp_path / "runs"
+    base = _airbench(cifar_bin, out, epochs=2)
+    base["optim"].update({"name": "muon", "lookahead_every": 0})
+    assert main(["fit", "--config", str(write_yaml(tmp_path / "a.yaml", {**base, "name": "a"}))]) == 0
+    base["train"]["checkpoint_every_steps"] = 20
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["progress"]["step"]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    assert main(["fit", "--config", str(write_yaml(tmp_path / "b.yaml", {**base, "name": "b"}))]) == 130
+    monkeypatch.undo()
+    assert main(["fit", "--resume", str(out / "b")]) == 0
+    a, b = load_checkpoint(out / "a" / "last.pt"), load_checkpoint(out / "b" / "last.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a["model"].values(), b["model"].values(), strict=True))
+    assert any(g.get("muon") for g in a["optimizer"]["param_groups"])
+
+
+def test_whitening_bias_group_takes_its_lr_scale(tmp_path):
+    from vggtrain.optim import param_groups
+
+    raw = _airbench(tmp_path, tmp_path)
+    raw["optim"].update({"lr": 0.1, "weight_decay": 0.02, "whiten_bias_lr_scale": 8.0})
+    cfg = config_from_dict(raw, "t")
+    model = build_model(cfg.model)
+    held = param_groups(model, cfg.optim, cfg.model.whiten_bias_epochs)[-1]
+    assert held["params"] == [model.whitening().bias] and held["frozen_after_epochs"] == 1
+    assert held["lr"] == pytest.approx(0.8) and held["weight_decay"] == pytest.approx(0.0025)
+    raw["model"]["whiten_bias_epochs"] = None
+    with pytest.raises(ConfigError, match="optim.whiten_bias_lr_scale applies to"):
+        config_from_dict(raw, "t")
+
+
+@pytest.mark.parametrize("name", ["airbench94.yaml", "airbench94_muon.yaml"])
+def test_shipped_airbench_configs_build_airbench_s_network(name):
+    from vggtrain.config import load_config
+
+    cfg = load_config(name)
+    model = build_model(cfg.model)
+    # airbench's CifarNet: 2x2 whitening (288 fixed weights + 24 biases), three groups of two
+    # bias-free 3x3 convolutions (64, 256, 256), BN with fixed weights, a 256 -> 10 head.
+    convs = [(c.in_channels, c.out_channels) for c in model.convs()]
+    assert convs == [(24, 64), (64, 64), (64, 256), (256, 256), (256, 256), (256, 256)]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    filters = sum(c.weight.numel() for c in model.convs())
+    bn_biases = 64 * 2 + 256 * 4
+    assert trainable == filters + bn_biases + 24 + 256 * 10 + 10  # + whitening bias, head (+ its bias)
+    assert cfg.model.whiten == "2x2" and cfg.data.flip == "alternating" and cfg.train.tta == "multicrop"

@@ -131,6 +131,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    # sgd; muon: the 3x3 filters get Muon's orthogonalised momentum updates (muon_lr,
+    # muon_momentum, nesterov, no weight decay), everything else SGD as below (airbench94_muon).
+    name: str = _opt("sgd", _one_of("sgd", "muon"))
     lr: float = _opt(0.05, _between(0, 100, lo_open=True))
     momentum: float = _opt(0.9, _between(0, 1, hi_open=True))
     nesterov: bool = _opt(False)
@@ -147,6 +150,10 @@ class OptimConfig:
     # The last step ends on the slow weights themselves (airbench's final full sync), not on the
     # usual interpolation.
     lookahead_final_full_sync: bool = _opt(False)
+    # The whitening bias (when model.whiten_bias_epochs is set) at lr x this, weight decay / this.
+    whiten_bias_lr_scale: float = _opt(1.0, _between(0, 1000, lo_open=True))
+    muon_lr: float = _opt(0.24, _between(0, 100, lo_open=True))
+    muon_momentum: float = _opt(0.6, _between(0, 1, hi_open=True))
 
 
 @dataclass
@@ -322,6 +329,9 @@ def _cross_check(cfg: TrainConfig, where: Callable[[str], str]) -> None:
     if m.whiten_bias_epochs is not None and m.whiten in (True, "3x3") and not m.conv_bias:
         raise ConfigError(f"{where('model.whiten_bias_epochs')}: the 3x3 whitening layer has no bias "
                           f"with model.conv_bias false")
+    if cfg.optim.whiten_bias_lr_scale != 1.0 and m.whiten_bias_epochs is None:
+        raise ConfigError(f"{where('optim.whiten_bias_lr_scale')}: optim.whiten_bias_lr_scale applies to "
+                          f"the whitening bias of model.whiten_bias_epochs, which is not set")
     if not DEVICE_RE.match(cfg.train.device):
         raise ConfigError(f"{where('train.device')}: train.device must be {DEVICE_RULE} "
                           f"(got {_show(cfg.train.device)})")
