@@ -181,8 +181,9 @@ def test_fractional_epochs_end_at_their_step_and_resume_inside_the_last_one(cifa
         assert all(torch.equal(x, y) for x, y in zip(a[key].values() if key == "model" else a[key],
                                                      b[key].values() if key == "model" else b[key],
                                                      strict=True)), key
-    steps = [s for s, _ in tb_scalars(out / "killed")["train/loss_step"]]
-    assert steps == list(range(1, 41))
+    curves, straight_curves = tb_scalars(out / "killed"), tb_scalars(out / "straight")
+    assert [s for s, _ in curves["train/loss_step"]] == list(range(1, 41))
+    assert curves["train/lr"] == straight_curves["train/lr"]  # the resumed epoch logs its first step's rate
     ra, rb = (json.loads((out / n / "report.json").read_text()) for n in ("straight", "killed"))
     assert ra["metrics"] == rb["metrics"] and ra["epochs"] == 3
     # The lookahead's final full sync: the run ended on the slow weights.

@@ -95,6 +95,8 @@ class Run:
         check_resumable(state, self, source)
         load_model_state(self.model, state["model"], source)
         try:
+            if not isinstance(state["scheduler"], dict):  # not read (see below), but in every checkpoint
+                raise ValueError("its scheduler entry is not a scheduler's state")
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])

@@ -29,7 +29,7 @@ from vggtrain.config import ScheduleConfig
 # while it finds its scale); the scheduler then sees its first step() "before optimizer.step()".
 # The position still advanced, which is what the schedule means, so the warning is noise here.
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before",
-                        category=UserWarning)
+                        category=UserWarning, module=r"vggtrain\.")
 
 
 def lr_factor(position: int, schedule: ScheduleConfig, steps_per_epoch: int, total_steps: int) -> float:
@@ -62,3 +62,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, 
     lambdas = [factor if g.get("frozen_after_epochs") is None else frozen_after(g["frozen_after_epochs"])
                for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=position - 1)
+
+
+def rate_at(scheduler: torch.optim.lr_scheduler.LambdaLR, position: int, group: int = 0) -> float:
+    """The rate the scheduler gives parameter group `group` at the step with `position` steps
+    before it (the epoch's first step for the log, whatever the scheduler's own position)."""
+    return float(scheduler.base_lrs[group] * scheduler.lr_lambdas[group](position))

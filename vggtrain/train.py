@@ -28,6 +28,7 @@ from vggtrain.device import autocast
 from vggtrain.errors import RunStopped
 from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.run import EpochProgress, Run, steps_per_epoch
+from vggtrain.schedule import rate_at
 from vggtrain.tb import NullWriter
 
 EpochHook = Callable[[Run], bool]
@@ -159,7 +160,7 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: 
     cfg, d = run.cfg, run.dist
     with StopSignals() as stop:
         while run.epoch < cfg.train.epochs:
-            lr = run.scheduler.get_last_lr()[0]  # the rate the epoch starts with
+            lr = rate_at(run.scheduler, run.epoch * run.steps_per_epoch)  # the epoch's first step's
             with tqdm(total=steps_per_epoch(len(train), d, cfg.train.batch_size), leave=False,
                       desc=f"epoch {run.epoch + 1}/{math.ceil(cfg.train.epochs)}", file=sys.stdout,
                       disable=not (sys.stdout.isatty() and d.is_main), dynamic_ncols=True) as bar:
@@ -180,6 +181,7 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: 
                 print(f"epoch {run.epoch}/{math.ceil(cfg.train.epochs)} | train loss {tr['loss']:.4f} "
                       f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
                       f"{tr['time_s']:.1f}s{' | best' if improved and va else ''}", flush=True)
+            signum = signum or agreed_signal(run, stop)  # one that came during the save, too
             if signum:
                 stop_run(run, signum, f"after epoch {run.epoch}; resume with")
             if on_epoch_end is not None:  # any rank's True ends training on every rank
