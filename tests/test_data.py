@@ -269,7 +269,7 @@ def test_train_batches_shuffle_cover_and_repeat(cifar_bin):
     assert not torch.equal(seen, torch.arange(len(seen)))
     other = torch.cat([y for _, y in train_batches(tagged, 128, torch.Generator().manual_seed(2))])
     assert not torch.equal(other, seen)
-    plain, ids = next(train_batches(tagged, 128, torch.Generator().manual_seed(1), augment=False))
+    plain, ids = next(train_batches(tagged, 128, torch.Generator().manual_seed(1), aug=None))
     assert torch.equal(ids, first[0][1]) and torch.equal(plain, normalize(train.images[ids]))
     changed = (x != plain).flatten(1).any(1)
     assert changed.float().mean() > 0.9  # only no shift (1 in 81) and no flip (1 in 2) keeps one

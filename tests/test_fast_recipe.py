@@ -17,7 +17,7 @@ from vggtrain.averaging import Lookahead
 from vggtrain.checkpoint import load_checkpoint
 from vggtrain.cli import main
 from vggtrain.config import ModelConfig, ScheduleConfig, config_from_dict
-from vggtrain.data import Split, alternating_flips, crop_flip, train_batches
+from vggtrain.data import Augmentation, Split, alternating_flips, crop_flip, train_batches
 from vggtrain.errors import ConfigError
 from vggtrain.fit import fit
 from vggtrain.model import VGG, blocks, build_model, init_whitening
@@ -120,7 +120,7 @@ def test_alternating_flip_mirrors_the_whole_set_every_other_epoch():
     for epoch in (0, 1):
         flips = alternating_flips(8, 3, epoch)
         gen = torch.Generator().manual_seed(epoch)
-        for x, y in train_batches(split, 4, gen, pad=0, flips=flips):
+        for x, y in train_batches(split, 4, gen, Augmentation(padding=0), flips=flips):
             for img, label in zip(x, y.tolist(), strict=True):
                 seen.setdefault(label, []).append(img)
     for a, b in seen.values():  # each image once as it is and once mirrored

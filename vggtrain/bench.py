@@ -29,7 +29,7 @@ from torch import nn
 
 from vggtrain import allocator
 from vggtrain.config import TrainConfig
-from vggtrain.data import Split, train_batches
+from vggtrain.data import Augmentation, Split, train_batches
 from vggtrain.device import channels_last_for, select_device, synchronize
 from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.model import build_model, count_parameters
@@ -61,9 +61,9 @@ def _bench_run(cfg: TrainConfig, run_dir: Path, train_size: int) -> Any:
 
 def bench_bare_step(cfg: TrainConfig, run_dir: Path, warmup: int, steps: int) -> float:
     run = _bench_run(cfg, run_dir, cfg.train.batch_size * steps)
-    batch = next(train_batches(random_split(cfg.train.batch_size, run.device), cfg.train.batch_size,
-                               torch.Generator().manual_seed(0), cfg.data.augment, run.channels_last,
-                               pad=cfg.data.crop_padding))
+    bs = cfg.train.batch_size
+    batch = next(train_batches(random_split(bs, run.device), bs, torch.Generator().manual_seed(0),
+                               Augmentation.of(cfg.data), run.channels_last))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     run.model.train()
 
@@ -78,7 +78,7 @@ def bench_data_path(cfg: TrainConfig, split: Split, steps: int) -> float:
     device = split.images.device
     channels_last = channels_last_for(cfg.train.channels_last, device)
     batches = _endless(lambda: train_batches(split, cfg.train.batch_size, torch.Generator().manual_seed(0),
-                                             cfg.data.augment, channels_last, pad=cfg.data.crop_padding))
+                                             Augmentation.of(cfg.data), channels_last))
     return _rate(lambda: len(next(batches)[1]), device, 2, steps)
 
 

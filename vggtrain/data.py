@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vggtrain.config import DataConfig
 from vggtrain.errors import DataError, first_line
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -265,6 +266,21 @@ def crop_flip(split: Split, idx: torch.Tensor, shifts: torch.Tensor, flips: torc
     return out.permute(0, 3, 1, 2) if channels_last else out
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """How train_batches augments: a random crop from the image padded by `padding` pixels
+    (zeros or reflected), and flips: random, or alternating (the caller's alternating_flips)."""
+
+    padding: int = PAD
+    pad_mode: str = "zeros"
+    flip: str = "random"
+
+    @classmethod
+    def of(cls, data: DataConfig) -> Augmentation | None:
+        """The config's augmentation; None when data.augment is off."""
+        return cls(data.crop_padding, data.crop_pad_mode, data.flip) if data.augment else None
+
+
 def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
     """airbench's flips: each image mirrored or not at random once (from the seed), then the whole
     set mirrored on every other epoch (epoch 0-based: odd epochs). Every image is seen both ways
@@ -273,9 +289,9 @@ def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
     return base ^ bool(epoch % 2)
 
 
-def train_batches(split: Split, batch_size: int, generator: torch.Generator, augment: bool = True,
-                  channels_last: bool = False, start: int = 0, rank: int = 0, world: int = 1,
-                  pad: int = PAD, pad_mode: str = "zeros", flips: torch.Tensor | None = None
+def train_batches(split: Split, batch_size: int, generator: torch.Generator,
+                  aug: Augmentation | None = Augmentation(), channels_last: bool = False, start: int = 0,
+                  rank: int = 0, world: int = 1, flips: torch.Tensor | None = None
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled, augmented, normalised batches; the last partial batch is dropped
     (a BN net with a batch of one fails, and a ragged batch would recompile compiled models).
@@ -284,18 +300,20 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
     and a resumed epoch skips its first ``start`` batches without changing the rest. With
     ``world`` ranks, every rank draws the same permutation and takes every world-th image of it
     from the rank-th on: disjoint shards of equal size (the last n % world images sit out).
-    flips: (N,) bool per image (alternating_flips); None draws them at random for this epoch.
+    aug None: the images as they are. flips: (N,) bool per image (alternating_flips); None draws
+    them at random for this epoch.
     """
     n = len(split)
     device = split.images.device
     perm = torch.randperm(n, generator=generator)[rank:n - n % world:world].to(device)
+    pad = aug.padding if aug else PAD  # drawn even without augmentation: the same order either way
     shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).to(device)
     if flips is None:
         flips = torch.randint(0, 2, (n,), generator=generator).bool()
     flips = flips.to(device)
     for first in range(start * batch_size, len(perm) - batch_size + 1, batch_size):
         idx = perm[first:first + batch_size]
-        images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last, pad, pad_mode) if augment \
+        images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last, pad, aug.pad_mode) if aug \
             else split.images[idx]
         yield normalize(images, channels_last), split.labels[idx]
 

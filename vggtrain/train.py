@@ -23,7 +23,7 @@ from tqdm import tqdm
 from vggtrain import distributed
 from vggtrain.averaging import float_tensors
 from vggtrain.checkpoint import save_checkpoint
-from vggtrain.data import Split, alternating_flips, train_batches
+from vggtrain.data import Augmentation, Split, alternating_flips, train_batches
 from vggtrain.device import autocast
 from vggtrain.errors import RunStopped
 from vggtrain.evaluate import eval_settings, evaluate_split
@@ -86,13 +86,13 @@ def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignal
     # Derived from (seed, epoch) rather than carried along, so a resumed run draws the same batches.
     generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + run.epoch + 1) % 2**63)
     steps, every = steps_per_epoch(len(train), d, cfg.train.batch_size), cfg.train.checkpoint_every_steps
-    flips = alternating_flips(len(train), cfg.seed, run.epoch) if cfg.data.flip == "alternating" else None
+    aug = Augmentation.of(cfg.data)
+    flips = alternating_flips(len(train), cfg.seed, run.epoch) if aug and aug.flip == "alternating" else None
     meter = EpochMeter(run)
     bar.update(p.step)
     run.model.train()
-    for x, y in train_batches(train, cfg.train.batch_size, generator, cfg.data.augment,
-                              run.channels_last, start=p.step, rank=d.rank, world=d.world,
-                              pad=cfg.data.crop_padding, pad_mode=cfg.data.crop_pad_mode, flips=flips):
+    for x, y in train_batches(train, cfg.train.batch_size, generator, aug, run.channels_last,
+                              start=p.step, rank=d.rank, world=d.world, flips=flips):
         if run.position >= run.total_steps:  # a fractional last epoch (train.epochs: 9.9) ends here
             break
         loss, logits = train_step(run, x, y, criterion)
