@@ -131,9 +131,6 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    # sgd; muon: the 3x3 filters get Muon's orthogonalised momentum updates (muon_lr,
-    # muon_momentum, nesterov, no weight decay), everything else SGD as below (airbench94_muon).
-    name: str = _opt("sgd", _one_of("sgd", "muon"))
     lr: float = _opt(0.05, _between(0, 100, lo_open=True))
     momentum: float = _opt(0.9, _between(0, 1, hi_open=True))
     nesterov: bool = _opt(False)
@@ -152,6 +149,9 @@ class OptimConfig:
     lookahead_final_full_sync: bool = _opt(False)
     # The whitening bias (when model.whiten_bias_epochs is set) at lr x this, weight decay / this.
     whiten_bias_lr_scale: float = _opt(1.0, _between(0, 1000, lo_open=True))
+    # sgd; muon: the 3x3 filters get Muon's orthogonalised momentum updates (muon_lr,
+    # muon_momentum, nesterov, no weight decay), everything else SGD as above (airbench94_muon).
+    name: str = _opt("sgd", _one_of("sgd", "muon"))
     muon_lr: float = _opt(0.24, _between(0, 100, lo_open=True))
     muon_momentum: float = _opt(0.6, _between(0, 1, hi_open=True))
 
