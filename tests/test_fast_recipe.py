@@ -114,6 +114,7 @@ def test_alternating_flip_mirrors_the_whole_set_every_other_epoch():
     f0, f1, f2 = (alternating_flips(1000, 3, e) for e in range(3))
     assert torch.equal(f1, ~f0) and torch.equal(f2, f0) and 400 < int(f0.sum()) < 600
     assert not torch.equal(alternating_flips(1000, 4, 0), f0)  # a function of the seed
+    assert alternating_flips(10, 2**63 - 1, 1).shape == (10,)  # the largest seed a config allows
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     split = Split(images, torch.arange(8))
     seen = {}

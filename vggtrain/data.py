@@ -248,7 +248,7 @@ def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor
 
 def crop_flip(split: Split, idx: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor,
               channels_last: bool = False, pad: int = PAD, pad_mode: str = "zeros") -> torch.Tensor:
-    """Images idx of the split, each cropped from its zero-padded self at its own offset and
+    """Images idx of the split, each cropped from its padded self at its own offset and
     mirrored where flips says: uint8 (B, 3, 32, 32) from a single gather.
 
     shifts: (B, 2) int row/column offsets in [0, 2*pad]; flips: (B,) bool. The crops are a view
@@ -285,7 +285,8 @@ def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
     """airbench's flips: each image mirrored or not at random once (from the seed), then the whole
     set mirrored on every other epoch (epoch 0-based: odd epochs). Every image is seen both ways
     in any two consecutive epochs, which random flips only do half the time."""
-    base = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed * 7919 + 17)).bool()
+    generator = torch.Generator().manual_seed((seed * 7919 + 17) % 2**63)  # any seed, not the epochs'
+    base = torch.randint(0, 2, (n,), generator=generator).bool()
     return base ^ bool(epoch % 2)
 
 
