@@ -6,7 +6,6 @@ and a check it fails stops every rank with the same one-line message.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,7 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
         train_epochs(run, train, val, writer, on_epoch_end)
         if not d.is_main:
             return None
-        from vggtrain.report import log_report, report_pictures, write_report_files  # Pillow, only here
+        from vggtrain.report import log_report, report_json, report_pictures, write_report_files  # Pillow
 
         report, evaluation = test_report(run, test)
         pictures = report_pictures(report, evaluation, test)
@@ -75,7 +74,7 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
         writer.close()
     write_report_files(rd.path, report, pictures)
     # Last: a report.json means the pictures and report.md beside it are complete.
-    atomic_write_text(rd.path / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(rd.path / "report.json", report_json(report))
     m = report["metrics"]
     loss = "n/a" if m["loss"] is None else f"{m['loss']:.4f}"
     print(f"test accuracy {m['top1']:.2%} (top-5 {m['top5']:.2%}, loss {loss}, {m['images']} images) "
