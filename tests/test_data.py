@@ -8,9 +8,11 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from vggtrain.config import DataConfig
 from vggtrain.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
+    Augmentation,
     Split,
     crop_flip,
     eval_batches,
@@ -75,6 +77,23 @@ def test_oversized_batches_are_refused(cifar_bin, cifar_py, tmp_path):
         f.truncate(200_000_000)
     with pytest.raises(DataError, match="test_batch: .* larger than a CIFAR python batch"):
         load_cifar10(root)
+
+
+@pytest.mark.parametrize("protocol,fill", [(2, 0xFF), (0, ord("\\"))])
+def test_full_python_batches_load_in_every_protocol(cifar_py, tmp_path, protocol, fill):
+    # Python 3 writes bytes in protocols 0-2 through _codecs.encode: 10,000 images take up to 2x
+    # their 30.7 MB in protocol 2 (bytes >= 0x80) and 6x in protocol 0 (backslashes).
+    root, base = _copy(cifar_py, tmp_path, "cifar-10-batches-py")
+    import numpy as np
+
+    data = np.full((10_000, 3072), fill, dtype=np.uint8)
+    batch = {"batch_label": "testing batch 1 of 1", "labels": [i % 10 for i in range(10_000)],
+             "data": data, "filenames": [f"image_{i:05d}.png" for i in range(10_000)]}
+    (base / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+    assert (base / "test_batch").stat().st_size > 2 * data.nbytes  # beyond the old 32 MB bound
+    _, test, _ = load_cifar10(root)
+    assert len(test) == 10_000 and int(test.images.min()) == int(test.images.max()) == fill
+    assert test.labels[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
 
 
 def test_label_out_of_range(cifar_bin, tmp_path):
@@ -273,6 +292,28 @@ def test_train_batches_shuffle_cover_and_repeat(cifar_bin):
     assert torch.equal(ids, first[0][1]) and torch.equal(plain, normalize(train.images[ids]))
     changed = (x != plain).flatten(1).any(1)
     assert changed.float().mean() > 0.9  # only no shift (1 in 81) and no flip (1 in 2) keeps one
+
+
+def test_cutout_blanks_one_square_per_image_and_changes_nothing_else(cifar_bin):
+    train, _, _ = load_cifar10(cifar_bin)
+    tagged = Split(train.images, torch.arange(len(train)))
+    aug, cut = Augmentation(padding=2), Augmentation(padding=2, cutout=8)
+    plain = next(train_batches(tagged, 256, torch.Generator().manual_seed(3), aug))
+    x, y = next(train_batches(tagged, 256, torch.Generator().manual_seed(3), cut))
+    assert torch.equal(y, plain[1])  # the same images, crops and flips: cutout draws after them
+    blank = (x != plain[0]).any(1)  # (B, 32, 32): where the cut changed a pixel
+    zero = (x == 0).all(1)
+    assert torch.equal(blank & ~zero, torch.zeros_like(blank))  # every changed pixel is the mean
+    rows, cols = zero.any(2), zero.any(1)
+    for i in range(len(x)):  # one 8x8 square, wholly inside the image
+        r, c = rows[i].nonzero().flatten(), cols[i].nonzero().flatten()
+        assert r.max() - r.min() == 7 and c.max() - c.min() == 7 and int(zero[i].sum()) == 64, i
+    corners = torch.stack([rows.float().argmax(1), cols.float().argmax(1)], 1)
+    assert len(corners.unique(dim=0)) > 30  # placed at random
+    cl = next(train_batches(tagged, 256, torch.Generator().manual_seed(3), cut, channels_last=True))[0]
+    assert torch.equal(cl, x)
+    # data.cutout reaches the loop's augmentation; 0 leaves it off
+    assert Augmentation.of(DataConfig(cutout=12)).cutout == 12 and Augmentation.of(DataConfig()).cutout == 0
 
 
 def test_eval_batches_keep_order_and_remainder(cifar_bin):

@@ -289,6 +289,28 @@ def test_bad_input_exits_2_with_one_line(run, cifar_bin, tmp_path, capsys):
         assert "Traceback" not in err and not out, what
 
 
+def test_a_checkpoint_declaring_a_giant_model_is_refused_before_it_is_built(run, tmp_path, capsys,
+                                                                            monkeypatch):
+    # 64 convolutions of width 8192 (~150 GB of weights) in the stored config, the tiny net's
+    # weights in the file: refused from the shapes alone, the model itself never built.
+    state = load_checkpoint(run / "best.pt")
+    state["config"]["model"]["layers"] = [8192] * 64
+    torch.save(state, tmp_path / "giant.pt")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before its shapes were checked")
+
+    monkeypatch.setattr("vggtrain.inference.build_model", never)
+    monkeypatch.setattr("vggtrain.run.build_model", never)
+    code, out, err = _eval(capsys, "--ckpt", str(tmp_path / "giant.pt"))
+    assert code == 2 and "giant.pt: weights do not fit this model" in err and err.count("\n") == 1
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    torch.save(state, resumed / "last.pt")
+    assert main(["fit", "--resume", str(resumed)]) == 2
+    assert "last.pt: weights do not fit this model" in capsys.readouterr().err
+
+
 def test_val_split_of_a_run_without_one(cifar_bin, run, tmp_path, capsys):
     state = load_checkpoint(run / "best.pt")
     state["config"]["data"]["val_size"] = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -252,6 +253,99 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
+def _disk_fills_at(monkeypatch, name: str, after: int = 0) -> None:
+    """The disk fills up while `name` is written (after `after` whole writes of it): its fsync
+    fails with ENOSPC, as a delayed-allocation filesystem reports it."""
+    real_fsync, writes = os.fsync, []
+
+    def fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if Path(target).name.startswith(f".{name}."):  # atomic_write's temp file for name
+            writes.append(target)
+            if len(writes) > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # no thread traceback
+@pytest.mark.parametrize("name, after", [("last.pt", 1), ("report.md", 0), ("report.json", 0),
+                                         ("events", 0), ("config.yaml", 0)])
+def test_a_full_disk_is_one_line_and_loses_nothing(cifar_bin, tmp_path, capsys, monkeypatch, name, after):
+    # One line naming the file and the cause, exit 74, the files written before it whole, no temp
+    # file, and the run goes on once there is space: from its checkpoint, or from the start.
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs", train={"epochs": 2}))
+    run = tmp_path / "runs" / "tiny"
+    if name == "events":  # TensorBoard's writer thread: the failure surfaces at a later call
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        real_write = RecordWriter.write
+
+        def write(self, data):
+            if (run / "last.pt").exists():  # from the first write after epoch 1's checkpoint
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(self, data)
+
+        monkeypatch.setattr(RecordWriter, "write", write)
+    else:
+        _disk_fills_at(monkeypatch, name, after)
+    assert main(["fit", "--config", str(cfg)]) == 74
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    where = r"\S*tfevents\S*" if name == "events" else re.escape(str(run / name))
+    then = "start it again with --force" if name == "config.yaml" else f"vggtrain fit --resume {run}"
+    assert re.search(rf"^vggtrain: cannot write {where}: No space left on device; .* free space, "
+                     rf"then {re.escape(then)}", err), err
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # no temp file left behind
+    if name == "last.pt":  # epoch 1's checkpoints are whole; epoch 2 is redone on resume
+        assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    monkeypatch.undo()  # space freed
+    again = ["--config", str(cfg), "--force"] if name == "config.yaml" else ["--resume", str(run)]
+    assert main(["fit", *again]) == 0
+    assert json.loads((run / "report.json").read_text())["epochs"] == 2
+
+
+def test_a_really_full_disk_mid_run(cifar_bin, tmp_path, capsys):
+    # The kernel's own ENOSPC on a small tmpfs, filled up after epoch 1: it reaches torch.save's zip
+    # writer, which reports it as "RuntimeError: unexpected pos" unless the OSError is dug out.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        cfg = tiny_config(cifar_bin, disk, train={"epochs": 2})
+        cfg["model"]["layers"] = [32, "M", 64, "M", 64, "M"]  # a checkpoint of 0.5 MB: torch writes it in parts
+        cfg = config_from_dict(cfg, "test")
+        run, filler = disk / "tiny", disk / "filler"
+
+        def fill_the_disk(r) -> bool:
+            with filler.open("wb") as f, pytest.raises(OSError, match="No space left"):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            # room for part of a checkpoint: torch.save fails after it has written some of it
+            os.truncate(filler, filler.stat().st_size - 200_000)
+            return False
+
+        from vggtrain.cli import run_reporting_errors
+
+        code = run_reporting_errors("vggtrain", lambda: fit(cfg, run, on_epoch_end=fill_the_disk))
+        err = capsys.readouterr().err
+        assert code == 74 and err.count("\n") == 1, err
+        assert re.match(rf"vggtrain: cannot write {re.escape(str(run))}/(best|last)\.pt: No space left on "
+                        rf"device; .* vggtrain fit --resume {re.escape(str(run))}$", err.strip()), err
+        assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+        assert load_checkpoint(run / "last.pt")["epoch"] == 1
+        filler.unlink()  # space freed
+        assert main(["fit", "--resume", str(run)]) == 0
+        assert json.loads((run / "report.json").read_text())["epochs"] == 2
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 # --- hostile and broken checkpoints -------------------------------------------------------------
 
 class _Payload:
@@ -378,7 +472,7 @@ def test_force_deletes_nothing_until_data_and_config_check_out(cifar_bin, tmp_pa
 
 def test_exit_codes_of_the_error_kinds(capsys):
     from vggtrain.cli import run_reporting_errors
-    from vggtrain.errors import RunStopped, UserError
+    from vggtrain.errors import RunStopped, UserError, WriteError
 
     def raises(e: BaseException):
         def command() -> int:
@@ -388,6 +482,7 @@ def test_exit_codes_of_the_error_kinds(capsys):
     assert run_reporting_errors("x", lambda: 0) == 0
     assert run_reporting_errors("x", raises(UserError("config error: bad"))) == 2
     assert capsys.readouterr().err == "x: config error: bad\n"
+    assert run_reporting_errors("x", raises(WriteError("cannot write f: No space left"))) == 74
     assert run_reporting_errors("x", raises(RunStopped("stopped by SIGTERM", 143))) == 143
     assert run_reporting_errors("x", raises(KeyboardInterrupt())) == 130
     capsys.readouterr()

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from vggtrain.config import ModelConfig
 from vggtrain.errors import CheckpointError, first_line
 
 _UMASK = os.umask(0)
@@ -33,14 +34,34 @@ def atomic_write(path: Path, write: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        os_error = _os_error_in(e)
+        if os_error is None:
+            raise
+        if os_error.filename is None and os_error.errno is not None:
+            os_error.filename = str(path)  # a failed write() names no file: name the one being written
+        if os_error is e:
+            raise
+        # torch.save's zip writer turns a full disk into "RuntimeError: unexpected pos" while it
+        # closes the archive: the OSError underneath is the cause to report.
+        raise os_error from None
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """e itself if it is an OSError, else the first OSError it was raised while handling."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -105,3 +126,19 @@ def load_model_state(model: torch.nn.Module, weights: Any, path: str | Path) -> 
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
         raise CheckpointError(f"{path}: weights do not fit this model, it was saved from another "
                               f"architecture or class count ({detail[:200]})") from None
+
+
+def check_weights_fit(model_cfg: ModelConfig, weights: Any, path: str | Path) -> None:
+    """Refuse, before anything is allocated, a stored config whose model the checkpoint's weights
+    do not fit: the model is built on the meta device (shapes only, no memory), so a config that
+    declares a giant network costs nothing to check."""
+    from vggtrain.model import build_model
+
+    try:
+        with torch.device("meta"):
+            shell = build_model(model_cfg)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its stored config builds no model ({first_line(e)})") from None
+    with warnings.catch_warnings():  # torch warns that a copy into a meta tensor does nothing: the point
+        warnings.simplefilter("ignore", UserWarning)
+        load_model_state(shell, weights, path)  # compares keys and shapes, copies nothing

@@ -1,5 +1,5 @@
-"""Command line: ``vggtrain fit ...``. Exit codes: 0 ok, 2 bad input, 1 unexpected, 130 Ctrl-C,
-143 SIGTERM."""
+"""Command line: ``vggtrain fit ...``. Exit codes: 0 ok, 2 bad input, 1 unexpected, 74 a write
+the filesystem refused (full disk), 130 Ctrl-C, 143 SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import NoReturn
 
 from vggtrain import __version__
 from vggtrain.config import DEVICE_RE, DEVICE_RULE, RUN_NAME_RE, RUN_NAME_RULE, TTA_MODES
-from vggtrain.errors import RunStopped, UserError
+from vggtrain.errors import STORAGE_ERRNOS, RunStopped, UserError, WriteError
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_WRITE = 0, 1, 2, 130, 74
 ALLOCATOR_COMMANDS = {"fit", "eval", "bench", "info"}  # the ones that train or evaluate
 BENCH_PARTS = ("bare", "data", "reference", "fit", "eval", "allocator")
 
@@ -248,6 +248,8 @@ def write_output(out: str, text: str) -> None:
     try:
         atomic_write_text(Path(out), text)
     except OSError as e:
+        if e.errno in STORAGE_ERRNOS:
+            raise WriteError.of(e, out) from None
         raise UserError(f"--json {out}: cannot write it ({e.strerror or e})") from None
 
 
@@ -340,14 +342,14 @@ def _exit_without_finalizing(code: int) -> NoReturn:
 
 def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
     """Run a command; turn this project's errors into one line on stderr and the exit code
-    (2 usage/config/data, 128 + the signal's number for a stop: 130 Ctrl-C, 143 SIGTERM; 1 with a
-    traceback for a bug)."""
+    (2 usage/config/data, 74 a write the filesystem refused, 128 + the signal's number for a stop:
+    130 Ctrl-C, 143 SIGTERM; 1 with a traceback for a bug)."""
     try:
         return command()
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         print(f"{prog}{'' if rank == '0' else f' [rank {rank}]'}: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return e.exit_code
     except RunStopped as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
             print(f"{prog}: {e}", file=sys.stderr)

@@ -89,6 +89,9 @@ class DataConfig:
     # random: each image flipped with probability 1/2 every epoch; alternating: each image flipped
     # at random once, then the whole set mirrored every other epoch (airbench).
     flip: str = _opt("random", _one_of("random", "alternating"))
+    # Cutout: each training image gets one square of this side (pixels, 0 = off) set to the mean
+    # colour, placed at random wholly inside the image (as airbench's cutout).
+    cutout: int = _opt(0, _between(0, 32))
 
 
 @dataclass

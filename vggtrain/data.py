@@ -86,11 +86,26 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def max_py_batch_bytes(protocol: int) -> int:
+    """The largest a CIFAR python batch of MAX_PER_BATCH images can be in a pickle protocol.
+
+    From protocol 3 on, the pixels are one bytes object: 1 byte each. Python 3 writes bytes in
+    protocols 0-2 as _codecs.encode(str, "latin1"): in 1 and 2 that str is UTF-8 (2 bytes for
+    each byte >= 0x80), in 0 raw-unicode-escape text, where a backslash or a newline takes 6.
+    Labels and file names get a generous 256 bytes per image, the rest 1 MB."""
+    per_pixel_byte = 1 if protocol >= 3 else 2 if protocol == 2 else 6
+    return MAX_PER_BATCH * (per_pixel_byte * IMAGE_BYTES + 256) + 1_000_000
+
+
 def _unpickle(path: Path) -> dict:
     size = path.stat().st_size
-    if size > MAX_PER_BATCH * (IMAGE_BYTES + 64) + 1_000_000:
+    with path.open("rb") as f:
+        head = f.read(2)
+    # Protocol 2 and later open with PROTO and the version; 0 and 1 have no header.
+    protocol = head[1] if len(head) == 2 and head[0] == 0x80 else 0
+    if size > max_py_batch_bytes(protocol):
         raise DataError(f"{path}: {size} bytes is larger than a CIFAR python batch of "
-                        f"{MAX_PER_BATCH} images can be")
+                        f"{MAX_PER_BATCH} images can be (pickle protocol {protocol})")
     try:
         obj = _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
@@ -274,11 +289,12 @@ class Augmentation:
     padding: int = PAD
     pad_mode: str = "zeros"
     flip: str = "random"
+    cutout: int = 0  # the side of the square cut out of each image; 0: none
 
     @classmethod
     def of(cls, data: DataConfig) -> Augmentation | None:
         """The config's augmentation; None when data.augment is off."""
-        return cls(data.crop_padding, data.crop_pad_mode, data.flip) if data.augment else None
+        return cls(data.crop_padding, data.crop_pad_mode, data.flip, data.cutout) if data.augment else None
 
 
 def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -288,6 +304,18 @@ def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed((seed * 7919 + 17) % 2**63)  # any seed, not the epochs'
     base = torch.randint(0, 2, (n,), generator=generator).bool()
     return base ^ bool(epoch % 2)
+
+
+def cutout_(images: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
+    """Set a size x size square of each normalised image to 0 (the mean colour), in place.
+
+    corners: (B, 2) int top-left row/column of each square, in [0, 32 - size]. One broadcast
+    mask for the whole batch, so the cost is one masked fill."""
+    h, w = images.shape[-2:]
+    rows = torch.arange(h, device=images.device).view(1, h) - corners[:, :1]
+    cols = torch.arange(w, device=images.device).view(1, w) - corners[:, 1:]
+    inside = ((rows >= 0) & (rows < size)).view(-1, 1, h, 1) & ((cols >= 0) & (cols < size)).view(-1, 1, 1, w)
+    return images.masked_fill_(inside, 0.0)
 
 
 def train_batches(split: Split, batch_size: int, generator: torch.Generator,
@@ -302,7 +330,8 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator,
     ``world`` ranks, every rank draws the same permutation and takes every world-th image of it
     from the rank-th on: disjoint shards of equal size (the last n % world images sit out).
     aug None: the images as they are. flips: (N,) bool per image (alternating_flips); None draws
-    them at random for this epoch.
+    them at random for this epoch. aug.cutout: a square of each image set to the mean colour,
+    its place drawn from the generator after the shifts and flips.
     """
     n = len(split)
     device = split.images.device
@@ -312,11 +341,17 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator,
     if flips is None:
         flips = torch.randint(0, 2, (n,), generator=generator).bool()
     flips = flips.to(device)
+    cut = aug.cutout if aug else 0
+    # Drawn only when used, so a run without cutout draws (and trains) exactly as before it existed.
+    corners = torch.randint(0, 32 - cut + 1, (n, 2), generator=generator).to(device) if cut else None
     for first in range(start * batch_size, len(perm) - batch_size + 1, batch_size):
         idx = perm[first:first + batch_size]
         images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last, pad, aug.pad_mode) if aug \
             else split.images[idx]
-        yield normalize(images, channels_last), split.labels[idx]
+        x = normalize(images, channels_last)
+        if corners is not None:
+            cutout_(x, corners[idx], cut)
+        yield x, split.labels[idx]
 
 
 def eval_batches(split: Split, batch_size: int, channels_last: bool = False

@@ -13,15 +13,15 @@ from typing import Any
 import torch
 
 from vggtrain import allocator, distributed
-from vggtrain.checkpoint import atomic_write_text, load_checkpoint
+from vggtrain.checkpoint import atomic_write_text, check_weights_fit, load_checkpoint
 from vggtrain.config import TrainConfig, dump_config
 from vggtrain.data import Split, load_cifar10, split_train_val
 from vggtrain.distributed import Dist
-from vggtrain.errors import UserError
+from vggtrain.errors import STORAGE_ERRNOS, UserError
 from vggtrain.evaluate import Evaluation, eval_settings, evaluate_split
 from vggtrain.model import count_parameters
 from vggtrain.run import Run, build_run, refuse_finished_run, steps_per_epoch
-from vggtrain.rundir import RunDir
+from vggtrain.rundir import RunDir, write_error
 from vggtrain.tb import NullWriter, open_summary_writer
 from vggtrain.train import EpochHook, train_epochs
 
@@ -41,6 +41,10 @@ def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None
             report = _fit(cfg, rd, d, device_spec, on_epoch_end)
         distributed.barrier(d)  # the other ranks wait for rank 0's report before the group ends
         return report
+    except OSError as e:  # a checkpoint, an event file or a report the disk would not take
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        raise write_error(e, run_dir) from None
     finally:
         distributed.shutdown()
 
@@ -48,6 +52,8 @@ def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None
 def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: EpochHook | None
          ) -> dict | None:
     rank0_verdict(d, rd.claim)  # before any work: a used directory, a live run, a stale resume
+    if rd.resume is not None:  # before the data and the model are loaded and built
+        check_weights_fit(cfg.model, rd.resume[1]["model"], rd.resume[0])
     train, val, test, class_names = load_data(cfg, d)
     run = build_run(cfg, rd.path, class_names, len(train), d, device_spec, whiten_images=train.images)
     if rd.resume is not None:
@@ -90,10 +96,14 @@ def rank0_verdict(d: Dist, check: Callable[[], None]) -> None:
         try:
             check()
         except UserError as e:
-            problem = str(e)
+            if not d.enabled:
+                raise
+            problem = (str(e), e.exit_code)
     problem = distributed.agree(problem, d)
     if problem:
-        raise UserError(problem)
+        error = UserError(problem[0])
+        error.exit_code = problem[1]  # a full disk stays 74 on every rank
+        raise error
 
 
 def load_data(cfg: TrainConfig, d: Dist) -> tuple[Split, Split, Split, list[str]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vggtrain.checkpoint import load_checkpoint, load_model_state
+from vggtrain.checkpoint import check_weights_fit, load_checkpoint, load_model_state
 from vggtrain.config import TrainConfig, config_from_dict
 from vggtrain.device import channels_last_for
 from vggtrain.errors import CheckpointError
@@ -34,6 +34,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     path = Path(path)
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"], f"{path} (its stored config)")
+    check_weights_fit(cfg.model, state["model"], path)
     model = build_model(cfg.model)
     load_model_state(model, state["model"], path)
     names = state.get("class_names")

@@ -15,7 +15,7 @@ import yaml
 
 from vggtrain.checkpoint import atomic_write_text, load_checkpoint
 from vggtrain.config import config_from_dict
-from vggtrain.errors import UserError
+from vggtrain.errors import STORAGE_ERRNOS, UserError, WriteError
 
 
 class RunDir:
@@ -56,7 +56,16 @@ class RunDir:
                 remove_stale_temp_files(self.path)
             atomic_write_text(self.path / "config.yaml", config_yaml)
         except OSError as e:
+            if e.errno in STORAGE_ERRNOS:
+                raise write_error(e, self.path) from None
             raise UserError(f"run directory {self.path}: cannot write it ({e.strerror or e})") from None
+
+
+def write_error(e: OSError, run_dir: Path) -> WriteError:
+    """A run's file the filesystem refused (a full disk), as one line that says how to go on."""
+    then = f"vggtrain fit --resume {run_dir}" if (run_dir / "last.pt").is_file() \
+        else "start it again with --force (it has no last.pt to resume from)"
+    return WriteError.of(e, run_dir, f"; the files written before it are whole: free space, then {then}")
 
 
 def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:

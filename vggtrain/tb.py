@@ -4,6 +4,7 @@ writer of every other rank (and of loops run without logging)."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,5 +39,48 @@ def open_summary_writer(tb_dir: Path, purge_step: int | None) -> Any:
               f"clock; TensorBoard will read this run's new curves before them", file=sys.stderr)
     elif wait > 0:
         time.sleep(wait)
+    _quiet_writer_thread_errors()
     # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps.
-    return SummaryWriter(str(tb_dir), purge_step=purge_step)
+    return NamedFileErrors(SummaryWriter(str(tb_dir), purge_step=purge_step), tb_dir)
+
+
+class NamedFileErrors:
+    """A SummaryWriter whose OSErrors name its event file. Its writer thread's failure (a full disk)
+    surfaces at a later call as an OSError with no file name: this fills it in."""
+
+    def __init__(self, writer: Any, tb_dir: Path) -> None:
+        self._writer = writer
+        # tensorboard's EventFileWriter keeps its path in a private attribute: the directory else.
+        self._file = getattr(getattr(writer.file_writer, "event_writer", None), "_file_name", str(tb_dir))
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._writer, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except OSError as e:
+                if e.filename is None:
+                    e.filename = self._file
+                raise
+
+        return call
+
+
+def _quiet_writer_thread_errors() -> None:
+    """Keep threading's traceback of a failed event-file write off stderr: the writer raises the
+    same error again at its next call in the main thread, which reports it in one line."""
+    previous = threading.excepthook
+    if getattr(previous, "vggtrain", False):
+        return
+
+    def hook(args: Any) -> None:
+        # tensorboard's writer thread class is private: matched by name
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook.vggtrain = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
