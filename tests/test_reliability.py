@@ -317,7 +317,7 @@ def test_a_really_full_disk_mid_run(cifar_bin, tmp_path, capsys):
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         cfg = tiny_config(cifar_bin, disk, train={"epochs": 2})
-        cfg["model"]["layers"] = [32, "M", 64, "M", 64, "M"]  # a checkpoint of 0.5 MB: torch writes it in parts
+        cfg["model"]["layers"] = [32, "M", 64, "M", 64, "M"]  # 0.5 MB checkpoints: written in parts
         cfg = config_from_dict(cfg, "test")
         run, filler = disk / "tiny", disk / "filler"
 

@@ -27,7 +27,7 @@ ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "custom")
 TTA_MODES = ("none", "flip", "multicrop")
 WHITEN_MODES = ("3x3", "2x2")
 BLOCK_ORDERS = ("conv_bn_act_pool", "conv_pool_bn_act")
-SCHEDULES = ("step", "linear")
+SCHEDULES = ("step", "multistep", "linear", "cosine", "onecycle")
 WHITEN_MAX_WIDTH = 2 * 3 * 3 * 3  # +/- each eigenvector of the 27-dimensional 3x3 RGB patches
 PROJECT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -60,6 +60,13 @@ def _opt(default: Any, check: Check | None = None) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"check": check})
     return field(default=default, metadata={"check": check})
+
+
+def _check_milestones(milestones: list) -> str | None:
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in milestones) \
+            or list(milestones) != sorted(set(milestones)):
+        return "must be a list of increasing epochs >= 1"
+    return None
 
 
 def _check_layers(layers: list | None) -> str | None:
@@ -154,24 +161,33 @@ class OptimConfig:
     whiten_bias_lr_scale: float = _opt(1.0, _between(0, 1000, lo_open=True))
     # sgd; muon: the 3x3 filters get Muon's orthogonalised momentum updates (muon_lr,
     # muon_momentum, nesterov, no weight decay), everything else SGD as above (airbench94_muon).
-    name: str = _opt("sgd", _one_of("sgd", "muon"))
+    # adamw: torch's AdamW (decoupled weight decay) with betas (momentum, adam_beta2), the same
+    # parameter groups (decay exclusions, BN-bias and whitening-bias rates).
+    name: str = _opt("sgd", _one_of("sgd", "muon", "adamw"))
     muon_lr: float = _opt(0.24, _between(0, 100, lo_open=True))
     muon_momentum: float = _opt(0.6, _between(0, 1, hi_open=True))
+    adam_beta2: float = _opt(0.999, _between(0, 1, hi_open=True))
+    # Clip the gradients' global L2 norm to this before each step (null: no clipping); the norm
+    # before clipping is logged to TensorBoard as train/grad_norm either way it is set.
+    clip_grad_norm: float | None = _opt(None, lambda v: None if v is None or v > 0 else "must be > 0 or null")
 
 
 @dataclass
 class ScheduleConfig:
-    # step: StepLR (gamma every step_size epochs, counted from the end of the warm-up); linear:
-    # from start_factor up to 1 over the warm-up, then down to end_factor at the last step.
-    # Both are applied per step (schedule.py).
+    # step: StepLR (gamma every step_size epochs, counted from the end of the warm-up); multistep:
+    # gamma at each milestone epoch; linear / cosine: from start_factor up to 1 over the warm-up,
+    # then linearly / along a half cosine down to end_factor at the last step; onecycle: the same
+    # with a cosine warm-up. All applied per step (schedule.py).
     kind: str = _opt("step", _one_of(*SCHEDULES))
     step_size: int = _opt(30, _between(1, 1_000_000))
     gamma: float = _opt(0.1, _between(0, 1, lo_open=True))
+    # multistep: the rate x gamma at each of these epochs (counted from the run's start)
+    milestones: list[int] = _opt([30, 60, 80], _check_milestones)
     # Linear warm-up of the learning rate, step by step, over the first N epochs (fractions of an
     # epoch allowed).
     warmup_epochs: int | float = _opt(0, _between(0, 1_000_000))
-    start_factor: float = _opt(0.2, _between(0, 1))  # linear: the first step's rate x this
-    end_factor: float = _opt(0.0, _between(0, 1))  # linear: the last step's rate x this
+    start_factor: float = _opt(0.2, _between(0, 1))  # the warm-up's first rate x this (not step)
+    end_factor: float = _opt(0.0, _between(0, 1))  # linear, cosine, onecycle: the last step's rate x this
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The optimizer: SGD over parameter groups that carry the recipe's weight-decay and BN-bias rules;
-with optim.name muon, the convolution filters get Muon's orthogonalised updates instead."""
+"""The optimizer: SGD (or AdamW) over parameter groups that carry the recipe's weight-decay and
+BN-bias rules; with optim.name muon, the convolution filters get Muon's orthogonalised updates."""
 
 from __future__ import annotations
 
@@ -48,6 +48,9 @@ def param_groups(model: nn.Module, o: OptimConfig, whiten_bias_epochs: float | N
 
 def build_optimizer(model: nn.Module, o: OptimConfig, whiten_bias_epochs: float | None = None
                     ) -> torch.optim.Optimizer:
+    if o.name == "adamw":
+        return torch.optim.AdamW(param_groups(model, o, whiten_bias_epochs), lr=o.lr,
+                                 betas=(o.momentum, o.adam_beta2), weight_decay=o.weight_decay)
     kind = MuonSGD if o.name == "muon" else torch.optim.SGD
     return kind(param_groups(model, o, whiten_bias_epochs), lr=o.lr, momentum=o.momentum,
                 nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)

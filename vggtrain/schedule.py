@@ -9,8 +9,15 @@ rates resume exactly, also after a change of rank count at an epoch end.
 schedule.kind:
 - step (the shipped default): StepLR, ``gamma ** floor((epoch - warmup_epochs) / step_size)``,
   counting its epochs from the end of a linear per-step warm-up over ``warmup_epochs``.
+- multistep: MultiStepLR, ``gamma ** (milestones passed)``, the milestones in epochs from the start,
+  after a linear warm-up from ``start_factor``.
 - linear: from ``start_factor`` up to 1 over the warm-up, then linearly down to ``end_factor`` at
   the run's last step (airbench's triangle: 0.2 -> 1 over 23% of the steps, then -> 0.07).
+- cosine: the same warm-up, then a half cosine down to ``end_factor`` (CosineAnnealingLR to
+  ``eta_min = lr x end_factor``).
+- onecycle: OneCycleLR (cosine, two phases): a cosine warm-up from ``start_factor`` (its
+  ``1 / div_factor``) to 1 over ``warmup_epochs`` (its ``pct_start``), then a half cosine down to
+  ``end_factor`` at the last step; step for step the rates torch's OneCycleLR gives.
 
 A parameter group with a ``frozen_after_epochs`` entry (the whitening bias, model.whiten_bias_epochs)
 gets rate 0 from that step on: frozen, and the same on every rank and after a resume.
@@ -35,15 +42,34 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step
 def lr_factor(position: int, schedule: ScheduleConfig, steps_per_epoch: int, total_steps: int) -> float:
     """The multiplier of the base learning rate for the step with `position` steps before it."""
     warmup = round(schedule.warmup_epochs * steps_per_epoch)
-    if schedule.kind == "linear":
+    kind = schedule.kind
+    if kind == "onecycle":  # OneCycleLR's two phases, step for step (its peak at step warmup - 1)
+        peak = warmup - 1
+        if position <= peak and peak > 0:
+            return _cosine_from_to(schedule.start_factor, 1.0, position / peak)
+        done = (position - max(peak, 0)) / max(total_steps - 1 - max(peak, 0), 1)
+        return _cosine_from_to(1.0, schedule.end_factor, min(done, 1.0))
+    if kind in ("linear", "cosine"):  # warm up from start_factor, then anneal to end_factor
         if position < warmup:
             return schedule.start_factor + (1.0 - schedule.start_factor) * position / warmup
         done = min((position - warmup) / max(total_steps - warmup, 1), 1.0)
+        if kind == "cosine":
+            return _cosine_from_to(1.0, schedule.end_factor, done)
         return 1.0 + (schedule.end_factor - 1.0) * done
+    if kind == "multistep":
+        if position < warmup:
+            return schedule.start_factor + (1.0 - schedule.start_factor) * position / warmup
+        epoch = position // max(steps_per_epoch, 1)
+        return schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
     if position < warmup:
         return (position + 1) / warmup
     epoch = position // max(steps_per_epoch, 1)
     return schedule.gamma ** max(0, math.floor((epoch - schedule.warmup_epochs) / schedule.step_size))
+
+
+def _cosine_from_to(start: float, end: float, done: float) -> float:
+    """Half a cosine from start (done 0) to end (done 1), as torch's cosine annealing."""
+    return end + (start - end) * (1.0 + math.cos(math.pi * done)) / 2
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, steps_per_epoch: int,

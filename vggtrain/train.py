@@ -64,16 +64,21 @@ class StopSignals:
 
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward, optimizer step. Returns the detached loss and logits; no host sync."""
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Forward, backward, (clipping,) optimizer step. Returns the detached loss and logits and the
+    gradients' norm before clipping (None without optim.clip_grad_norm); no host sync."""
     with autocast(run.device, run.cfg.train.precision):
         logits = run.forward(x)
         loss = criterion(logits.float(), y)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
+    norm = None
+    if run.cfg.optim.clip_grad_norm is not None:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not fp16's scaled ones
+        norm = nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip_grad_norm)
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    return loss.detach(), logits.detach()
+    return loss.detach(), logits.detach(), norm
 
 
 def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignals | None = None,
@@ -95,13 +100,13 @@ def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignal
                               start=p.step, rank=d.rank, world=d.world, flips=flips):
         if run.position >= run.total_steps:  # a fractional last epoch (train.epochs: 9.9) ends here
             break
-        loss, logits = train_step(run, x, y, criterion)
+        loss, logits, norm = train_step(run, x, y, criterion)
         run.scheduler.step()
         run.global_step += 1
         p.step += 1
         if run.lookahead is not None:
             run.lookahead.step(run.position, run.total_steps, epoch_end=p.step == steps)
-        meter.add(loss, logits, y)
+        meter.add(loss, logits, y, norm)
         bar.update(1)
         due = bool(every) and run.global_step % every == 0
         # One process stops at once; ranks of a job decide together at the next log interval.
@@ -215,11 +220,15 @@ class EpochMeter:
         self.correct = torch.tensor(carried[1], device=device, dtype=torch.int64)
         self.seen = carried[2]
         self.pending: list[torch.Tensor] = []  # per-step losses not yet written to TensorBoard
+        self.norms: list[torch.Tensor] = []  # and gradient norms (when clipping)
         self.t0 = time.perf_counter() - p.time_s
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+            grad_norm: torch.Tensor | None = None) -> None:
         self.seen += len(y)
         self.pending.append(loss)
+        if grad_norm is not None:
+            self.norms.append(grad_norm)
         self.loss_sum += loss * len(y)
         self.correct += (logits.argmax(1) == y).sum()
 
@@ -231,11 +240,16 @@ class EpochMeter:
         losses = distributed.all_sum(torch.stack(self.pending).float(), run.dist)
         values = losses.div_(run.dist.world).tolist()
         first = run.global_step - len(self.pending) + 1
+        # The gradients are all-reduced before clipping: every rank's norm is the same.
+        norms = torch.stack(self.norms).float().tolist() if self.norms else []
         self.pending.clear()
+        self.norms.clear()
         for i, value in enumerate(values):
             if not math.isfinite(value):
                 raise diverged(run, f"non-finite loss ({value}) at epoch {run.epoch + 1}, step {first + i}")
             writer.add_scalar("train/loss_step", value, first + i)
+        for i, value in enumerate(norms):
+            writer.add_scalar("train/grad_norm", value, first + i)
 
     def totals(self, run: Run) -> tuple[float, int, int]:
         """(loss sum, correct, images) over all ranks so far this epoch: one host read."""
