@@ -10,7 +10,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR, OneCycleLR
 from conftest import tiny_config
 from vggtrain.checkpoint import load_checkpoint
 from vggtrain.config import ScheduleConfig, config_from_dict
-from vggtrain.errors import ConfigError
+from vggtrain.errors import CheckpointError, ConfigError
 from vggtrain.fit import fit
 from vggtrain.schedule import lr_factor
 
@@ -120,3 +120,77 @@ def test_adamw_with_the_recipes_parameter_groups(cifar_bin, tmp_path):
     report = fit(config_from_dict(tiny_config(cifar_bin, tmp_path, optim={"name": "adamw", "lr": 3e-3},
                                               train={"epochs": 2}), "t"), tmp_path / "adamw")
     assert report["test"]["acc"] > 0.3  # ten classes: it learned
+
+
+def test_weight_ema_averages_each_step_and_is_what_runs_are_tested_with(cifar_bin, tmp_path, capsys):
+    import json
+
+    from conftest import tb_scalars
+    from vggtrain.checkpoint import model_weights
+    from vggtrain.cli import main
+    from vggtrain.data import normalize
+    from vggtrain.run import build_run
+    from vggtrain.train import train_step
+
+    # The average: after each step, ema = d * ema + (1 - d) * weights, BN statistics included.
+    cfg = config_from_dict(tiny_config(cifar_bin, tmp_path, optim={"ema_decay": 0.9}), "t")
+    run = build_run(cfg, tmp_path, ["x"] * 10, 1000)
+    x = normalize(torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8,
+                                generator=torch.Generator().manual_seed(0)))
+    expected = None
+    for _ in range(3):
+        train_step(run, x, torch.arange(20) % 10, torch.nn.CrossEntropyLoss())
+        run.ema.update_parameters(run.model)  # what train_one_epoch does after every step
+        now = {k: v.detach().clone().float() for k, v in run.model.state_dict().items()
+               if v.is_floating_point()}
+        expected = now if expected is None else {k: 0.9 * expected[k] + 0.1 * now[k] for k in now}
+    ema = model_weights(run.state())[0]
+    for k, v in expected.items():
+        torch.testing.assert_close(ema[k].float(), v, rtol=1e-5, atol=1e-6)
+
+    # A run: validated both ways, best.pt chosen by the EMA, the report and eval use the EMA.
+    cfg = tiny_config(cifar_bin, tmp_path / "runs", optim={"ema_decay": 0.8}, train={"epochs": 2})
+    from conftest import write_yaml
+
+    path = write_yaml(tmp_path / "ema.yaml", cfg)
+    assert main(["fit", "--config", str(path)]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    tags = tb_scalars(run_dir)
+    assert {"val/acc", "val/loss", "val/raw_acc", "val/raw_loss"} <= set(tags)
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["best_metric"] == pytest.approx(dict(tags["val/acc"])[best["global_step"]])
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["weights"] == "ema"
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(run_dir), "--device", "cpu", "--json", "-"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["weights"] == "ema" and again["metrics"] == report["metrics"]
+    # the raw weights give another answer: the EMA is really what was tested
+    raw = {**best, "ema": None}
+    torch.save(raw, tmp_path / "raw.pt")
+    assert main(["eval", "--ckpt", str(tmp_path / "raw.pt"), "--device", "cpu", "--json", "-"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["weights"] == "raw" and plain["metrics"]["loss"] != report["metrics"]["loss"]
+
+
+def test_weight_ema_resumes_exactly(cifar_bin, tmp_path):
+    def cfg(epochs):
+        return config_from_dict(tiny_config(cifar_bin, tmp_path, optim={"ema_decay": 0.9},
+                                            train={"epochs": epochs}), "t")
+
+    fit(cfg(2), tmp_path / "straight")
+    fit(cfg(2), tmp_path / "stopped", on_epoch_end=lambda run: True)  # stops after epoch 1
+    first = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert first["epoch"] == 1 and first["ema"] is not None
+    fit(cfg(2), tmp_path / "stopped", resume=(tmp_path / "stopped" / "last.pt", first))
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert b["epoch"] == 2
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    (tmp_path / "no_ema").mkdir()
+    without = {**first, "ema": None}  # written with the EMA off
+    torch.save(without, tmp_path / "no_ema" / "last.pt")
+    with pytest.raises(CheckpointError, match="holds no weight EMA"):
+        fit(cfg(2), tmp_path / "no_ema", resume=(tmp_path / "no_ema" / "last.pt", without))

@@ -142,3 +142,12 @@ def check_weights_fit(model_cfg: ModelConfig, weights: Any, path: str | Path) ->
     with warnings.catch_warnings():  # torch warns that a copy into a meta tensor does nothing: the point
         warnings.simplefilter("ignore", UserWarning)
         load_model_state(shell, weights, path)  # compares keys and shapes, copies nothing
+
+
+def model_weights(state: dict[str, Any]) -> tuple[Any, str]:
+    """(weights, "ema" or "raw"): what a checkpoint's model is tested and used with, the weight
+    EMA's (AveragedModel keeps them under module.*) where the run kept one, else its own."""
+    ema = state.get("ema")
+    if isinstance(ema, dict):
+        return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}, "ema"
+    return state["model"], "raw"

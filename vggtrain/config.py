@@ -170,6 +170,11 @@ class OptimConfig:
     # Clip the gradients' global L2 norm to this before each step (null: no clipping); the norm
     # before clipping is logged to TensorBoard as train/grad_norm either way it is set.
     clip_grad_norm: float | None = _opt(None, lambda v: None if v is None or v > 0 else "must be > 0 or null")
+    # Weight EMA: an exponential moving average of the weights and BN statistics, updated after
+    # every step with this decay (null: off). It is validated beside the raw weights, chooses
+    # best.pt, and is what the test report, eval, predict and gradcam use.
+    ema_decay: float | None = _opt(None, lambda v: None if v is None or 0 < v < 1
+                                   else "must be in (0, 1) or null")
 
 
 @dataclass

@@ -167,4 +167,4 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
     ev = evaluate_split(loaded.model, data.to(dev), eval_settings(cfg, dev, tta, batch_size))
     return build_report(ev, split=split, model=loaded.model, cfg=cfg, class_names=names,
                         checkpoint=loaded.path, checkpoint_epoch=loaded.epoch, device=dev,
-                        precision=cfg.train.precision, tta=tta)
+                        precision=cfg.train.precision, tta=tta, weights=loaded.weights)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from vggtrain import allocator, distributed
-from vggtrain.checkpoint import atomic_write_text, check_weights_fit, load_checkpoint
+from vggtrain.checkpoint import atomic_write_text, check_weights_fit, load_checkpoint, model_weights
 from vggtrain.config import TrainConfig, dump_config
 from vggtrain.data import Split, load_cifar10, split_train_val
 from vggtrain.distributed import Dist
@@ -143,12 +143,14 @@ def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
     from vggtrain.report import build_report
 
     best = load_checkpoint(run.dir / "best.pt", map_location=run.device)
-    run.model.load_state_dict(best["model"])
+    weights, which = model_weights(best)  # the weight EMA's, where the run kept one
+    run.model.load_state_dict(weights)
     cfg = run.cfg
     ev = evaluate_split(run.model, test, eval_settings(cfg, run.device))
     report = build_report(ev, split="test", model=run.model, cfg=cfg, class_names=run.class_names,
                           checkpoint=run.dir / "best.pt", checkpoint_epoch=int(best["epoch"]),
-                          device=run.device, precision=cfg.train.precision, tta=cfg.train.tta)
+                          device=run.device, precision=cfg.train.precision, tta=cfg.train.tta,
+                          weights=which)
     m = report["metrics"]
     report.update({
         "test": {"loss": m["loss"], "acc": m["top1"], "images": m["images"]},  # fit's first keys

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vggtrain.checkpoint import check_weights_fit, load_checkpoint, load_model_state
+from vggtrain.checkpoint import check_weights_fit, load_checkpoint, load_model_state, model_weights
 from vggtrain.config import TrainConfig, config_from_dict
 from vggtrain.device import channels_last_for
 from vggtrain.errors import CheckpointError
@@ -23,6 +23,7 @@ class LoadedModel:
     class_names: list[str]
     path: Path
     epoch: int
+    weights: str = "raw"  # "ema": the run's weight EMA (optim.ema_decay), else the trained weights
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
@@ -36,7 +37,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     cfg = config_from_dict(state["config"], f"{path} (its stored config)")
     check_weights_fit(cfg.model, state["model"], path)
     model = build_model(cfg.model)
-    load_model_state(model, state["model"], path)
+    weights, which = model_weights(state)
+    load_model_state(model, weights, path)
     names = state.get("class_names")
     if names is None:
         names = [str(i) for i in range(cfg.model.num_classes)]
@@ -51,7 +53,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     if channels_last_for(cfg.train.channels_last, torch.device(device)):
         model = model.to(memory_format=torch.channels_last)
     model.eval()
-    return LoadedModel(model, cfg, list(names), path, epoch)
+    return LoadedModel(model, cfg, list(names), path, epoch, which)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -94,6 +94,7 @@ def predict_files(loaded: LoadedModel, paths: Sequence[str], device: torch.devic
 def predictions_json(loaded: LoadedModel, results: list[dict[str, Any]], errors: list[dict[str, str]],
                      topk: int) -> dict[str, Any]:
     return {"schema": SCHEMA, "checkpoint": str(loaded.path), "checkpoint_epoch": loaded.epoch,
+            "weights": loaded.weights,
             "class_names": loaded.class_names, "topk": topk, "predictions": results, "errors": errors}
 
 

@@ -47,7 +47,8 @@ def _finite(x: float | None) -> float | None:
 
 def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConfig,
                  class_names: list[str], checkpoint: str | Path, checkpoint_epoch: int,
-                 device: torch.device | str, precision: str, tta: bool | str = False) -> dict[str, Any]:
+                 device: torch.device | str, precision: str, tta: bool | str = False,
+                 weights: str = "raw") -> dict[str, Any]:
     """The report as plain data, in the documented schema (README.md, "Evaluating a model")."""
     per_class = [{"class": name, "correct": c, "total": t, "acc": c / t if t else None}
                  for name, (c, t) in zip(class_names, ev.per_class(), strict=True)]
@@ -62,6 +63,7 @@ def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConf
         "confusion_matrix": ev.confusion.tolist(),
         "checkpoint": str(checkpoint),
         "checkpoint_epoch": int(checkpoint_epoch),
+        "weights": weights,
         "parameters": count_parameters(model),
         "device": str(device),
         "precision": precision,
@@ -213,12 +215,16 @@ def headline(report: dict[str, Any]) -> str:
     return f"top-1 {_pct(m['top1'])}   top-5 {_pct(m['top5'])}   loss {loss}"
 
 
+EMA_TEXT = "the weight EMA (optim.ema_decay)"
+
+
 def format_text(report: dict[str, Any]) -> str:
     """What `vggtrain eval` prints: header, headline, per-class table, confusion matrix."""
     m, names = report["metrics"], report["class_names"]
     ips = report.get("images_per_s")
     lines = [
-        f"checkpoint {report['checkpoint']} (epoch {report['checkpoint_epoch']}): "
+        f"checkpoint {report['checkpoint']} (epoch {report['checkpoint_epoch']}"
+        f"{', weight EMA' if report.get('weights') == 'ema' else ''}): "
         f"{report['config']['model']['arch']}, {report['parameters']:,} parameters",
         f"{report['split']} split, {m['images']:,} images on {report['device']} ({report['precision']}"
         f"{_tta_text(report, ', ')})" + (f", {ips:,.0f} images/s" if ips else ""),
@@ -260,7 +266,8 @@ def format_markdown(report: dict[str, Any], images: list[tuple[str, str]] = ()) 
            + (f" ({_tta_text(report)})" if report["tta"] else ""), "",
            "| | |", "|---|---|",
            f"| model | {cfg['model']['arch']}, {report['parameters']:,} parameters |",
-           f"| checkpoint | `{report['checkpoint']}` (epoch {report['checkpoint_epoch']}) |"]
+           f"| checkpoint | `{report['checkpoint']}` (epoch {report['checkpoint_epoch']}) |",
+           f"| weights | {EMA_TEXT if report.get('weights') == 'ema' else 'as trained'} |"]
     if "best_epoch" in report:
         val = report.get("val_acc")
         out.append(f"| best epoch | {report['best_epoch']} of {report['epochs']}"

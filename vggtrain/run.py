@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import vggtrain
 from vggtrain import distributed
@@ -63,6 +64,7 @@ class Run:
     channels_last: bool = False  # train.channels_last resolved for the device
     forward: Any = None  # what the train step calls: the model, its DDP wrapper, or torch.compile'd twin
     lookahead: Lookahead | None = None
+    ema: AveragedModel | None = None  # optim.ema_decay's average of the weights and BN buffers
 
     def __post_init__(self) -> None:
         if self.forward is None:
@@ -87,6 +89,7 @@ class Run:
             "train_time_s": self.train_time_s, "config": self.cfg.to_dict(),
             "class_names": self.class_names, "rng": _rng_state(self.device), "world_size": self.dist.world,
             "lookahead": self.lookahead.state_dict() if self.lookahead else None,
+            "ema": self.ema.state_dict() if self.ema else None,
             "versions": {"vggtrain": vggtrain.__version__, "torch": str(torch.__version__)},
         }
 
@@ -106,6 +109,10 @@ class Run:
             _set_rng_state(state["rng"], self.device)
             if self.lookahead is not None:
                 self.lookahead.load_state_dict(state.get("lookahead") or None)
+            if self.ema is not None:
+                if not isinstance(state.get("ema"), dict):
+                    raise ValueError("it holds no weight EMA (optim.ema_decay was off when it was written)")
+                self.ema.load_state_dict(state["ema"])
             # The schedule is a function of the position; its saved counter (or an older version's
             # StepLR state) is not needed to continue it.
             self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.steps_per_epoch,
@@ -180,8 +187,11 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
         forward = compile_model(forward, device)
     lookahead = Lookahead(model, cfg.optim.lookahead_every, cfg.optim.lookahead_final_full_sync) \
         if cfg.optim.lookahead_every else None
+    ema = None
+    if cfg.optim.ema_decay is not None:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
     return Run(cfg, run_dir, device, model, optimizer, scheduler, scaler, class_names, steps, dist=d,
-               channels_last=channels_last, forward=forward, lookahead=lookahead)
+               channels_last=channels_last, forward=forward, lookahead=lookahead, ema=ema)
 
 
 def compile_model(model: nn.Module, device: torch.device) -> Any:

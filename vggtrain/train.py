@@ -106,6 +106,8 @@ def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignal
         p.step += 1
         if run.lookahead is not None:
             run.lookahead.step(run.position, run.total_steps, epoch_end=p.step == steps)
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
         meter.add(loss, logits, y, norm)
         bar.update(1)
         due = bool(every) and run.global_step % every == 0
@@ -178,11 +180,13 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: 
                 run.best_acc, run.best_epoch = (va["acc"] if va else -1.0), run.epoch
             scalars = {"train/loss": tr["loss"], "train/acc": tr["acc"], "train/lr": lr,
                        "train/images_per_s": tr["images_per_s"], "train/epoch": run.epoch}
-            scalars.update({"val/loss": va["loss"], "val/acc": va["acc"]} if va else {})
+            scalars.update({f"val/{k}": v for k, v in va.items()} if va else {})
             signum = end_interval(run, writer, stop, due=True, where=f"epoch {run.epoch}",
                                   scalars=scalars, improved=improved)
             if d.is_main:
                 val_text = f" | val loss {va['loss']:.4f} acc {va['acc']:.2%}" if va else ""
+                if va and "raw_acc" in va:
+                    val_text += f" (EMA; raw {va['raw_acc']:.2%})"
                 print(f"epoch {run.epoch}/{math.ceil(cfg.train.epochs)} | train loss {tr['loss']:.4f} "
                       f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
                       f"{tr['time_s']:.1f}s{' | best' if improved and va else ''}", flush=True)
@@ -198,14 +202,21 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: 
 def validate(run: Run, val: Split) -> dict[str, float] | None:
     """Loss and accuracy on the validation split (None without one); each rank measures its
     shard and the sums are all-reduced, after every rank takes rank 0's BN statistics (what
-    last.pt will hold)."""
+    last.pt will hold). With a weight EMA, loss and acc are the EMA's (the weights best.pt is
+    chosen by and the report tests), raw_loss and raw_acc the trained weights' own."""
     distributed.sync_buffers(run.model, run.dist)
+    if run.ema is not None:
+        distributed.sync_buffers(run.ema, run.dist)
     if not len(val):
         return None
-    ev = evaluate_split(run.model, val, eval_settings(run.cfg, run.device), dist=run.dist)
+    settings = eval_settings(run.cfg, run.device)
+    ev = evaluate_split(run.model, val, settings, dist=run.dist)
     if not math.isfinite(ev.loss):  # the epoch's last update broke the weights
         raise diverged(run, f"non-finite validation loss after epoch {run.epoch}")
-    return {"loss": ev.loss, "acc": ev.top1}
+    if run.ema is None:
+        return {"loss": ev.loss, "acc": ev.top1}
+    avg = evaluate_split(run.ema.module, val, settings, dist=run.dist)
+    return {"loss": avg.loss, "acc": avg.top1, "raw_loss": ev.loss, "raw_acc": ev.top1}
 
 
 class EpochMeter:
