@@ -194,3 +194,57 @@ def test_weight_ema_resumes_exactly(cifar_bin, tmp_path):
     torch.save(without, tmp_path / "no_ema" / "last.pt")
     with pytest.raises(CheckpointError, match="holds no weight EMA"):
         fit(cfg(2), tmp_path / "no_ema", resume=(tmp_path / "no_ema" / "last.pt", without))
+
+
+def test_mixup_and_cutmix_mix_images_and_targets_alike():
+    from vggtrain.config import DataConfig
+    from vggtrain.data import batch_mixer
+
+    assert batch_mixer(DataConfig(), 10) is None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 32, 32, generator=gen)
+    y = torch.arange(16) % 10
+    torch.manual_seed(1)
+    mixed, target = batch_mixer(DataConfig(mixup_alpha=1.0), 10)(x, y)
+    assert target.shape == (16, 10) and torch.allclose(target.sum(1), torch.ones(16))
+    lam = float(target[0, y[0]])  # image 0 is mixed with the last one (the batch rolled by one)
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.roll(1, 0))
+    mixed, target = batch_mixer(DataConfig(cutmix_alpha=1.0), 10)(x, y)
+    own = (mixed == x).all(1).float().mean((1, 2))  # the share of each image's pixels kept
+    other = (mixed == x.roll(1, 0)).all(1).float().mean((1, 2))
+    assert torch.allclose(own + other, torch.ones(16))
+    torch.testing.assert_close(target[torch.arange(16), y], own)
+    torch.manual_seed(2)
+    either = batch_mixer(DataConfig(mixup_alpha=1.0, cutmix_alpha=1.0, mix_prob=0.5), 10)
+    kinds = set()
+    for _ in range(40):
+        out, t = either(x, y)
+        pasted = ((out == x).all(1) | (out == x.roll(1, 0)).all(1)).all()  # every pixel from one image
+        kinds.add("none" if t.ndim == 1 else "cutmix" if pasted else "mixup")
+    assert kinds == {"none", "mixup", "cutmix"}
+
+
+def test_a_mixed_run_trains_on_mixed_targets_and_resumes_exactly(cifar_bin, tmp_path, monkeypatch):
+    from vggtrain import train as train_module
+
+    seen = []
+    real_step = train_module.train_step
+
+    def spy(run, x, target, criterion):
+        seen.append(target.ndim)
+        return real_step(run, x, target, criterion)
+
+    monkeypatch.setattr(train_module, "train_step", spy)
+
+    def cfg():
+        mixing = {"mixup_alpha": 0.4, "cutmix_alpha": 1.0}
+        return config_from_dict(tiny_config(cifar_bin, tmp_path, data=mixing, train={"epochs": 2}), "t")
+
+    fit(cfg(), tmp_path / "straight")
+    assert set(seen) == {2}  # every step's loss is taken against (B, classes) mixed targets
+    fit(cfg(), tmp_path / "stopped", on_epoch_end=lambda run: True)
+    first = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    fit(cfg(), tmp_path / "stopped", resume=(tmp_path / "stopped" / "last.pt", first))
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "stopped" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -99,6 +99,14 @@ class DataConfig:
     # Cutout: each training image gets one square of this side (pixels, 0 = off) set to the mean
     # colour, placed at random wholly inside the image (as airbench's cutout).
     cutout: int = _opt(0, _between(0, 32))
+    # MixUp / CutMix (torchvision.transforms.v2, on each training batch): Beta(alpha, alpha) mixing
+    # of each image with its neighbour in the shuffled batch, targets mixed alike; 0 turns one off.
+    # With both on, a batch gets CutMix with probability mix_switch_prob, else MixUp; mix_prob is
+    # the chance a batch is mixed at all.
+    mixup_alpha: float = _opt(0.0, _between(0, 100))
+    cutmix_alpha: float = _opt(0.0, _between(0, 100))
+    mix_prob: float = _opt(1.0, _between(0, 1))
+    mix_switch_prob: float = _opt(0.5, _between(0, 1))
 
 
 @dataclass

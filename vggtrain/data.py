@@ -11,7 +11,7 @@ import io
 import os
 import pickle
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -295,6 +295,23 @@ class Augmentation:
     def of(cls, data: DataConfig) -> Augmentation | None:
         """The config's augmentation; None when data.augment is off."""
         return cls(data.crop_padding, data.crop_pad_mode, data.flip, data.cutout) if data.augment else None
+
+
+def batch_mixer(data: DataConfig, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor],
+                                                                 tuple[torch.Tensor, torch.Tensor]] | None:
+    """MixUp and/or CutMix as the config asks (None: neither), from torchvision.transforms.v2:
+    they take the normalised batch and its labels as they are on the device and return the mixed
+    batch with (B, classes) target probabilities (or the labels unchanged for an unmixed batch,
+    with mix_prob < 1). Their draws come from torch's global generator, which checkpoints hold."""
+    from torchvision.transforms import v2
+
+    mixes = ([v2.MixUp(alpha=data.mixup_alpha, num_classes=num_classes)] if data.mixup_alpha else []) + \
+        ([v2.CutMix(alpha=data.cutmix_alpha, num_classes=num_classes)] if data.cutmix_alpha else [])
+    if not mixes:
+        return None
+    mix = mixes[0] if len(mixes) == 1 else \
+        v2.RandomChoice(mixes, p=[1 - data.mix_switch_prob, data.mix_switch_prob])
+    return v2.RandomApply([mix], p=data.mix_prob) if data.mix_prob < 1 else mix
 
 
 def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:

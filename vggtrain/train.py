@@ -23,7 +23,7 @@ from tqdm import tqdm
 from vggtrain import distributed
 from vggtrain.averaging import float_tensors
 from vggtrain.checkpoint import save_checkpoint
-from vggtrain.data import Augmentation, Split, alternating_flips, train_batches
+from vggtrain.data import Augmentation, Split, alternating_flips, batch_mixer, train_batches
 from vggtrain.device import autocast
 from vggtrain.errors import RunStopped
 from vggtrain.evaluate import eval_settings, evaluate_split
@@ -93,6 +93,7 @@ def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignal
     steps, every = steps_per_epoch(len(train), d, cfg.train.batch_size), cfg.train.checkpoint_every_steps
     aug = Augmentation.of(cfg.data)
     flips = alternating_flips(len(train), cfg.seed, run.epoch) if aug and aug.flip == "alternating" else None
+    mixer = batch_mixer(cfg.data, cfg.model.num_classes) if aug else None
     meter = EpochMeter(run)
     bar.update(p.step)
     run.model.train()
@@ -100,7 +101,14 @@ def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignal
                               start=p.step, rank=d.rank, world=d.world, flips=flips):
         if run.position >= run.total_steps:  # a fractional last epoch (train.epochs: 9.9) ends here
             break
-        loss, logits, norm = train_step(run, x, y, criterion)
+        target = y
+        if mixer is not None:
+            x, target = mixer(x, y)
+            if run.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # train/acc then counts a prediction right when it is the mixed target's larger share
+            y = target.argmax(1) if target.ndim == 2 else target
+        loss, logits, norm = train_step(run, x, target, criterion)
         run.scheduler.step()
         run.global_step += 1
         p.step += 1
