@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 T0 = time.perf_counter()
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> dict:
     from vggtrain.bench import machine_description
     from vggtrain.cli import check_output_writable, write_output
     from vggtrain.config import check_run_name, load_config
-    from vggtrain.data import Split, load_cifar10
+    from vggtrain.data import Split, load_dataset
     from vggtrain.errors import RunStopped, UserError
     from vggtrain.evaluate import eval_settings, evaluate_split
     from vggtrain.fit import fit
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
             return False
         start = time.perf_counter()
         if "test" not in on_device:  # read once, inside the probe's own time (fit reads it too)
-            on_device["test"] = load_cifar10(cfg.data.root, download=False)[1].to(r.device)
+            on_device["test"] = load_dataset(replace(cfg.data, download=False))[1].to(r.device)
         split = on_device["test"]
         ev = evaluate_split(r.model, split, eval_settings(cfg, r.device))
         probe_s += time.perf_counter() - start

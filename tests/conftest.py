@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,40 @@ def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 600) -> 
     what = f"no line starting {prefix!r} within {timeout:.0f} s" if timed_out else \
         f"the process ended before printing {prefix!r}"
     raise AssertionError(f"{what}: {err}")
+
+
+def md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def serve_as_download(dataset: type, base: Path, tmp_path: Path, monkeypatch) -> Iterator[str]:
+    """Serve the layout directory `base` as a torchvision dataset's archive over HTTP from this
+    machine (it has no internet), with the dataset's url and archive md5 pointing at it."""
+    import functools
+    import http.server
+    import tarfile
+
+    archive = tmp_path / "served" / dataset.filename
+    archive.parent.mkdir(parents=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(base, arcname=base.name)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Quiet, directory=str(archive.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # a CI proxy could not reach this local server
+    monkeypatch.setattr(dataset, "url", f"http://127.0.0.1:{server.server_address[1]}/{archive.name}")
+    monkeypatch.setattr(dataset, "tgz_md5", md5(archive))
+    try:
+        yield dataset.url
+    finally:
+        server.shutdown()
+        server.server_close()

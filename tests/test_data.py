@@ -171,47 +171,20 @@ def test_download_is_atomic_and_verified(tmp_path, monkeypatch):
 def test_download_fetches_verifies_and_loads(tmp_path, monkeypatch):
     """The whole download path, torchvision's fetch, md5 checks and extraction included, against
     a CIFAR-shaped archive served over HTTP from this machine (it has no internet)."""
-    import functools
-    import hashlib
-    import http.server
-    import tarfile
-    import threading
-
     from torchvision.datasets import CIFAR10
 
+    from conftest import md5, serve_as_download
     from vggtrain.synthetic import write_synthetic_cifar10
 
     src = tmp_path / "src"
     base = write_synthetic_cifar10(src, "py", per_batch=10, test_size=10)
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(base, arcname=base.name)
-
-    def md5(path):
-        return hashlib.md5(path.read_bytes()).hexdigest()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Quiet, directory=str(tmp_path)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)  # a CI proxy could not reach this local server
-    monkeypatch.setattr(CIFAR10, "url", f"{url}/{archive.name}")
-    monkeypatch.setattr(CIFAR10, "tgz_md5", md5(archive))
     monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5(base / f"data_batch_{i}")]
                                                 for i in range(1, 6)])
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5(base / "test_batch")]])
     monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5(base / "batches.meta")})
     root = tmp_path / "data"
-    try:
+    with serve_as_download(CIFAR10, base, tmp_path, monkeypatch):
         train, test, names = load_cifar10(root, download=True)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert len(train) == 50 and len(test) == 10 and names == list(CLASS_NAMES)
     assert [p.name for p in root.iterdir()] == [base.name]  # no archive or temp dir left behind
     expected_train, _, _ = load_cifar10(src)

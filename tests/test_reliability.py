@@ -173,7 +173,7 @@ def test_a_run_of_the_same_name_started_while_the_data_loaded_is_left_alone(
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs",
                                                          train={"epochs": 1}))
     run = tmp_path / "runs" / "tiny"
-    load_cifar10, holder = fit_module.load_cifar10, []
+    load_dataset, holder = fit_module.load_dataset, []
 
     def load_while_the_other_run_starts(*args, **kwargs):
         run.mkdir(parents=True)
@@ -181,9 +181,9 @@ def test_a_run_of_the_same_name_started_while_the_data_loaded_is_left_alone(
         if other_run_is_live:
             holder.append(os.open(run, os.O_RDONLY))
             fcntl.flock(holder[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return load_cifar10(*args, **kwargs)
+        return load_dataset(*args, **kwargs)
 
-    monkeypatch.setattr(fit_module, "load_cifar10", load_while_the_other_run_starts)
+    monkeypatch.setattr(fit_module, "load_dataset", load_while_the_other_run_starts)
     try:
         assert main(["fit", "--config", str(cfg), *(["--force"] if other_run_is_live else [])]) == 2
     finally:

@@ -84,6 +84,9 @@ def _check_layers(layers: list | None) -> str | None:
 
 @dataclass
 class DataConfig:
+    # cifar10; cifar100 (its 100 fine classes, or the 20 superclasses with labels: coarse)
+    dataset: str = _opt("cifar10", _one_of("cifar10", "cifar100"))
+    labels: str = _opt("fine", _one_of("fine", "coarse"))
     root: str = _opt("data")
     download: bool = _opt(False)
     val_size: int = _opt(5000, _between(0, 50_000))
@@ -344,6 +347,9 @@ def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any
 
 def _cross_check(cfg: TrainConfig, where: Callable[[str], str]) -> None:
     m = cfg.model
+    if cfg.data.labels == "coarse" and cfg.data.dataset != "cifar100":
+        raise ConfigError(f"{where('data.labels')}: data.labels: coarse is CIFAR-100's 20 superclasses "
+                          f"(data.dataset is {cfg.data.dataset})")
     if m.arch == "custom" and m.layers is None:
         raise ConfigError(f"{where('model.layers')}: model.layers is required when model.arch is custom")
     if m.arch != "custom" and m.layers is not None:

@@ -1,4 +1,4 @@
-"""CIFAR-10 on the training device: read, validate, split, augment in batches.
+"""CIFAR-10 and CIFAR-100 on the training device: read, validate, split, augment in batches.
 
 The whole split is one uint8 tensor (N, 3, 32, 32) on the device, as in Keller Jordan's
 airbench: no DataLoader workers, no per-image Python. A batch is cropped and flipped with one
@@ -25,10 +25,12 @@ from vggtrain.errors import DataError, first_line
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 PY_DIR, BIN_DIR = "cifar-10-batches-py", "cifar-10-batches-bin"
+C100_PY_DIR, C100_BIN_DIR = "cifar-100-python", "cifar-100-binary"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCHES = ["test_batch"]
 IMAGE_BYTES = 3 * 32 * 32
 MAX_PER_BATCH = 10_000  # the published batch size; larger files are refused before being read
+C100_TRAIN, C100_TEST = 50_000, 10_000  # CIFAR-100 keeps each split in one file
 PAD = 4  # the default crop padding (data.crop_padding)
 
 
@@ -86,26 +88,26 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def max_py_batch_bytes(protocol: int) -> int:
-    """The largest a CIFAR python batch of MAX_PER_BATCH images can be in a pickle protocol.
+def max_py_batch_bytes(protocol: int, images: int = MAX_PER_BATCH) -> int:
+    """The largest a CIFAR python batch of `images` images can be in a pickle protocol.
 
     From protocol 3 on, the pixels are one bytes object: 1 byte each. Python 3 writes bytes in
     protocols 0-2 as _codecs.encode(str, "latin1"): in 1 and 2 that str is UTF-8 (2 bytes for
     each byte >= 0x80), in 0 raw-unicode-escape text, where a backslash or a newline takes 6.
     Labels and file names get a generous 256 bytes per image, the rest 1 MB."""
     per_pixel_byte = 1 if protocol >= 3 else 2 if protocol == 2 else 6
-    return MAX_PER_BATCH * (per_pixel_byte * IMAGE_BYTES + 256) + 1_000_000
+    return images * (per_pixel_byte * IMAGE_BYTES + 256) + 1_000_000
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path, images: int = MAX_PER_BATCH) -> dict:
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(2)
     # Protocol 2 and later open with PROTO and the version; 0 and 1 have no header.
     protocol = head[1] if len(head) == 2 and head[0] == 0x80 else 0
-    if size > max_py_batch_bytes(protocol):
+    if size > max_py_batch_bytes(protocol, images):
         raise DataError(f"{path}: {size} bytes is larger than a CIFAR python batch of "
-                        f"{MAX_PER_BATCH} images can be (pickle protocol {protocol})")
+                        f"{images} images can be (pickle protocol {protocol})")
     try:
         obj = _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
@@ -116,35 +118,39 @@ def _unpickle(path: Path) -> dict:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def _read_py_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_py_batch(path: Path, label_key: str = "labels", max_images: int = MAX_PER_BATCH
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     import numpy as np  # numpy arrives with torchvision; only this layout needs it
 
-    d = _unpickle(path)
-    data, labels = d.get("data"), d.get("labels", d.get("fine_labels"))
+    d = _unpickle(path, max_images)
+    data, labels = d.get("data"), d.get(label_key, d.get("fine_labels"))
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != IMAGE_BYTES:
         raise DataError(f"{path}: expected 'data' as a uint8 array of shape (N, {IMAGE_BYTES})")
     if not isinstance(labels, list) or len(labels) != len(data) \
             or not all(isinstance(x, int) and 0 <= x < 2**31 for x in labels):
-        raise DataError(f"{path}: expected 'labels' as a list of {len(data)} class indices")
-    if len(data) > MAX_PER_BATCH:
-        raise DataError(f"{path}: {len(data)} images, more than a CIFAR batch holds ({MAX_PER_BATCH})")
+        raise DataError(f"{path}: expected '{label_key}' as a list of {len(data)} class indices")
+    if len(data) > max_images:
+        raise DataError(f"{path}: {len(data)} images, more than a CIFAR batch holds ({max_images})")
     images = torch.from_numpy(data.copy()).view(-1, 3, 32, 32)
     return images, torch.tensor(labels, dtype=torch.int64)
 
 
-def _read_bin_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    record = 1 + IMAGE_BYTES
+def _read_bin_batch(path: Path, label_bytes: int = 1, label_index: int = 0,
+                    max_images: int = MAX_PER_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Records of label_bytes label bytes (CIFAR-10: 1; CIFAR-100: coarse, fine), then the pixels."""
+    record = label_bytes + IMAGE_BYTES
+    what = "CIFAR-10" if label_bytes == 1 else "CIFAR-100"
     size = path.stat().st_size
-    if size > MAX_PER_BATCH * record:
-        raise DataError(f"{path}: {size} bytes is more than a CIFAR-10 binary batch of "
-                        f"{MAX_PER_BATCH} records ({MAX_PER_BATCH * record} bytes)")
+    if size > max_images * record:
+        raise DataError(f"{path}: {size} bytes is more than a {what} binary batch of "
+                        f"{max_images} records ({max_images * record} bytes)")
     raw = path.read_bytes()
     if not raw or len(raw) % record:
         raise DataError(f"{path}: {len(raw)} bytes is not a whole number of {record}-byte "
-                        f"CIFAR-10 records (truncated or not a CIFAR-10 binary batch)")
+                        f"{what} records (truncated or not a {what} binary batch)")
     rows = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, record)
-    return rows[:, 1:].reshape(-1, 3, 32, 32).clone(), rows[:, 0].to(torch.int64)
+    return rows[:, label_bytes:].reshape(-1, 3, 32, 32).clone(), rows[:, label_index].to(torch.int64)
 
 
 def _class_names(base: Path, layout: str) -> list[str]:
@@ -169,30 +175,46 @@ def find_layout(root: Path) -> Path | None:
     return None
 
 
-def download_cifar10(root: Path) -> None:
+def find_cifar100(root: Path) -> Path | None:
+    """The CIFAR-100 directory under root (python layout first), or root itself if it is one."""
+    for base in (root / C100_PY_DIR, root / C100_BIN_DIR, root):
+        if (base / "meta").is_file() or (base / "fine_label_names.txt").is_file():
+            return base
+    return None
+
+
+def download_cifar10(root: Path, cifar100: bool = False) -> None:
     """Fetch and verify the python layout with torchvision's utilities, then move it into place
     in one rename, so an interrupted download never leaves a half-written dataset behind."""
-    from torchvision.datasets import CIFAR10
+    from torchvision.datasets import CIFAR10, CIFAR100
     from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
+    spec, name = (CIFAR100, "CIFAR-100") if cifar100 else (CIFAR10, "CIFAR-10")
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         try:
-            download_and_extract_archive(CIFAR10.url, download_root=tmp,
-                                         filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+            download_and_extract_archive(spec.url, download_root=tmp,
+                                         filename=spec.filename, md5=spec.tgz_md5)
         except Exception as e:  # urllib, socket and tarfile all raise their own types
-            raise DataError(f"could not download CIFAR-10 from {CIFAR10.url} into {root}: "
+            raise DataError(f"could not download {name} from {spec.url} into {root}: "
                             f"{first_line(e)}") from None
-        base = Path(tmp) / CIFAR10.base_folder
-        files = CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
-        for name, md5 in files:
-            if not check_integrity(str(base / name), md5):
-                raise DataError(f"downloaded CIFAR-10 failed its integrity check: {name}")
+        base = Path(tmp) / spec.base_folder
+        files = spec.train_list + spec.test_list + [[spec.meta["filename"], spec.meta["md5"]]]
+        for file, md5 in files:
+            if not check_integrity(str(base / file), md5):
+                raise DataError(f"downloaded {name} failed its integrity check: {file}")
         try:
-            os.replace(base, root / CIFAR10.base_folder)
+            os.replace(base, root / spec.base_folder)
         except OSError:
-            if find_layout(root) is None:  # not another process's finished download
-                raise DataError(f"could not move the downloaded CIFAR-10 into {root}") from None
+            if (find_cifar100 if cifar100 else find_layout)(root) is None:  # not another process's
+                raise DataError(f"could not move the downloaded {name} into {root}") from None
+
+
+def load_dataset(data: DataConfig) -> tuple[Split, Split, list[str]]:
+    """(train, test, class names) of the config's dataset."""
+    if data.dataset == "cifar100":
+        return load_cifar100(data.root, data.download, data.labels)
+    return load_cifar10(data.root, data.download)
 
 
 def load_cifar10(root: str | Path, download: bool = False) -> tuple[Split, Split, list[str]]:
@@ -202,6 +224,53 @@ def load_cifar10(root: str | Path, download: bool = False) -> tuple[Split, Split
     except OSError as e:  # unreadable or unwritable files and folders: the user's to fix
         where = e.filename or root
         raise DataError(f"{where}: {e.strerror or e}") from None
+
+
+def load_cifar100(root: str | Path, download: bool = False, labels: str = "fine"
+                  ) -> tuple[Split, Split, list[str]]:
+    """(train, test, class names) of CIFAR-100 from either published layout under root: its 100
+    fine classes, or its 20 superclasses with labels="coarse"."""
+    try:
+        return _load_cifar100(Path(root), download, labels)
+    except OSError as e:
+        where = e.filename or root
+        raise DataError(f"{where}: {e.strerror or e}") from None
+
+
+def _load_cifar100(root: Path, download: bool, labels: str) -> tuple[Split, Split, list[str]]:
+    base = find_cifar100(root)
+    if base is None and download:
+        download_cifar10(root, cifar100=True)
+        base = find_cifar100(root)
+    if base is None:
+        raise DataError(f"{root}: no CIFAR-100 found (expected {C100_PY_DIR}/ or {C100_BIN_DIR}/ inside "
+                        f"it; set data.root, or data.download: true to fetch it)")
+    python = (base / "meta").is_file()
+    if python:
+        meta = _unpickle(base / "meta", 1).get(f"{labels}_label_names")
+        names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in meta] \
+            if isinstance(meta, list) else None
+    else:
+        text = (base / f"{labels}_label_names.txt").read_text(encoding="utf-8", errors="replace")
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{base}: its meta holds no {labels} class names")
+
+    def read(file: str, most: int) -> Split:
+        path = base / (file if python else f"{file}.bin")
+        if not path.is_file():
+            raise DataError(f"{path}: missing (expected {path.name} in {base})")
+        images, y = _read_py_batch(path, f"{labels}_labels", most) if python else \
+            _read_bin_batch(path, 2, 1 if labels == "fine" else 0, most)
+        _check_labels(path, y, len(names))
+        return Split(images, y)
+
+    return read("train", C100_TRAIN), read("test", C100_TEST), names
+
+
+def _check_labels(path: Path, labels: torch.Tensor, classes: int) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise DataError(f"{path}: label {int(labels.max())} out of range for {classes} classes")
 
 
 def _load_cifar10(root: Path, download: bool) -> tuple[Split, Split, list[str]]:
@@ -224,9 +293,7 @@ def _load_cifar10(root: Path, download: bool) -> tuple[Split, Split, list[str]]:
                 raise DataError(f"{path}: missing (expected {len(batches)} batch files "
                                 f"{', '.join(x + suffix for x in batches)} in {base})")
             images, labels = read(path)
-            if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
-                raise DataError(f"{path}: label {int(labels.max())} out of range for "
-                                f"{len(names)} classes")
+            _check_labels(path, labels, len(names))
             parts.append((images, labels))
         return Split(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 

@@ -141,7 +141,9 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
     """The report for a checkpoint on the test split, or on the validation split its run held out
     (rebuilt from the stored data.val_size and seed). Needs nothing but the checkpoint and data.
     tta None means the run's own train.tta, so that a re-test reproduces the run's report."""
-    from vggtrain.data import load_cifar10, split_train_val
+    from dataclasses import replace
+
+    from vggtrain.data import load_dataset, split_train_val
     from vggtrain.inference import load_model, resolve_checkpoint
     from vggtrain.report import build_report
 
@@ -151,7 +153,8 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
     if tta is None:
         tta = cfg.train.tta
     root = data_root if data_root is not None else cfg.data.root
-    train, test, names = load_cifar10(root, cfg.data.download and data_root is None)
+    train, test, names = load_dataset(replace(cfg.data, root=str(root),
+                                              download=cfg.data.download and data_root is None))
     if len(names) != cfg.model.num_classes:
         raise DataError(f"{root}: the data has {len(names)} classes but the checkpoint's model "
                         f"predicts {cfg.model.num_classes}")

@@ -15,7 +15,7 @@ import torch
 from vggtrain import allocator, distributed
 from vggtrain.checkpoint import atomic_write_text, check_weights_fit, load_checkpoint, model_weights
 from vggtrain.config import TrainConfig, dump_config
-from vggtrain.data import Split, load_cifar10, split_train_val
+from vggtrain.data import Split, load_dataset, split_train_val
 from vggtrain.distributed import Dist
 from vggtrain.errors import STORAGE_ERRNOS, UserError
 from vggtrain.evaluate import Evaluation, eval_settings, evaluate_split
@@ -111,7 +111,7 @@ def load_data(cfg: TrainConfig, d: Dist) -> tuple[Split, Split, Split, list[str]
     downloads the data first, if it must."""
     if d.enabled and d.local_rank != 0:
         distributed.barrier(d)
-    train_full, test, class_names = load_cifar10(cfg.data.root, cfg.data.download)
+    train_full, test, class_names = load_dataset(cfg.data)
     if d.enabled and d.local_rank == 0:
         distributed.barrier(d)
     if len(class_names) != cfg.model.num_classes:

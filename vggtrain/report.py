@@ -83,13 +83,37 @@ def report_json(report: dict[str, Any]) -> str:
 
 # --- the confusion matrix picture -------------------------------------------------------------
 
+MATRIX_MAX_CLASSES = 20  # beyond this, the report shows the most confused classes and pairs
+PAIRS_SHOWN = 20
+
+
+def most_confused_pairs(confusion: list[list[int]] | torch.Tensor, k: int) -> list[tuple[int, int, int]]:
+    """The k largest off-diagonal cells as (true, predicted, count), largest first (ties: in
+    matrix order); cells of 0 are left out."""
+    cm = torch.as_tensor(confusion, dtype=torch.int64).clone()
+    cm.fill_diagonal_(0)
+    counts, flat = cm.flatten().sort(descending=True, stable=True)
+    c = cm.shape[1]
+    return [(int(i) // c, int(i) % c, int(n)) for n, i in zip(counts[:k], flat[:k], strict=True) if n > 0]
+
+
+def most_confused_classes(confusion: list[list[int]] | torch.Tensor, k: int) -> list[int]:
+    """The k classes with the most mistakes, made or received (off-diagonal row + column sums), in
+    class order: the part of a large confusion matrix worth drawing."""
+    cm = torch.as_tensor(confusion, dtype=torch.int64).clone()
+    cm.fill_diagonal_(0)
+    errors = cm.sum(0) + cm.sum(1)
+    return sorted(errors.argsort(descending=True, stable=True)[:k].tolist())
+
+
 def confusion_image(confusion: list[list[int]] | torch.Tensor, class_names: list[str],
-                    title: str = "") -> torch.Tensor:
+                    title: str = "", row_totals: torch.Tensor | None = None) -> torch.Tensor:
     """Labelled confusion matrix: rows true class, columns predicted; each cell coloured by its
-    share of the true class (row-normalised) with its count written in, recall down the right."""
+    share of the true class (row-normalised) with its count written in, recall down the right.
+    row_totals: each row's images, for a matrix that is part of a larger one."""
     cm = torch.as_tensor(confusion, dtype=torch.int64)
     c = len(class_names)
-    totals = cm.sum(1)
+    totals = cm.sum(1) if row_totals is None else torch.as_tensor(row_totals, dtype=torch.int64)
     rates = cm.float() / totals.clamp(min=1)[:, None]
     cell = max(14, min(48, 560 // c))
     label_f, _ = font(max(9, min(15, cell // 3 + 1)))
@@ -281,11 +305,20 @@ def format_markdown(report: dict[str, Any], images: list[tuple[str, str]] = ()) 
             "", "## Per class", "", "| class | correct | total | accuracy |", "|---|--:|--:|--:|"]
     for r in report["per_class"]:
         out.append(f"| {r['class']} | {r['correct']} | {r['total']} | {_pct(r['acc'])} |")
-    out += ["", "## Confusion matrix", "", "Rows: true class; columns: predicted class.", "",
-            "| true \\ predicted | " + " | ".join(names) + " |",
-            "|---|" + "--:|" * len(names)]
-    for name, row in zip(names, report["confusion_matrix"], strict=True):
-        out.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    if len(names) > MATRIX_MAX_CLASSES:  # a 100-column table reads as nothing: the worst pairs
+        out += ["", "## Most confused pairs", "",
+                f"The {PAIRS_SHOWN} largest off-diagonal counts of the {len(names)}x{len(names)} "
+                "confusion matrix (all of it is in report.json).", "",
+                "| true class | predicted as | images | share of the class |", "|---|---|--:|--:|"]
+        for t, p, n in most_confused_pairs(report["confusion_matrix"], PAIRS_SHOWN):
+            total = report["per_class"][t]["total"]
+            out.append(f"| {names[t]} | {names[p]} | {n} | {_pct(n / total if total else None)} |")
+    else:
+        out += ["", "## Confusion matrix", "", "Rows: true class; columns: predicted class.", "",
+                "| true \\ predicted | " + " | ".join(names) + " |",
+                "|---|" + "--:|" * len(names)]
+        for name, row in zip(names, report["confusion_matrix"], strict=True):
+            out.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
     for alt, file in images:
         out += ["", f"![{alt}]({file})"]
     return "\n".join(out) + "\n"
@@ -330,8 +363,15 @@ def report_pictures(report: dict[str, Any], ev: Evaluation, split: Split) -> dic
     m = report["metrics"]
     title = (f"{report['config'].get('name') or 'model'}: {report['split']} set, {m['images']:,} images, "
              f"top-1 {_pct(m['top1'])}")
-    return {"confusion_matrix": confusion_image(report["confusion_matrix"], report["class_names"], title),
-            "misclassified": mistakes_image(split, ev, report["class_names"])}
+    cm, names = torch.as_tensor(report["confusion_matrix"]), report["class_names"]
+    if len(names) > MATRIX_MAX_CLASSES:  # its most confused classes; recall stays of the whole row
+        keep = most_confused_classes(cm, MATRIX_MAX_CLASSES)
+        title += f"; the {len(keep)} most confused of {len(names)} classes"
+        picture = confusion_image(cm[keep][:, keep], [names[i] for i in keep], title,
+                                  row_totals=cm.sum(1)[keep])
+    else:
+        picture = confusion_image(cm, names, title)
+    return {"confusion_matrix": picture, "misclassified": mistakes_image(split, ev, names)}
 
 
 def write_report_files(out_dir: Path, report: dict[str, Any], pictures: dict[str, torch.Tensor]) -> None:

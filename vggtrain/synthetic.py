@@ -63,6 +63,40 @@ def write_synthetic_cifar10(root: str | Path, layout: str = "bin", per_batch: in
     return base
 
 
+def write_synthetic_cifar100(root: str | Path, layout: str = "py", train_size: int = 1000,
+                             test_size: int = 500, seed: int = 0) -> Path:
+    """CIFAR-100's layout (one train and one test file; fine and coarse labels, fine // 5 as the
+    superclass): the colour square encodes fine % 10. Returns the layout dir."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(seed)
+    base = Path(root) / ("cifar-100-binary" if layout == "bin" else "cifar-100-python")
+    base.mkdir(parents=True, exist_ok=True)
+    fine_names = [f"fine_{i:02d}" for i in range(100)]
+    coarse_names = [f"coarse_{i:02d}" for i in range(20)]
+    for name, n in (("train", train_size), ("test", test_size)):
+        fine = torch.randint(0, 100, (n,), generator=g)
+        coarse = fine // 5
+        images = synthetic_images(fine, g)
+        if layout == "bin":
+            records = torch.cat([coarse.to(torch.uint8)[:, None], fine.to(torch.uint8)[:, None],
+                                 images.view(n, -1)], dim=1)
+            _write_bytes(base / f"{name}.bin", records.numpy().tobytes())
+        else:
+            batch = {b"filenames": [f"{i}.png".encode() for i in range(n)], b"batch_label": name.encode(),
+                     b"fine_labels": fine.tolist(), b"coarse_labels": coarse.tolist(),
+                     b"data": images.view(n, -1).numpy().astype(np.uint8)}
+            _write_bytes(base / name, pickle.dumps(batch, protocol=2))
+    if layout == "bin":
+        atomic_write_text(base / "fine_label_names.txt", "\n".join(fine_names) + "\n")
+        atomic_write_text(base / "coarse_label_names.txt", "\n".join(coarse_names) + "\n")
+    else:
+        meta = {b"fine_label_names": [c.encode() for c in fine_names],
+                b"coarse_label_names": [c.encode() for c in coarse_names]}
+        _write_bytes(base / "meta", pickle.dumps(meta, protocol=2))
+    return base
+
+
 def _write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))  # a killed `make smoke` leaves no torn batch
 

@@ -1,0 +1,110 @@
+"""Data beyond CIFAR-10 (issue 22): CIFAR-100 with fine or coarse labels, both layouts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import md5, serve_as_download, tiny_config, write_yaml
+from vggtrain.cli import main
+from vggtrain.config import DataConfig, config_from_dict
+from vggtrain.data import load_cifar100, load_dataset
+from vggtrain.errors import ConfigError, DataError
+from vggtrain.synthetic import write_synthetic_cifar100
+
+
+@pytest.fixture(scope="module")
+def cifar100(tmp_path_factory):
+    root = tmp_path_factory.mktemp("c100")
+    write_synthetic_cifar100(root / "py", "py", train_size=1000, test_size=400, seed=2)
+    write_synthetic_cifar100(root / "bin", "bin", train_size=1000, test_size=400, seed=2)
+    return root
+
+
+def test_cifar100_both_layouts_fine_and_coarse(cifar100):
+    for labels, classes in (("fine", 100), ("coarse", 20)):
+        py = load_cifar100(cifar100 / "py", labels=labels)
+        binary = load_cifar100(cifar100 / "bin", labels=labels)
+        for a, b in zip(py[:2], binary[:2], strict=True):
+            assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        assert len(py[0]) == 1000 and len(py[1]) == 400 and len(py[2]) == classes == len(binary[2])
+        assert py[2][0] == f"{labels}_00" and int(py[0].labels.max()) < classes
+    fine, coarse = load_cifar100(cifar100 / "py")[0], load_cifar100(cifar100 / "py", labels="coarse")[0]
+    assert torch.equal(coarse.labels, fine.labels // 5)  # the synthetic superclasses
+    via_config = load_dataset(DataConfig(dataset="cifar100", root=str(cifar100 / "bin"), labels="coarse"))
+    assert torch.equal(via_config[0].labels, coarse.labels)
+
+
+def test_cifar100_errors_are_one_line(cifar100, tmp_path):
+    with pytest.raises(DataError, match="no CIFAR-100 found"):
+        load_cifar100(tmp_path)
+    with pytest.raises(ConfigError, match="coarse is CIFAR-100's 20 superclasses"):
+        config_from_dict({"data": {"labels": "coarse"}}, "t")
+    base = tmp_path / "cifar-100-binary"
+    base.mkdir()
+    (base / "fine_label_names.txt").write_text("a\nb\n")
+    (base / "coarse_label_names.txt").write_text("c\n")
+    (base / "train.bin").write_bytes((cifar100 / "bin" / "cifar-100-binary" / "train.bin").read_bytes())
+    with pytest.raises(DataError, match="train.bin: label .* out of range for 2 classes"):
+        load_cifar100(tmp_path)
+
+
+def test_a_cifar100_run_checks_num_classes_and_evaluates(cifar100, tmp_path, capsys):
+    cfg = tiny_config(cifar100 / "py", tmp_path / "runs", train={"epochs": 1})
+    cfg["data"].update({"dataset": "cifar100", "labels": "coarse"})
+    path = write_yaml(tmp_path / "c100.yaml", cfg)
+    assert main(["fit", "--config", str(path)]) == 2
+    assert "model.num_classes is 10 but the data" in capsys.readouterr().err
+    assert main(["fit", "--config", str(path), "--set", "model.num_classes=20", "--force"]) == 0
+    report = json.loads((tmp_path / "runs" / "tiny" / "report.json").read_text())
+    assert len(report["per_class"]) == 20 and report["class_names"][0] == "coarse_00"
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(tmp_path / "runs" / "tiny"), "--device", "cpu", "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == report["metrics"]
+
+
+def test_cifar100_download_fetches_verifies_and_loads(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR100
+
+    base = write_synthetic_cifar100(tmp_path / "src", "py", train_size=50, test_size=10)
+    monkeypatch.setattr(CIFAR100, "train_list", [["train", md5(base / "train")]])
+    monkeypatch.setattr(CIFAR100, "test_list", [["test", md5(base / "test")]])
+    monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": md5(base / "meta")})
+    root = tmp_path / "data"
+    with serve_as_download(CIFAR100, base, tmp_path, monkeypatch):
+        train, test, names = load_cifar100(root, download=True)
+    assert len(train) == 50 and len(test) == 10 and len(names) == 100
+    assert [p.name for p in root.iterdir()] == ["cifar-100-python"]
+    assert torch.equal(load_cifar100(root, download=True)[0].images, train.images)  # found, not fetched
+    monkeypatch.setattr(CIFAR100, "test_list", [["test", "0" * 32]])
+    with pytest.raises(DataError, match="downloaded CIFAR-100 failed its integrity check: test"), \
+            serve_as_download(CIFAR100, base, tmp_path / "again", monkeypatch):
+        load_cifar100(tmp_path / "other", download=True)
+
+
+def test_the_report_stays_readable_at_100_classes(cifar100, tmp_path):
+    from PIL import Image
+
+    from vggtrain.fit import fit
+    from vggtrain.report import most_confused_classes, most_confused_pairs
+
+    cm = torch.zeros(5, 5, dtype=torch.int64)
+    cm[0, 0], cm[1, 2], cm[3, 1], cm[4, 4], cm[2, 1] = 50, 7, 3, 40, 7
+    assert most_confused_pairs(cm, 2) == [(1, 2, 7), (2, 1, 7)]
+    assert most_confused_pairs(cm, 10) == [(1, 2, 7), (2, 1, 7), (3, 1, 3)]  # no zero cells
+    assert most_confused_classes(cm, 2) == [1, 2]
+
+    cfg = tiny_config(cifar100 / "bin", tmp_path / "runs", train={"epochs": 1})
+    cfg["data"]["dataset"] = "cifar100"
+    cfg["model"]["num_classes"] = 100
+    report = fit(config_from_dict(cfg, "t"), tmp_path / "runs" / "tiny")
+    run = tmp_path / "runs" / "tiny"
+    assert len(report["per_class"]) == 100 and len(report["confusion_matrix"]) == 100  # JSON: all
+    md = (run / "report.md").read_text()
+    assert "## Most confused pairs" in md and "## Confusion matrix" not in md
+    assert sum(line.startswith("| fine_") for line in md.splitlines()) == 100 + min(
+        20, len(most_confused_pairs(report["confusion_matrix"], 20)))  # every class, then the pairs
+    with Image.open(run / "confusion_matrix.png") as img:
+        assert img.width < 1200 and img.height < 1200  # 20 classes drawn, not 100
