@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +109,100 @@ def test_the_report_stays_readable_at_100_classes(cifar100, tmp_path):
         20, len(most_confused_pairs(report["confusion_matrix"], 20)))  # every class, then the pairs
     with Image.open(run / "confusion_matrix.png") as img:
         assert img.width < 1200 and img.height < 1200  # 20 classes drawn, not 100
+
+
+# --- image folders ----------------------------------------------------------------------------
+
+def _write_folder(root, sizes=((32, 32), (64, 48), (20, 20))):
+    """root/{train,test}/<class>/ with PNG and JPEG images of a few sizes; returns the files."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    files = []
+    for split, n in (("train", 6), ("test", 3)):
+        for name in ["cat", "ant", "bee"]:  # sorted: ant, bee, cat
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                w, h = sizes[i % len(sizes)]
+                pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+                path = d / f"{i}.{'png' if i % 2 else 'jpg'}"
+                Image.fromarray(pixels).save(path)
+                files.append(path)
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")  # other extensions: ignored
+    (root / "train" / ".hidden").mkdir()
+    return files
+
+
+def test_an_image_folder_decodes_once_into_a_cache(tmp_path, monkeypatch):
+    from vggtrain import folder
+    from vggtrain.predict import read_image, to_model_size
+
+    _write_folder(tmp_path)
+    data = DataConfig(dataset="folder", root=str(tmp_path))
+    train, test, names = load_dataset(data)
+    assert names == ["ant", "bee", "cat"] and len(train) == 18 and len(test) == 9
+    assert train.images.dtype == torch.uint8 and train.images.shape == (18, 3, 32, 32)
+    assert train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    big = tmp_path / "train" / "ant" / "1.png"  # 64x48: resized as a whole, as predict does
+    assert torch.equal(train.images[1], to_model_size(read_image(big)))
+    assert (tmp_path / folder.CACHE_NAME).is_file()
+
+    def never(files):
+        raise AssertionError("decoded again although nothing changed")
+
+    monkeypatch.setattr(folder, "_decode", never)
+    again = load_dataset(data)[0]
+    assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
+    monkeypatch.undo()
+
+    # A changed file is decoded again (the cache is keyed by path, size and mtime).
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(big)  # train image 1
+    changed = load_dataset(data)[0]
+    assert (changed.images[1] == torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1)).all()
+    assert torch.equal(changed.images[2:], train.images[2:])
+    assert torch.equal(changed.images[0], train.images[0])
+
+
+def test_image_folder_errors_name_the_file(tmp_path):
+    files = _write_folder(tmp_path)
+    data = DataConfig(dataset="folder", root=str(tmp_path))
+    files[4].write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(DataError, match=rf"{files[4]}: .*"):
+        load_dataset(data)
+    files[4].unlink()
+    (tmp_path / "test" / "dog").mkdir()
+    with pytest.raises(DataError, match="class 'dog' is not one of train/'s 3 classes"):
+        load_dataset(data)
+    with pytest.raises(DataError, match="no train/ directory"):
+        load_dataset(DataConfig(dataset="folder", root=str(tmp_path / "test")))
+
+
+SHARED_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg75.tar.gz"
+
+
+@pytest.mark.skipif(not SHARED_ARCHIVE.is_file(), reason=f"{SHARED_ARCHIVE} is not here")
+def test_the_shared_jpeg_archive_as_folders_is_the_binary_conversion(tmp_path):
+    # The real check: the 60,000 JPEGs read as folders give exactly the tensors of the shared
+    # tool's binary conversion (which orders images as sorted file names, then permutes them).
+    import subprocess
+    import sys
+    import tarfile
+
+    import numpy as np
+
+    from vggtrain.data import load_cifar10
+
+    with tarfile.open(SHARED_ARCHIVE) as tar:
+        tar.extractall(tmp_path / "folders", filter="data")
+    tool = SHARED_ARCHIVE.parents[1] / "tools" / "cifar10_from_jpeg.py"
+    subprocess.run([sys.executable, str(tool), str(tmp_path / "bin")], check=True, capture_output=True)
+    train, test, names = load_dataset(DataConfig(dataset="folder", root=str(tmp_path / "folders")))
+    ref_train, ref_test, ref_names = load_cifar10(tmp_path / "bin")
+    rng = np.random.default_rng(20091)  # the tool's own permutation
+    for ours, ref in ((train, ref_train), (test, ref_test)):
+        p = torch.from_numpy(rng.permutation(len(ours)))
+        assert torch.equal(ours.images[p], ref.images) and torch.equal(ours.labels[p], ref.labels)
+    assert names == ref_names

@@ -84,8 +84,9 @@ def _check_layers(layers: list | None) -> str | None:
 
 @dataclass
 class DataConfig:
-    # cifar10; cifar100 (its 100 fine classes, or the 20 superclasses with labels: coarse)
-    dataset: str = _opt("cifar10", _one_of("cifar10", "cifar100"))
+    # cifar10; cifar100 (its 100 fine classes, or the 20 superclasses with labels: coarse);
+    # folder: root/train/<class>/* and root/test/<class>/* (folder.py)
+    dataset: str = _opt("cifar10", _one_of("cifar10", "cifar100", "folder"))
     labels: str = _opt("fine", _one_of("fine", "coarse"))
     root: str = _opt("data")
     download: bool = _opt(False)

@@ -214,6 +214,14 @@ def load_dataset(data: DataConfig) -> tuple[Split, Split, list[str]]:
     """(train, test, class names) of the config's dataset."""
     if data.dataset == "cifar100":
         return load_cifar100(data.root, data.download, data.labels)
+    if data.dataset == "folder":
+        from vggtrain.folder import load_folder
+
+        try:
+            train, test, names = load_folder(data.root)
+        except OSError as e:
+            raise DataError(f"{e.filename or data.root}: {e.strerror or e}") from None
+        return Split(*train), Split(*test), names
     return load_cifar10(data.root, data.download)
 
 
