@@ -206,3 +206,62 @@ def test_the_shared_jpeg_archive_as_folders_is_the_binary_conversion(tmp_path):
         p = torch.from_numpy(rng.permutation(len(ours)))
         assert torch.equal(ours.images[p], ref.images) and torch.equal(ours.labels[p], ref.labels)
     assert names == ref_names
+
+
+# --- normalisation per dataset --------------------------------------------------------------------
+
+def test_measured_stats_match_torch():
+    from vggtrain.data import measure_stats
+
+    images = torch.randint(0, 256, (12_000, 3, 4, 4), dtype=torch.uint8)  # more than one chunk
+    std, mean = torch.std_mean(images.double().div(255).transpose(0, 1).reshape(3, -1), dim=1, correction=0)
+    got = measure_stats(images)
+    assert got[0] == pytest.approx(mean.tolist(), abs=2e-6)
+    assert got[1] == pytest.approx(std.tolist(), abs=2e-6)
+
+
+def test_each_dataset_is_normalised_with_its_own_stats_everywhere(tmp_path, capsys):
+    from vggtrain.checkpoint import load_checkpoint
+    from vggtrain.data import (
+        CIFAR100_MEAN,
+        CIFAR100_STD,
+        measure_stats,
+        norm_stats,
+        normalize,
+        split_train_val,
+    )
+    from vggtrain.evaluate import eval_settings
+    from vggtrain.inference import load_model
+    from vggtrain.predict import read_image, to_model_size
+
+    c100 = config_from_dict({"data": {"dataset": "cifar100"}}, "t")
+    assert eval_settings(c100, torch.device("cpu")).stats == (CIFAR100_MEAN, CIFAR100_STD)
+    with pytest.raises(ConfigError, match="data.mean and data.std are set together"):
+        config_from_dict({"data": {"mean": [0.5, 0.5, 0.5]}}, "t")
+
+    # A folder run measures its training split's stats and stores them with the run.
+    _write_folder(tmp_path / "imgs")
+    cfg = tiny_config(tmp_path / "imgs", tmp_path / "runs", train={"epochs": 1, "batch_size": 5})
+    cfg["data"].update({"dataset": "folder", "val_size": 3})
+    cfg["model"]["num_classes"] = 3
+    assert main(["fit", "--config", str(write_yaml(tmp_path / "f.yaml", cfg))]) == 0
+    run = tmp_path / "runs" / "tiny"
+    train, _, _ = load_dataset(DataConfig(dataset="folder", root=str(tmp_path / "imgs")))
+    measured = measure_stats(split_train_val(train, 3, 0)[0].images)
+    stored = load_checkpoint(run / "best.pt")["config"]["data"]
+    assert (tuple(stored["mean"]), tuple(stored["std"])) == measured != norm_stats(DataConfig())
+    assert "mean:" in (run / "config.yaml").read_text()
+    # predict feeds the model what it was trained on
+    image = tmp_path / "imgs" / "test" / "bee" / "1.png"
+    capsys.readouterr()
+    assert main(["predict", "--ckpt", str(run), str(image), "--device", "cpu", "--topk", "3",
+                 "--json", "-"]) == 0
+    top = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
+    model = load_model(run / "best.pt").model
+    with torch.no_grad():
+        want = torch.softmax(model(normalize(to_model_size(read_image(image))[None], stats=measured)), 1)[0]
+    probs = [t["prob"] for t in sorted(top, key=lambda t: t["index"])]
+    assert probs == pytest.approx(want.tolist(), abs=1e-5)
+    # and a resume with the same config file keeps the measured stats (null there means the run's)
+    assert main(["fit", "--config", str(tmp_path / "f.yaml"), "--resume", "--set", "train.epochs=2"]) == 0
+    assert load_checkpoint(run / "last.pt")["config"]["data"]["mean"] == list(measured[0])

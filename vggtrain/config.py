@@ -62,6 +62,15 @@ def _opt(default: Any, check: Check | None = None) -> Any:
     return field(default=default, metadata={"check": check})
 
 
+def _check_stats(v: list | None, low: float) -> str | None:
+    if v is None:
+        return None
+    if len(v) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                              and low <= x <= 1 for x in v):
+        return f"must be null or three numbers in [{low:g}, 1] (R, G, B)"
+    return None
+
+
 def _check_milestones(milestones: list) -> str | None:
     if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in milestones) \
             or list(milestones) != sorted(set(milestones)):
@@ -107,6 +116,11 @@ class DataConfig:
     # of each image with its neighbour in the shuffled batch, targets mixed alike; 0 turns one off.
     # With both on, a batch gets CutMix with probability mix_switch_prob, else MixUp; mix_prob is
     # the chance a batch is mixed at all.
+    # The per-channel mean and std (fractions of 255) images are normalised with, three each.
+    # null: CIFAR's published constants (cifar10, cifar100); a folder run measures them on its
+    # training split when it starts and writes them here, so its checkpoints carry them.
+    mean: list[float] | None = _opt(None, lambda v: _check_stats(v, 0.0))
+    std: list[float] | None = _opt(None, lambda v: _check_stats(v, 1e-6))
     mixup_alpha: float = _opt(0.0, _between(0, 100))
     cutmix_alpha: float = _opt(0.0, _between(0, 100))
     mix_prob: float = _opt(1.0, _between(0, 1))
@@ -348,6 +362,8 @@ def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any
 
 def _cross_check(cfg: TrainConfig, where: Callable[[str], str]) -> None:
     m = cfg.model
+    if (cfg.data.mean is None) != (cfg.data.std is None):
+        raise ConfigError(f"{where('data.mean')}: data.mean and data.std are set together (or both null)")
     if cfg.data.labels == "coarse" and cfg.data.dataset != "cifar100":
         raise ConfigError(f"{where('data.labels')}: data.labels: coarse is CIFAR-100's 20 superclasses "
                           f"(data.dataset is {cfg.data.dataset})")
@@ -496,6 +512,8 @@ def check_resume_changes(stored: dict, cfg: TrainConfig, source: str) -> None:
         stored = config_from_dict(stored, source).to_dict()
     except ConfigError:
         pass
+    if cfg.data.mean is None and isinstance(stored.get("data"), dict):  # null: the run's measured ones
+        cfg.data.mean, cfg.data.std = stored["data"].get("mean"), stored["data"].get("std")
     old, new = _flatten(stored), _flatten(cfg.to_dict())
     for key in sorted(old.keys() | new.keys()):
         if key not in RESUMABLE_KEYS and old.get(key) != new.get(key):

@@ -24,6 +24,10 @@ from vggtrain.errors import DataError, first_line
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel, fractions of 255
+CIFAR10_STATS: Stats = (CIFAR10_MEAN, CIFAR10_STD)
 PY_DIR, BIN_DIR = "cifar-10-batches-py", "cifar-10-batches-bin"
 C100_PY_DIR, C100_BIN_DIR = "cifar-100-python", "cifar-100-binary"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -320,19 +324,45 @@ def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Spli
 
 # --- batches on the device -----------------------------------------------------------------
 
+def norm_stats(data: DataConfig) -> Stats:
+    """The mean and std a run's images are normalised with: the config's own (a folder run's,
+    measured on its training split), else CIFAR's published constants."""
+    if data.mean is not None and data.std is not None:
+        return tuple(float(x) for x in data.mean), tuple(float(x) for x in data.std)
+    if data.dataset == "cifar100":
+        return CIFAR100_MEAN, CIFAR100_STD
+    return CIFAR10_STATS
+
+
+def measure_stats(images: torch.Tensor) -> Stats:
+    """Per-channel mean and std of uint8 (N, 3, H, W) images, as fractions of 255 (6 decimals),
+    summed in float64 over chunks of 5,000 images."""
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for chunk in images.split(5000):
+        x = chunk.to(torch.float64).div_(255)
+        total += x.sum((0, 2, 3))
+        squares += x.square().sum((0, 2, 3))
+    n = images.numel() // 3
+    mean = total / n
+    std = (squares / n - mean.square()).clamp(min=1e-12).sqrt()
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
 @lru_cache(maxsize=8)
-def _normalization(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+def _normalization(device: torch.device, stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(stats[0], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(stats[1], device=device).view(1, 3, 1, 1)
     return 1.0 / (255.0 * std), mean / std
 
 
-def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> normalised float32, laid out as asked: one converting copy, then
-    in place."""
+def normalize(images: torch.Tensor, channels_last: bool = False, stats: Stats = CIFAR10_STATS
+              ) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> normalised float32 ((x / 255 - mean) / std), laid out as asked: one
+    converting copy, then in place."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty_like(images, dtype=torch.float32, memory_format=fmt).copy_(images)
-    scale, shift = _normalization(images.device)
+    scale, shift = _normalization(images.device, stats)
     return out.mul_(scale).sub_(shift)
 
 
@@ -412,8 +442,8 @@ def cutout_(images: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Ten
 
 def train_batches(split: Split, batch_size: int, generator: torch.Generator,
                   aug: Augmentation | None = Augmentation(), channels_last: bool = False, start: int = 0,
-                  rank: int = 0, world: int = 1, flips: torch.Tensor | None = None
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  rank: int = 0, world: int = 1, flips: torch.Tensor | None = None,
+                  stats: Stats = CIFAR10_STATS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled, augmented, normalised batches; the last partial batch is dropped
     (a BN net with a batch of one fails, and a ragged batch would recompile compiled models).
 
@@ -440,14 +470,14 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator,
         idx = perm[first:first + batch_size]
         images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last, pad, aug.pad_mode) if aug \
             else split.images[idx]
-        x = normalize(images, channels_last)
+        x = normalize(images, channels_last, stats)
         if corners is not None:
             cutout_(x, corners[idx], cut)
         yield x, split.labels[idx]
 
 
-def eval_batches(split: Split, batch_size: int, channels_last: bool = False
+def eval_batches(split: Split, batch_size: int, channels_last: bool = False, stats: Stats = CIFAR10_STATS
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, len(split), batch_size):
         sl = slice(start, start + batch_size)
-        yield normalize(split.images[sl], channels_last), split.labels[sl]
+        yield normalize(split.images[sl], channels_last, stats), split.labels[sl]

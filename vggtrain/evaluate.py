@@ -14,7 +14,7 @@ from torch import nn
 
 from vggtrain import distributed
 from vggtrain.config import TrainConfig, tta_mode
-from vggtrain.data import Split, eval_batches
+from vggtrain.data import CIFAR10_STATS, Split, Stats, eval_batches, norm_stats
 from vggtrain.device import autocast, channels_last_for, select_device, synchronize
 from vggtrain.distributed import Dist
 from vggtrain.errors import DataError, UserError
@@ -32,6 +32,7 @@ class EvalSettings:
     precision: str = "fp32"
     channels_last: bool = False
     tta: bool | str = False
+    stats: Stats = CIFAR10_STATS  # the normalisation the model was trained with
 
 
 def eval_settings(cfg: TrainConfig, device: torch.device, tta: bool | str | None = None,
@@ -39,7 +40,7 @@ def eval_settings(cfg: TrainConfig, device: torch.device, tta: bool | str | None
     """The settings a run validates and tests with; tta and batch_size override its config's."""
     return EvalSettings(cfg.model.num_classes, batch_size or cfg.train.eval_batch_size, device,
                         cfg.train.precision, channels_last_for(cfg.train.channels_last, device),
-                        cfg.train.tta if tta is None else tta)
+                        cfg.train.tta if tta is None else tta, norm_stats(cfg.data))
 
 
 @dataclass
@@ -106,7 +107,7 @@ def evaluate_split(model: nn.Module, split: Split, settings: EvalSettings,
     preds, confs = [], []
     synchronize(device)
     t0 = time.perf_counter()
-    for x, y in eval_batches(split, s.batch_size, s.channels_last):
+    for x, y in eval_batches(split, s.batch_size, s.channels_last, s.stats):
         with autocast(device, s.precision):
             logp = log_probs(model, x, s.tta)
         loss_sum += nn.functional.nll_loss(logp, y, reduction="sum")

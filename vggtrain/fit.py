@@ -15,7 +15,7 @@ import torch
 from vggtrain import allocator, distributed
 from vggtrain.checkpoint import atomic_write_text, check_weights_fit, load_checkpoint, model_weights
 from vggtrain.config import TrainConfig, dump_config
-from vggtrain.data import Split, load_dataset, split_train_val
+from vggtrain.data import Split, load_dataset, measure_stats, split_train_val
 from vggtrain.distributed import Dist
 from vggtrain.errors import STORAGE_ERRNOS, UserError
 from vggtrain.evaluate import Evaluation, eval_settings, evaluate_split
@@ -118,6 +118,9 @@ def load_data(cfg: TrainConfig, d: Dist) -> tuple[Split, Split, Split, list[str]
         raise UserError(f"config error: model.num_classes is {cfg.model.num_classes} but the data "
                         f"in {cfg.data.root} has {len(class_names)} classes")
     train, val = split_train_val(train_full, cfg.data.val_size, cfg.seed)
+    if cfg.data.mean is None and cfg.data.dataset == "folder":  # its own, from the training split
+        mean, std = measure_stats(train.images)
+        cfg.data.mean, cfg.data.std = list(mean), list(std)  # into config.yaml and every checkpoint
     if steps_per_epoch(len(train), d, cfg.train.batch_size) == 0:
         raise UserError(f"config error: train.batch_size {cfg.train.batch_size} is larger than the "
                         f"{len(train) // d.world} training images of each of {d.world} rank(s)")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 
-from vggtrain.data import normalize
+from vggtrain.data import CIFAR10_STATS, Stats, norm_stats, normalize
 from vggtrain.draw import JET, apply_colormap, font, save_png, text_size, to_pil
 from vggtrain.errors import DataError, UserError
 from vggtrain.inference import LoadedModel
@@ -54,8 +54,9 @@ class CamResult:
 
 
 def grad_cam(model: nn.Module, images: torch.Tensor, layer: nn.Module,
-             classes: torch.Tensor | None = None) -> CamResult:
-    """Grad-CAM for uint8 images (N, 3, 32, 32), for the given classes (default: the predicted).
+             classes: torch.Tensor | None = None, stats: Stats = CIFAR10_STATS) -> CamResult:
+    """Grad-CAM for uint8 images (N, 3, 32, 32), for the given classes (default: the predicted);
+    stats: the normalisation the model was trained with.
 
     Batched: in eval mode the images do not interact, so one backward pass of the summed scores
     gives every image its own gradients.
@@ -69,7 +70,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: nn.Module,
     handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
         with torch.enable_grad():
-            logits = model(normalize(images.to(device))).float()
+            logits = model(normalize(images.to(device), stats=stats)).float()
     finally:
         handle.remove()
     acts = captured[-1]
@@ -163,7 +164,8 @@ def explain_files(loaded: LoadedModel, paths: list[str], out_dir: Path, layer: s
         except DataError as e:
             errors.append(str(e))
             continue
-        res = grad_cam(loaded.model, to_model_size(original)[None], module, target)
+        res = grad_cam(loaded.model, to_model_size(original)[None], module, target,
+                       stats=norm_stats(loaded.cfg.data))
         probs, cls = res.probs[0], int(res.classes[0])
         pred = int(probs.argmax())
         h, w = res.cams.shape[1:]

@@ -2,7 +2,7 @@
 
 An image is decoded to RGB (grey, palette and alpha images too), resized as a whole to the 32x32
 the model was trained on (no crop: CIFAR's objects fill their frame), and normalised exactly as
-training batches are (data.normalize).
+its training batches were (data.normalize with the run's own mean and std).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vggtrain.data import normalize
+from vggtrain.data import CIFAR10_STATS, Stats, norm_stats, normalize
 from vggtrain.errors import DataError, first_line
 from vggtrain.inference import LoadedModel
 from vggtrain.model import IMAGE_SIZE
@@ -60,12 +60,13 @@ def to_model_size(img: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def probabilities(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
-                  batch_size: int = 256) -> torch.Tensor:
-    """uint8 (N, 3, 32, 32) -> float32 class probabilities (N, C) on the CPU."""
+                  batch_size: int = 256, stats: Stats = CIFAR10_STATS) -> torch.Tensor:
+    """uint8 (N, 3, 32, 32) -> float32 class probabilities (N, C) on the CPU; stats: the
+    normalisation the model was trained with."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size].to(device))
+        x = normalize(images[start:start + batch_size].to(device), stats=stats)
         out.append(torch.softmax(model(x).float(), dim=1).cpu())
     return torch.cat(out)
 
@@ -82,7 +83,7 @@ def predict_files(loaded: LoadedModel, paths: Sequence[str], device: torch.devic
             errors.append({"image": p, "error": str(e)})
     results = []
     if images:
-        probs = probabilities(loaded.model, torch.stack(images), device)
+        probs = probabilities(loaded.model, torch.stack(images), device, stats=norm_stats(loaded.cfg.data))
         k = min(topk, probs.shape[1])
         values, indices = probs.topk(k, dim=1)
         for p, vs, ix in zip(ok_paths, values.tolist(), indices.tolist(), strict=True):

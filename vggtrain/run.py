@@ -21,7 +21,7 @@ from vggtrain import distributed
 from vggtrain.averaging import Lookahead
 from vggtrain.checkpoint import load_model_state
 from vggtrain.config import TrainConfig
-from vggtrain.data import normalize
+from vggtrain.data import norm_stats, normalize
 from vggtrain.device import channels_last_for, select_device
 from vggtrain.distributed import Dist
 from vggtrain.errors import CheckpointError, UserError, first_line
@@ -162,7 +162,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
     np.random.seed(cfg.seed % 2**32)
     model = build_model(cfg.model)
     if cfg.model.whiten and whiten_images is not None:  # the first 5,000 suffice, as in airbench
-        init_whitening(model, normalize(whiten_images[:5000].cpu()))
+        init_whitening(model, normalize(whiten_images[:5000].cpu(), stats=norm_stats(cfg.data)))
     if d.enabled and cfg.train.sync_bn:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

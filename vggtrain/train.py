@@ -23,7 +23,7 @@ from tqdm import tqdm
 from vggtrain import distributed
 from vggtrain.averaging import float_tensors
 from vggtrain.checkpoint import save_checkpoint
-from vggtrain.data import Augmentation, Split, alternating_flips, batch_mixer, train_batches
+from vggtrain.data import Augmentation, Split, alternating_flips, batch_mixer, norm_stats, train_batches
 from vggtrain.device import autocast
 from vggtrain.errors import RunStopped
 from vggtrain.evaluate import eval_settings, evaluate_split
@@ -98,7 +98,8 @@ def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignal
     bar.update(p.step)
     run.model.train()
     for x, y in train_batches(train, cfg.train.batch_size, generator, aug, run.channels_last,
-                              start=p.step, rank=d.rank, world=d.world, flips=flips):
+                              start=p.step, rank=d.rank, world=d.world, flips=flips,
+                              stats=norm_stats(cfg.data)):
         if run.position >= run.total_steps:  # a fractional last epoch (train.epochs: 9.9) ends here
             break
         target = y
