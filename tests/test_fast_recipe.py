@@ -276,7 +276,7 @@ def test_whitening_bias_group_takes_its_lr_scale(tmp_path):
         config_from_dict(raw, "t")
 
 
-@pytest.mark.parametrize("name", ["airbench94.yaml", "airbench94_muon.yaml"])
+@pytest.mark.parametrize("name", ["airbench94.yaml", "airbench94_muon.yaml", "airbench94_muon_16ep.yaml"])
 def test_shipped_airbench_configs_build_airbench_s_network(name):
     from vggtrain.config import load_config
 
