@@ -52,6 +52,18 @@ def test_cifar100_errors_are_one_line(cifar100, tmp_path):
         load_cifar100(tmp_path)
 
 
+def test_coarse_labels_never_fall_back_to_the_fine_ones(tmp_path):
+    import pickle
+
+    base = write_synthetic_cifar100(tmp_path, "py", train_size=20, test_size=10)
+    batch = pickle.loads((base / "train").read_bytes())
+    del batch[b"coarse_labels"]
+    (base / "train").write_bytes(pickle.dumps(batch, protocol=2))
+    assert len(load_cifar100(tmp_path)[0]) == 20  # the fine labels are still there
+    with pytest.raises(DataError, match="expected 'coarse_labels'"):
+        load_cifar100(tmp_path, labels="coarse")
+
+
 def test_a_cifar100_run_checks_num_classes_and_evaluates(cifar100, tmp_path, capsys):
     cfg = tiny_config(cifar100 / "py", tmp_path / "runs", train={"epochs": 1})
     cfg["data"].update({"dataset": "cifar100", "labels": "coarse"})

@@ -127,7 +127,9 @@ def _read_py_batch(path: Path, label_key: str = "labels", max_images: int = MAX_
     import numpy as np  # numpy arrives with torchvision; only this layout needs it
 
     d = _unpickle(path, max_images)
-    data, labels = d.get("data"), d.get(label_key, d.get("fine_labels"))
+    # A CIFAR-10 batch's "labels" may be spelt "fine_labels"; CIFAR-100's coarse ones never fall back
+    data = d.get("data")
+    labels = d.get(label_key, d.get("fine_labels")) if label_key == "labels" else d.get(label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != IMAGE_BYTES:
         raise DataError(f"{path}: expected 'data' as a uint8 array of shape (N, {IMAGE_BYTES})")
