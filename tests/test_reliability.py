@@ -322,7 +322,7 @@ def test_a_really_full_disk_mid_run(cifar_bin, tmp_path, capsys):
         run, filler = disk / "tiny", disk / "filler"
 
         def fill_the_disk(r) -> bool:
-            with filler.open("wb") as f, pytest.raises(OSError, match="No space left"):
+            with filler.open("wb", buffering=0) as f, pytest.raises(OSError, match="No space left"):
                 while True:
                     f.write(b"\0" * 65536)
                     f.flush()

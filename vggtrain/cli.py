@@ -111,6 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where to write the results (default: bench/results.json)")
     be.add_argument("--quiet", action="store_true", help="write the JSON only, print nothing")
 
+    ex = sub.add_parser("export", help="the model for ONNX Runtime, torch.export or TorchScript",
+                        description="Export a checkpoint's eval-mode model (its weight EMA where the run "
+                                    "kept one) with the run's normalisation inside: float RGB images "
+                                    "in [0, 1], (N, 3, 32, 32), in; logits out. Written only after it "
+                                    "agrees with the checkpoint on the test set (random images when "
+                                    "the data is not at hand); FILE.json describes it.")
+    ex.add_argument("--ckpt", required=True, metavar="PATH", help=ckpt_help)
+    ex.add_argument("--format", required=True, choices=["onnx", "exported", "torchscript"],
+                    help="onnx (needs vggtrain[export]), exported (a torch.export .pt2), torchscript")
+    ex.add_argument("--out", required=True, metavar="FILE", help="the file to write (and FILE.json)")
+    ex.add_argument("--data-root", metavar="DIR",
+                    help="the test data for the parity check (default: data.root of the stored config)")
+
+    rn = sub.add_parser("runs", help="one row per run directory: progress, accuracy, time, status",
+                        description="List the runs under DIR (and one level of subdirectories, "
+                                    "where sweeps put their trials) from the files they wrote.")
+    rn.add_argument("dir", nargs="?", default="runs", metavar="DIR", help="default: runs")
+    rn.add_argument("--sort", default="name", metavar="COLUMN",
+                    help="name (default), arch, params, epochs, best_val, test_top1, time_s, "
+                         "precision, device or status")
+    rn.add_argument("--reverse", action="store_true", help="largest first")
+    rn.add_argument("--json", action="store_true", help="print the rows as JSON")
+
     inf = sub.add_parser("info", help="versions, devices and the memory allocator in effect",
                          description="What a bug report needs: versions, devices, allocator.")
     inf.add_argument("--json", action="store_true", help="print JSON")
@@ -132,6 +155,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     write_output(args.json, json.dumps(res, indent=2) + "\n")  # after the table: a failed write loses nothing
     if not args.quiet and args.json != "-":
         print(f"\nwrote {args.json}")
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vggtrain.export import export_checkpoint
+
+    side = export_checkpoint(args.ckpt, args.format, args.out, args.data_root)
+    p = side["parity"]
+    speed = f", {p['exported_images_per_s']:,.0f} images/s" if p["exported_images_per_s"] else ""
+    print(f"wrote {args.out} ({args.format}, {side['source']['weights']} weights of epoch "
+          f"{side['source']['epoch']}) and {args.out}.json; parity on {p['images_from']}: max |logit "
+          f"difference| {p['max_abs_logit_diff']:.1e}, top-1 the same on all {p['images']:,}{speed}")
+    return EXIT_OK
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from vggtrain.runs import SORT_KEYS, format_table, list_runs, sort_rows
+
+    if args.sort not in SORT_KEYS:
+        raise UserError(f"usage error: --sort takes one of {', '.join(SORT_KEYS)} (got {args.sort!r})")
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such directory")
+    rows = sort_rows(list_runs(root), args.sort, args.reverse)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows), end="\n" if args.json else "")
     return EXIT_OK
 
 
@@ -319,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         reexec_with_fast_allocator()
     command = {"fit": _cmd_fit, "eval": _cmd_eval, "predict": _cmd_predict, "gradcam": _cmd_gradcam,
-               "summary": _cmd_summary, "bench": _cmd_bench, "info": _cmd_info}[args.command]
+               "summary": _cmd_summary, "bench": _cmd_bench, "info": _cmd_info,
+               "export": _cmd_export, "runs": _cmd_runs}[args.command]
     code = run_reporting_errors("vggtrain", lambda: command(args))
     if argv is None and os.environ.get("WORLD_SIZE", "1") != "1":
         _exit_without_finalizing(code)

@@ -15,6 +15,7 @@ import torch
 from vggtrain import allocator, distributed
 from vggtrain.checkpoint import atomic_write_text, check_weights_fit, load_checkpoint, model_weights
 from vggtrain.config import TrainConfig, dump_config
+from vggtrain.curves import learning_curves
 from vggtrain.data import Split, load_dataset, measure_stats, split_train_val
 from vggtrain.distributed import Dist
 from vggtrain.errors import STORAGE_ERRNOS, UserError
@@ -74,7 +75,9 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
         from vggtrain.report import log_report, report_json, report_pictures, write_report_files  # Pillow
 
         report, evaluation = test_report(run, test)
-        pictures = report_pictures(report, evaluation, test)
+        writer.flush()  # the curves are read back from the event files
+        pictures = learning_curves(rd.path / "tb", f"{cfg.name}: learning curves")
+        pictures.update(report_pictures(report, evaluation, test))
         log_report(writer, report, pictures, run.global_step)
     finally:
         writer.close()

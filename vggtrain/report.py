@@ -350,8 +350,8 @@ def log_report(writer: Any, report: dict[str, Any], pictures: dict[str, torch.Te
         metrics[f"{split}/loss"] = m["loss"]
     for tag, value in metrics.items():
         writer.add_scalar(tag, value, step)
-    for name, img in pictures.items():
-        writer.add_image(f"{split}/{name}", img, step, dataformats="CHW")
+    for name, img in pictures.items():  # the learning curves are the whole run's, not the split's
+        writer.add_image(name if name == "curves" else f"{split}/{name}", img, step, dataformats="CHW")
     if report.get("val_acc") is not None:
         metrics["val/acc"] = report["val_acc"]  # the latest val/acc scalar is what the view shows
     for summary in hparams(_hparams(report["config"]), metrics):

@@ -28,6 +28,7 @@ from vggtrain.device import autocast
 from vggtrain.errors import RunStopped
 from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.run import EpochProgress, Run, steps_per_epoch
+from vggtrain.runs import write_status
 from vggtrain.schedule import rate_at
 from vggtrain.tb import NullWriter
 
@@ -158,10 +159,13 @@ def end_interval(run: Run, writer: Any, stop: StopSignals, *, due: bool, where: 
             if improved:
                 save_checkpoint(run.dir / "best.pt", state)
             save_checkpoint(run.dir / "last.pt", state)
+            write_status(run, "running")
     return signum
 
 
 def stop_run(run: Run, signum: int, where: str) -> None:
+    if run.dist.is_main:
+        write_status(run, "stopped")
     distributed.barrier(run.dist)  # no rank leaves (and gets killed) before rank 0 has saved
     raise RunStopped(f"stopped by {signal.Signals(signum).name} {where}: vggtrain fit --resume {run.dir}",
                      128 + signum)
@@ -300,6 +304,8 @@ class EpochMeter:
 
 
 def diverged(run: Run, what: str) -> RunStopped:
+    if run.dist.is_main and run.dir.is_dir():
+        write_status(run, "diverged")
     last = run.dir / "last.pt"
     kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint yet"
     return RunStopped(f"{what}; {kept} (try a lower optim.lr)", 1)

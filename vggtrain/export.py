@@ -1,0 +1,223 @@
+"""`vggtrain export`: a checkpoint's model for runtimes other than this tool (ONNX Runtime, a
+`torch.export` program, TorchScript), checked against the checkpoint before it is kept.
+
+What is exported is one forward pass of the eval-mode model (the weight EMA's weights where the
+run kept one) with the run's normalisation inside: float RGB images in [0, 1], (N, 3, 32, 32),
+any N, in; logits out. A sidecar JSON beside the file says so, with the class names and the
+source checkpoint's digest. The file and its sidecar are written only after the exported model
+agreed with the checkpoint (the test set when its data is at hand, else random images), each
+atomically: a failed or refused export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vggtrain import __version__
+from vggtrain.checkpoint import atomic_write_text
+from vggtrain.errors import DataError, UserError, first_line
+from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
+
+FORMATS = ("onnx", "exported", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "exported": ".pt2", "torchscript": ".pt"}
+MAX_ABS_LOGIT_DIFF = 1e-4  # fp32 parity: the exported model's logits against the checkpoint's
+RANDOM_IMAGES = 1000  # parity images when the run's test data is not at hand
+ONNX_EXTRA = "ONNX export needs onnx, onnxscript and onnxruntime: pip install 'vggtrain[export]'"
+
+
+class ImagesToLogits(nn.Module):
+    """The deployable model: float images in [0, 1] -> logits, the run's normalisation inside
+    (the same (x - mean) / std that training applied to x / 255)."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean) / self.std)
+
+
+def deployable(loaded: LoadedModel) -> ImagesToLogits:
+    from vggtrain.data import norm_stats
+
+    model = loaded.model.to("cpu", memory_format=torch.contiguous_format).float()
+    return ImagesToLogits(model, *norm_stats(loaded.cfg.data)).eval()
+
+
+def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, data_root: str | None = None,
+                      batch_size: int = 500) -> dict[str, Any]:
+    """Export, check parity, then write `out` and `out`.json. Returns the sidecar's contents."""
+    if fmt not in FORMATS:
+        raise UserError(f"usage error: --format is one of {', '.join(FORMATS)} (got {fmt!r})")
+    if fmt == "onnx":
+        _require_onnx()
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; name the file to write")
+    if fmt == "exported" and out.suffix != ".pt2":  # torch.export.load expects the name to say so
+        raise UserError(f"--out {out}: a torch.export program's file name ends in .pt2")
+    path = resolve_checkpoint(ckpt)
+    loaded = load_model(path, "cpu")
+    net = deployable(loaded)
+    images, source = parity_images(loaded, data_root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=f".tmp{SUFFIXES[fmt]}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _export(net, fmt, tmp)
+        parity = check_parity(net, load_exported(fmt, tmp), images, batch_size)
+        parity["images_from"] = source
+        if not parity["ok"]:
+            raise UserError(f"export refused: the {fmt} model disagrees with {path} on {source} "
+                            f"(max |logit difference| {parity['max_abs_logit_diff']:.2e}, top-1 differs "
+                            f"on {parity['top1_disagree']} images); nothing was written")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give it a normal file's mode
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    sidecar = sidecar_for(loaded, path, fmt, out, parity)
+    atomic_write_text(Path(f"{out}.json"), json.dumps(sidecar, indent=2) + "\n")
+    return sidecar
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise UserError(ONNX_EXTRA) from None
+
+
+def _example() -> torch.Tensor:
+    # batch 2: torch.export specialises a dimension whose example size is 0 or 1
+    return torch.rand(2, 3, 32, 32)
+
+
+def _export(net: ImagesToLogits, fmt: str, path: Path) -> None:
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=1 << 20)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # exporters' progress chatter and deprecation notes
+            if fmt == "exported":
+                program = torch.export.export(net, (_example(),), dynamic_shapes=({0: batch},))
+                torch.export.save(program, path)
+            elif fmt == "torchscript":
+                # Tracing keeps the batch dimension symbolic: the network has no shape-dependent branch.
+                torch.jit.save(torch.jit.trace(net, _example()), path)
+            else:
+                onnx_program = torch.onnx.export(net, (_example(),), dynamo=True, input_names=["images"],
+                                                 output_names=["logits"],
+                                                 dynamic_shapes={"images": {0: batch}}, verbose=False)
+                onnx_program.save(path)
+    except UserError:
+        raise
+    except Exception as e:  # an exporter's limit is the export's failure, not a traceback
+        raise UserError(f"export to {fmt} failed: {type(e).__name__}: {first_line(e)}") from None
+
+
+def load_exported(fmt: str, path: Path) -> Any:
+    """A callable float (N, 3, 32, 32) tensor -> logits tensor, running the exported file the way
+    a user of that format would."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        module = torch.export.load(path).module() if fmt == "exported" else torch.jit.load(path, "cpu")
+    return lambda x: module(x)
+
+
+def parity_images(loaded: LoadedModel, data_root: str | None) -> tuple[torch.Tensor, str]:
+    """uint8 test images of the run's dataset, or random ones when the data is not at hand (with
+    --data-root given, missing data is an error)."""
+    from dataclasses import replace
+
+    from vggtrain.data import load_dataset
+
+    data = replace(loaded.cfg.data, download=False)
+    if data_root is not None:
+        data = replace(data, root=data_root)
+    try:
+        _, test, _ = load_dataset(data)
+    except DataError:
+        if data_root is not None:
+            raise
+        g = torch.Generator().manual_seed(0)
+        return (torch.randint(0, 256, (RANDOM_IMAGES, 3, 32, 32), dtype=torch.uint8, generator=g),
+                f"{RANDOM_IMAGES} random images (no test data at {data.root}; give --data-root)")
+    return test.images, f"the {len(test):,} test images in {data.root}"
+
+
+@torch.no_grad()
+def check_parity(reference: nn.Module, exported: Any, images: torch.Tensor, batch_size: int
+                 ) -> dict[str, Any]:
+    """Both models on the same fp32 images: the largest |logit difference| and how many top-1
+    predictions differ; the exported model's images/s is measured on the way."""
+    worst, disagree, seconds = 0.0, 0, 0.0
+    for chunk in images.split(batch_size):
+        x = chunk.float().div_(255)
+        want = reference(x)
+        t0 = time.perf_counter()
+        got = exported(x)
+        seconds += time.perf_counter() - t0
+        worst = max(worst, (got.float() - want).abs().max().item())
+        disagree += int((got.argmax(1) != want.argmax(1)).sum())
+    return {"images": len(images), "max_abs_logit_diff": worst, "top1_disagree": disagree,
+            "tolerance": MAX_ABS_LOGIT_DIFF, "ok": worst <= MAX_ABS_LOGIT_DIFF and disagree == 0,
+            "exported_images_per_s": round(len(images) / seconds, 1) if seconds else None}
+
+
+def sidecar_for(loaded: LoadedModel, ckpt: Path, fmt: str, out: Path, parity: dict[str, Any]
+                ) -> dict[str, Any]:
+    from vggtrain.data import norm_stats
+
+    mean, std = norm_stats(loaded.cfg.data)
+    return {
+        "file": out.name, "format": fmt, "vggtrain_version": __version__,
+        "torch_version": str(torch.__version__),
+        "input": {"name": "images", "shape": ["N", 3, 32, 32], "dtype": "float32",
+                  "layout": "NCHW, RGB", "range": [0.0, 1.0],
+                  "normalization": "inside the model: (x - mean) / std", "mean": list(mean),
+                  "std": list(std)},
+        "output": {"name": "logits", "shape": ["N", loaded.cfg.model.num_classes],
+                   "meaning": "unnormalised scores; softmax gives probabilities"},
+        "class_names": loaded.class_names,
+        "test_time_augmentation": "none (one forward pass; the run's report used "
+                                  f"{loaded.cfg.train.tta or 'none'})",
+        "source": {"checkpoint": str(ckpt), "sha256": sha256_of(ckpt), "epoch": loaded.epoch,
+                   "weights": loaded.weights, "arch": loaded.cfg.model.arch},
+        "parity": parity,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
