@@ -62,7 +62,7 @@ def test_export_matches_the_checkpoint_at_any_batch_size(fmt, run, cifar_bin, tm
     assert side["source"]["sha256"] == export.sha256_of(run / "best.pt")
     assert side["class_names"] == load_cifar10(cifar_bin)[2]
     assert side["parity"]["ok"] and side["parity"]["images"] == 400
-    assert side["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert side["parity"]["max_abs_logit_diff"] <= 1e-4 and side["parity"]["tolerance"] == 1e-4
 
     # The checkpoint's model on vggtrain's own normalised input, against the file on [0, 1] images.
     loaded = load_model(run / "best.pt")
@@ -140,3 +140,14 @@ def test_bad_outputs_and_checkpoints_are_refused(run, tmp_path, capsys):
                  "--out", str(tmp_path / "m2.pt")]) == 2
     assert "checkpoint error" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bogus.pt"]
+
+
+def test_the_tolerance_is_1e_4_unless_fp32_cannot_resolve_it():
+    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    small = lambda x: torch.full((len(x), 3), 5.0)  # noqa: E731
+    large = lambda x: torch.full((len(x), 3), 12800.0)  # noqa: E731
+    assert export.check_parity(small, lambda x: small(x) + 5e-5, images, 2)["ok"]
+    assert not export.check_parity(small, lambda x: small(x) + 5e-4, images, 2)["ok"]
+    # 12,800 + 0.002 is two fp32 ulps away: rounding, not a different model
+    assert export.check_parity(large, lambda x: large(x) + 0.002, images, 2)["ok"]
+    assert not export.check_parity(large, lambda x: large(x) + 1.0, images, 2)["ok"]

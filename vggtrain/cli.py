@@ -166,7 +166,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     speed = f", {p['exported_images_per_s']:,.0f} images/s" if p["exported_images_per_s"] else ""
     print(f"wrote {args.out} ({args.format}, {side['source']['weights']} weights of epoch "
           f"{side['source']['epoch']}) and {args.out}.json; parity on {p['images_from']}: max |logit "
-          f"difference| {p['max_abs_logit_diff']:.1e}, top-1 the same on all {p['images']:,}{speed}")
+          f"difference| {p['max_abs_logit_diff']:.1e} (tolerance {p['tolerance']:.1e}), top-1 the same on "
+          f"all {p['images']:,}{speed}")
     return EXIT_OK
 
 
