@@ -17,7 +17,7 @@ from vggtrain.config import DEVICE_RE, DEVICE_RULE, RUN_NAME_RE, RUN_NAME_RULE, 
 from vggtrain.errors import STORAGE_ERRNOS, RunStopped, UserError, WriteError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_WRITE = 0, 1, 2, 130, 74
-ALLOCATOR_COMMANDS = {"fit", "eval", "bench", "info"}  # the ones that train or evaluate
+ALLOCATOR_COMMANDS = {"fit", "eval", "bench", "info", "sweep", "seeds"}  # the ones that train or evaluate
 BENCH_PARTS = ("bare", "data", "reference", "fit", "eval", "allocator")
 
 
@@ -134,6 +134,37 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--reverse", action="store_true", help="largest first")
     rn.add_argument("--json", action="store_true", help="print the rows as JSON")
 
+    sw = sub.add_parser("sweep", help="an Optuna study over config keys, each trial a normal fit",
+                        description="Search config values on the validation split with Optuna (needs "
+                                    "vggtrain[sweep]); trials run in <train.out_dir>/<study>/trial-N, the "
+                                    "best trial is tested once at the end. Several processes (or "
+                                    "machines, with --storage) may work on one study.")
+    sw.add_argument("--config", required=True, metavar="PATH_OR_NAME", help="the base config")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a base config value (repeatable)")
+    sw.add_argument("--space", required=True, metavar="YAML",
+                    help="dotted config keys -> {type: float|int|categorical, low, high, log, step, choices}")
+    sw.add_argument("--trials", required=True, type=positive_int, metavar="N",
+                    help="trials in the study, counted over every process working on it")
+    sw.add_argument("--study", required=True, type=_run_name, metavar="NAME", help="the study's name")
+    sw.add_argument("--storage", metavar="URL",
+                    help="an Optuna storage URL, e.g. postgresql://user:pw@host/db (default: "
+                         "sqlite:///<train.out_dir>/<study>/study.db)")
+
+    sd = sub.add_parser("seeds", help="one config over several seeds: median, mean and spread",
+                        description="Run a config with seeds 0..N-1 (each a normal fit in "
+                                    "<train.out_dir>/<name>-seeds/seed-K) and summarise the test "
+                                    "accuracy and times; finished seeds are reused.")
+    sd.add_argument("--config", required=True, metavar="PATH_OR_NAME")
+    sd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value (repeatable)")
+    sd.add_argument("--seeds", required=True, type=positive_int, metavar="N", help="how many seeds")
+    sd.add_argument("--first-seed", type=int, default=0, metavar="K", help="the first seed (0)")
+    sd.add_argument("--target", type=float, metavar="ACC",
+                    help="also record the training time to this test accuracy, e.g. 0.9 (the test "
+                         "set is then measured after every epoch, outside the training time)")
+    sd.add_argument("--json", metavar="OUT", help="also write the summary to OUT ('-': only the JSON)")
+
     inf = sub.add_parser("info", help="versions, devices and the memory allocator in effect",
                          description="What a bug report needs: versions, devices, allocator.")
     inf.add_argument("--json", action="store_true", help="print JSON")
@@ -181,6 +212,28 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         raise UserError(f"{root}: no such directory")
     rows = sort_rows(list_runs(root), args.sort, args.reverse)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows), end="\n" if args.json else "")
+    return EXIT_OK
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from vggtrain.sweep import run_sweep
+
+    run_sweep(args.config, args.overrides, args.space, args.trials, args.study, args.storage)
+    return EXIT_OK
+
+
+def _cmd_seeds(args: argparse.Namespace) -> int:
+    from vggtrain.sweep import format_seeds, run_seeds
+
+    if args.target is not None and not 0 < args.target <= 1:
+        raise UserError(f"usage error: --target is an accuracy in (0, 1], got {args.target}")
+    if args.json:
+        check_output_writable(args.json)
+    summary = run_seeds(args.config, args.overrides, args.seeds, args.first_seed, args.target)
+    if args.json != "-":
+        print(format_seeds(summary), end="")
+    if args.json:
+        write_output(args.json, json.dumps(summary, indent=2) + "\n")
     return EXIT_OK
 
 
@@ -369,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reexec_with_fast_allocator()
     command = {"fit": _cmd_fit, "eval": _cmd_eval, "predict": _cmd_predict, "gradcam": _cmd_gradcam,
                "summary": _cmd_summary, "bench": _cmd_bench, "info": _cmd_info,
-               "export": _cmd_export, "runs": _cmd_runs}[args.command]
+               "export": _cmd_export, "runs": _cmd_runs, "sweep": _cmd_sweep,
+               "seeds": _cmd_seeds}[args.command]
     code = run_reporting_errors("vggtrain", lambda: command(args))
     if argv is None and os.environ.get("WORLD_SIZE", "1") != "1":
         _exit_without_finalizing(code)

@@ -23,23 +23,26 @@ from vggtrain.evaluate import Evaluation, eval_settings, evaluate_split
 from vggtrain.model import count_parameters
 from vggtrain.run import Run, build_run, refuse_finished_run, steps_per_epoch
 from vggtrain.rundir import RunDir, write_error
+from vggtrain.runs import write_status
 from vggtrain.tb import NullWriter, open_summary_writer
 from vggtrain.train import EpochHook, train_epochs
 
 
 def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None,
-        force: bool = False, on_epoch_end: EpochHook | None = None) -> dict | None:
+        force: bool = False, on_epoch_end: EpochHook | None = None, test: bool = True) -> dict | None:
     """Train, checkpoint every epoch, then test the best checkpoint. Returns the report (None on
     ranks other than 0 of a torchrun job).
 
     resume: (path, state) of the checkpoint to continue from, as load_checkpoint read it.
     on_epoch_end: see train.train_epochs.
+    test: False leaves the test set alone (a sweep's trial: selection sees validation only) and
+    returns {best_val_acc, best_epoch, epochs, train_time_s} instead of the report.
     """
     d = distributed.from_env()
     device_spec = distributed.init(d, cfg.train.device)
     try:
         with RunDir(run_dir, resume, force) as rd:  # rank 0 holds its lock for the run's lifetime
-            report = _fit(cfg, rd, d, device_spec, on_epoch_end)
+            report = _fit(cfg, rd, d, device_spec, on_epoch_end, test)
         distributed.barrier(d)  # the other ranks wait for rank 0's report before the group ends
         return report
     except OSError as e:  # a checkpoint, an event file or a report the disk would not take
@@ -50,8 +53,8 @@ def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None
         distributed.shutdown()
 
 
-def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: EpochHook | None
-         ) -> dict | None:
+def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: EpochHook | None,
+         test_at_end: bool = True) -> dict | None:
     rank0_verdict(d, rd.claim)  # before any work: a used directory, a live run, a stale resume
     if rd.resume is not None:  # before the data and the model are loaded and built
         check_weights_fit(cfg.model, rd.resume[1]["model"], rd.resume[0])
@@ -72,6 +75,10 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
         train_epochs(run, train, val, writer, on_epoch_end)
         if not d.is_main:
             return None
+        if not test_at_end:
+            write_status(run, "finished")
+            return {"best_val_acc": run.best_acc, "best_epoch": run.best_epoch, "epochs": run.epoch,
+                    "train_time_s": run.train_time_s}
         from vggtrain.report import log_report, report_json, report_pictures, write_report_files  # Pillow
 
         report, evaluation = test_report(run, test)

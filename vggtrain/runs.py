@@ -92,6 +92,8 @@ def run_row(path: Path, name: str) -> dict[str, Any] | None:
     """The table row of one run directory, or None when it is not one."""
     status = _read_json(path / STATUS_FILE)
     report = _read_json(path / "report.json")
+    if str(_get(report, "schema") or "").startswith("vggtrain.sweep"):
+        report = None  # a study's report: its trials are the runs, one level down
     config = None
     if status is None or report is None:
         config = _read_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
@@ -101,6 +103,8 @@ def run_row(path: Path, name: str) -> dict[str, Any] | None:
     done = _number(_get(status, "epoch")) if status else _number(_get(report, "epochs"))
     planned = _number(_get(status, "epochs")) or _number(_get(config, "train", "epochs"))
     if report is not None and _get(report, "metrics", "top1") is not None:
+        state = "finished"
+    elif _get(status, "state") == "finished":  # a sweep's trial: ended without touching the test set
         state = "finished"
     elif is_locked(path):
         state = "running"

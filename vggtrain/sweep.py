@@ -1,0 +1,373 @@
+"""`vggtrain sweep` (an Optuna study: each trial a normal `fit`) and `vggtrain seeds` (one config
+over several seeds, with median and spread).
+
+Optuna keeps the study: its RDB storage (SQLite by default, any SQLAlchemy URL such as
+PostgreSQL to share one study across machines) is what lets several processes ask for trials
+without duplicates and resume after a kill. Trials are chosen on the validation split only: fit
+runs with test=False and reports validation accuracy to the pruner after every epoch; the test
+set is measured once, for the best trial, when the study is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from vggtrain.checkpoint import atomic_write_text
+from vggtrain.config import TrainConfig, load_config
+from vggtrain.errors import ConfigError, RunStopped, UserError
+
+SWEEP_EXTRA = "vggtrain sweep needs optuna: pip install 'vggtrain[sweep]'"
+SPACE_TYPES = ("float", "int", "categorical")
+FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+
+
+def require_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise UserError(SWEEP_EXTRA) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # vggtrain prints its own lines
+    return optuna
+
+
+# --- the search space -----------------------------------------------------------------------------
+
+def load_space(path: str | Path, base: TrainConfig, config: str, overrides: list[str]) -> dict[str, Any]:
+    """The space file as Optuna distributions, each key checked against the config: every
+    bound and choice must make a config that validates."""
+    import yaml
+
+    optuna = require_optuna()
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--space {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--space {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"--space {path}: expected a mapping of dotted config keys to distributions, "
+                          f"e.g. optim.lr: {{type: float, low: 0.01, high: 0.2, log: true}}")
+    space = {}
+    for key, spec in raw.items():
+        where = f"--space {path}: {key}"
+        if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
+            raise ConfigError(f"{where}: needs type: {' | '.join(SPACE_TYPES)}")
+        kind, extra = spec["type"], set(spec) - {"type"}
+        try:
+            if kind == "categorical":
+                if extra != {"choices"} or not isinstance(spec["choices"], list) or not spec["choices"]:
+                    raise ValueError("a categorical takes choices: [a, b, ...] and nothing else")
+                dist = CategoricalDistribution(spec["choices"])
+                probes = list(spec["choices"])
+            else:
+                if not {"low", "high"} <= extra <= {"low", "high", "log", "step"}:
+                    raise ValueError(f"a {kind} takes low, high and optionally log or step")
+                cls = FloatDistribution if kind == "float" else IntDistribution
+                args = {k: spec[k] for k in ("low", "high", "log", "step") if k in spec}
+                if kind == "int" and not all(isinstance(spec[k], int) for k in ("low", "high")):
+                    raise ValueError("an int's low and high are integers")
+                dist = cls(**args)
+                probes = [dist.low, dist.high]
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+        for value in probes:  # the key exists and its values validate, before any trial runs
+            load_config(config, [*overrides, f"{key}={json.dumps(value)}"])
+        space[str(key)] = dist
+    del optuna
+    return space
+
+
+# --- the sweep ------------------------------------------------------------------------------------
+
+def make_pruner(optuna: Any) -> Any:
+    """Optuna's median rule: a trial whose best validation accuracy so far is below the median of
+    the earlier trials' at the same epoch stops, once 4 trials have finished and from epoch 2."""
+    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+
+
+def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, study_name: str,
+              storage: str | None) -> dict[str, Any] | None:
+    """Run trials until the study holds `trials` of them; returns the study report when the study
+    is complete (None while other processes still run trials)."""
+    optuna = require_optuna()
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise UserError("usage error: vggtrain sweep runs its trials in one process, not under torchrun; "
+                        "start one sweep per GPU instead (CUDA_VISIBLE_DEVICES=K vggtrain sweep ...)")
+    base = load_config(config, overrides)
+    if not base.data.val_size:
+        raise ConfigError("a sweep chooses on the validation split: set data.val_size > 0 "
+                          "(e.g. --set data.val_size=5000)")
+    space = load_space(space_file, base, config, overrides)
+    study_dir = Path(base.train.out_dir) / study_name
+    study_dir.mkdir(parents=True, exist_ok=True)
+    url = storage or f"sqlite:///{study_dir.resolve() / 'study.db'}"
+    for attempt in range(5):
+        try:
+            study = optuna.create_study(study_name=study_name, storage=url, direction="maximize",
+                                        load_if_exists=True, pruner=make_pruner(optuna),
+                                        sampler=optuna.samplers.TPESampler(seed=base.seed))
+            break
+        except Exception as e:  # a storage URL that does not connect: SQLAlchemy's many error types
+            # Two processes creating one new database race to write its schema; the loser
+            # finds it written on the next try.
+            if attempt == 4:
+                raise UserError(f"--storage {url}: cannot open the study ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]})") from None
+            time.sleep(0.5 + attempt)
+    print(f"study {study_name} in {url}: {trials} trials, trial runs in {study_dir}", flush=True)
+    requeue_dead_trials(study, optuna)
+    while counted_trials(study) < trials:
+        trial = study.ask(space)
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        run_trial(study, trial, config, overrides, study_dir, optuna)
+    return study_report(study, study_dir, base, optuna)
+
+
+def counted_trials(study: Any) -> int:
+    """Trials toward --trials: all of them but those closed only to be run again, and those queued
+    (the next ask takes them)."""
+    requeued = {k for k in study.user_attrs if k.startswith("requeued.")}
+    return sum(f"requeued.{t.number}" not in requeued and t.state.name != "WAITING"
+               for t in study.get_trials(deepcopy=False))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+def requeue_dead_trials(study: Any, optuna: Any) -> None:
+    """A trial still RUNNING whose process on this machine is gone was killed (Ctrl-C, SIGKILL):
+    it is closed as failed and its parameters queued again with its directory, so the next ask
+    continues it from its last.pt. Trials of other machines are theirs to requeue (only the
+    machine that ran a process can tell it is gone). Two processes racing for one trial: Optuna
+    lets only one tell succeed."""
+    running = optuna.trial.TrialState.RUNNING
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(running,)):
+        attrs = t.user_attrs
+        if attrs.get("host") != host or not isinstance(attrs.get("pid"), int) or _alive(attrs["pid"]):
+            continue
+        try:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - another process closed it first, and requeues it
+            continue
+        study.set_user_attr(f"requeued.{t.number}", True)
+        run_dir = attrs.get("run_dir")
+        study.enqueue_trial(t.params, user_attrs={"resume_from": run_dir} if run_dir else None)
+        print(f"trial {t.number} was cut short: queued again"
+              + (f", to resume from {run_dir}/last.pt" if run_dir else ""), flush=True)
+
+
+def run_trial(study: Any, trial: Any, config: str, overrides: list[str], study_dir: Path, optuna: Any
+              ) -> None:
+    """One trial: a normal fit in <study_dir>/trial-<n>, validation accuracy reported after every
+    epoch, pruned when the pruner says so; its result told to the study."""
+    from vggtrain.checkpoint import load_checkpoint
+    from vggtrain.fit import fit
+
+    t0 = time.perf_counter()
+    name = f"trial-{trial.number}"
+    run_dir = study_dir / name
+    params = dict(trial.params)
+    cfg = load_config(config, [*overrides, *(f"{k}={json.dumps(v)}" for k, v in params.items()),
+                               f"name={name}", f"train.out_dir={json.dumps(str(study_dir))}"])
+    resume = None
+    earlier = trial.user_attrs.get("resume_from")
+    if earlier and (Path(earlier) / "last.pt").is_file() and not run_dir.exists():
+        os.replace(earlier, run_dir)  # the killed trial's directory becomes this one's
+        resume = (run_dir / "last.pt", load_checkpoint(run_dir / "last.pt"))
+    trial.set_user_attr("run_dir", str(run_dir))
+    pruned = False
+
+    def report_epoch(run: Any) -> bool:
+        nonlocal pruned
+        trial.report(run.best_acc, step=run.epoch)  # the best validation accuracy so far
+        pruned = trial.should_prune()
+        return pruned
+
+    shown = _params_text(params)
+    print(f"trial {trial.number}: {shown}{' (resumed)' if resume else ''}", flush=True)
+    fit_s = 0.0
+    try:
+        t_fit = time.perf_counter()
+        try:
+            result = fit(cfg, run_dir, resume=resume, force=resume is None, on_epoch_end=report_epoch,
+                         test=False)
+        finally:
+            fit_s = time.perf_counter() - t_fit
+    except RunStopped as e:
+        if e.exit_code == 1:  # diverged: a result of these parameters, not of the sweep
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            print(f"trial {trial.number}: failed ({e})", flush=True)
+            return
+        raise  # Ctrl-C / SIGTERM: the trial stays running in the study, resumable
+    assert result is not None
+    trial.set_user_attr("epochs", result["epochs"])
+    trial.set_user_attr("train_time_s", result["train_time_s"])
+    trial.set_user_attr("fit_s", round(fit_s, 2))
+    if pruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        study.tell(trial, result["best_val_acc"])
+    trial_s = time.perf_counter() - t0
+    study.set_user_attr(f"overhead_s.{trial.number}", round(trial_s - fit_s, 3))
+    print(f"trial {trial.number}: {'pruned' if pruned else 'complete'} after {result['epochs']} epochs, "
+          f"best val {result['best_val_acc']:.2%} ({trial_s - fit_s:.2f} s outside fit)", flush=True)
+
+
+def study_report(study: Any, study_dir: Path, base: TrainConfig, optuna: Any) -> dict[str, Any] | None:
+    """Once no trial runs any more: the best trial measured on the test set (the only time the
+    test set is touched), and the study's facts; written to <study_dir>/report.{json,md}."""
+    from vggtrain.evaluate import evaluate_checkpoint
+
+    requeued = {k for k in study.user_attrs if k.startswith("requeued.")}
+    all_trials = [t for t in study.get_trials(deepcopy=False) if f"requeued.{t.number}" not in requeued]
+    if any(t.state.name in ("RUNNING", "WAITING") for t in all_trials):
+        print("other processes are still running trials: the last to finish writes the study's report")
+        return None
+    done = [t for t in all_trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        raise UserError(f"study {study.study_name}: no trial completed, so there is no best trial")
+    best = study.best_trial
+    run_dir = Path(best.user_attrs["run_dir"])
+    test = evaluate_checkpoint(run_dir / "best.pt", "test")["metrics"]
+    planned = base.train.epochs
+    epochs_run = sum(t.user_attrs.get("epochs", 0) for t in all_trials)
+    overheads = [v for k, v in study.user_attrs.items() if k.startswith("overhead_s.")]
+    report = {
+        "schema": "vggtrain.sweep/1", "study": study.study_name, "direction": "maximize val accuracy",
+        "trials": {s: sum(t.state.name == s for t in all_trials) for s in FINISHED},
+        "best_trial": {"number": best.number, "params": best.params, "val_acc": best.value,
+                       "run_dir": str(run_dir), "test_top1": test["top1"], "test_loss": test["loss"]},
+        "epochs_run": epochs_run, "epochs_without_pruning": len(all_trials) * planned,
+        "pruning_saved": 1 - epochs_run / (len(all_trials) * planned) if all_trials else 0.0,
+        "train_time_s": sum(t.user_attrs.get("train_time_s", 0.0) for t in all_trials),
+        "overhead_s_per_trial_max": max(overheads, default=None),
+        "rows": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                  "epochs": t.user_attrs.get("epochs")} for t in all_trials],
+    }
+    atomic_write_text(study_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(study_dir / "report.md", format_study(report))
+    print(f"best trial {best.number}: val {best.value:.2%}, test {test['top1']:.2%} (measured once, "
+          f"now); {epochs_run:g} of {len(all_trials) * planned:g} trial-epochs run "
+          f"({report['pruning_saved']:.0%} saved by pruning); report in {study_dir / 'report.md'}")
+    return report
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def format_study(r: dict[str, Any]) -> str:
+    b = r["best_trial"]
+    lines = [f"# Study {r['study']}", "",
+             f"Best trial {b['number']}: validation accuracy {b['val_acc']:.2%}; its best.pt on the test "
+             f"set: **{b['test_top1']:.2%}** (the only test measurement of the study).", "",
+             "| | |", "|---|---|",
+             *(f"| {k} | {v} |" for k, v in b["params"].items()),
+             f"| trials | {', '.join(f'{n} {s.lower()}' for s, n in r['trials'].items())} |",
+             f"| trial-epochs | {r['epochs_run']:g} run of {r['epochs_without_pruning']:g} without pruning "
+             f"({r['pruning_saved']:.0%} saved) |",
+             "", "| trial | state | val acc | epochs | params |", "|--:|---|--:|--:|---|"]
+    for row in r["rows"]:
+        val = "-" if row["value"] is None else f"{row['value']:.2%}"
+        lines.append(f"| {row['number']} | {row['state'].lower()} | {val} | {row['epochs'] or '-'} | "
+                     f"{_params_text(row['params'])} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- seeds ----------------------------------------------------------------------------------------
+
+def run_seeds(config: str, overrides: list[str], seeds: int, first_seed: int = 0,
+              target: float | None = None) -> dict[str, Any]:
+    """The config over seeds first_seed .. first_seed + seeds - 1, each a normal fit in
+    <out_dir>/<name>-seeds/seed-<k>; finished seeds are kept (a rerun completes the set).
+
+    target: also measure the test accuracy after every epoch (a probe outside the training time,
+    choosing nothing) and record the training time at which it first reached target."""
+    from vggtrain.data import load_dataset
+    from vggtrain.fit import fit
+
+    base = load_config(config, overrides)
+    out = Path(base.train.out_dir) / f"{base.name}-seeds"
+    test = load_dataset(base.data)[1] if target is not None else None
+    rows = []
+    for seed in range(first_seed, first_seed + seeds):
+        run_dir = out / f"seed-{seed}"
+        report_file, reached_file = run_dir / "report.json", run_dir / "time_to_target.json"
+        if not report_file.is_file():
+            cfg = load_config(config, [*overrides, f"seed={seed}", f"name=seed-{seed}",
+                                       f"train.out_dir={json.dumps(str(out))}"])
+            reached: dict[str, Any] = {"target": target, "train_time_s": None, "epoch": None}
+            probe = _target_probe(test, target, reached) if test is not None else None
+            fit(cfg, run_dir, force=True, on_epoch_end=probe)
+            if target is not None:
+                atomic_write_text(reached_file, json.dumps(reached) + "\n")
+        r = json.loads(report_file.read_text())
+        ttt = json.loads(reached_file.read_text()) if reached_file.is_file() else {}
+        rows.append({"seed": seed, "test_top1": r["metrics"]["top1"], "val_acc": r.get("val_acc"),
+                     "train_time_s": r.get("train_time_s"),
+                     "time_to_target_s": ttt.get("train_time_s") if ttt.get("target") == target else None,
+                     "run_dir": str(run_dir)})
+    summary = {"schema": "vggtrain.seeds/1", "config": config, "overrides": overrides, "target": target,
+               "runs": rows, "test_top1": describe([r["test_top1"] for r in rows]),
+               "train_time_s": describe([r["train_time_s"] for r in rows if r["train_time_s"] is not None]),
+               "time_to_target_s": describe([r["time_to_target_s"] for r in rows
+                                             if r["time_to_target_s"] is not None])}
+    atomic_write_text(out / "seeds.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _target_probe(test: Any, target: float, reached: dict[str, Any]) -> Any:
+    """An epoch hook: the first epoch (and training time) at which the test accuracy reached
+    target, measured with the run's evaluation settings and weights (the EMA's where kept)."""
+    from vggtrain.evaluate import eval_settings, evaluate_split
+
+    def probe(run: Any) -> bool:
+        if reached["epoch"] is None:
+            model = run.ema.module if run.ema is not None else run.model
+            ev = evaluate_split(model, test.to(run.device), eval_settings(run.cfg, run.device))
+            if ev.top1 >= target:
+                reached.update(train_time_s=run.train_time_s, epoch=run.epoch)
+        return False
+
+    return probe
+
+
+def describe(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"n": 0, "median": None, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": len(values), "median": statistics.median(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values),
+            "max": max(values)}
+
+
+def format_seeds(s: dict[str, Any]) -> str:
+    def row(name: str, d: dict, fmt: str) -> str:
+        cells = [format(d[k], fmt) if d[k] is not None and not math.isnan(d[k]) else "-"
+                 for k in ("median", "mean", "std", "min", "max")]
+        return f"| {name} | {d['n']} | " + " | ".join(cells) + " |"
+
+    acc = {k: (v * 100 if isinstance(v, float) else v) for k, v in s["test_top1"].items()}
+    lines = ["| | runs | median | mean | std | min | max |", "|---|--:|--:|--:|--:|--:|--:|",
+             row("test top-1 (%)", acc, ".2f"), row("training time (s)", s["train_time_s"], ".1f"),
+             *([row(f"time to {s['target']:.2%} (s)", s["time_to_target_s"], ".1f")] if s["target"] else []),
+             "",
+             "seeds: " + ", ".join(f"{r['seed']}: {r['test_top1']:.2%}" for r in s["runs"])]
+    return "\n".join(lines) + "\n"
