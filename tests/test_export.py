@@ -7,6 +7,7 @@ import builtins
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,12 @@ def run(cifar_bin, tmp_path_factory) -> Path:
     """A tiny run with the parts an exporter could trip on: the 2x2 whitening layer, pooled BN,
     GELU, a logit scale, and a weight EMA (what must be exported)."""
     tmp = tmp_path_factory.mktemp("export")
+    data = tmp / "data"  # its own copy: a test moves it away for a while
+    shutil.copytree(cifar_bin, data)
     model = {"arch": "custom", "layers": [8, "M", 16, "M", 16, "M"], "global_pool": "max",
              "whiten": "2x2", "block_order": "conv_pool_bn_act", "activation": "gelu",
              "logit_scale": 0.5}
-    cfg = write_yaml(tmp / "tiny.yaml", tiny_config(cifar_bin, tmp / "runs", model=model,
+    cfg = write_yaml(tmp / "tiny.yaml", tiny_config(data, tmp / "runs", model=model,
                                                     optim={"ema_decay": 0.9}))
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["fit", "--config", str(cfg)]) == 0

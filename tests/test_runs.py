@@ -102,7 +102,11 @@ def test_half_written_and_foreign_directories(runs, tmp_path, capsys):
     rows = _rows(work)
     assert set(rows) == {"torn", "odd"}
     assert rows["torn"]["status"] == "stopped" and rows["torn"]["test_top1"] is None
-    assert rows["odd"]["epochs"] == [None, None] and rows["odd"]["arch"] == 7
+    assert rows["odd"]["epochs"] == [None, None] and rows["odd"]["arch"] == "7"
+    (work / "odd" / "status.json").write_text('{"params": Infinity, "epoch": NaN, "arch": ["x"]}')
+    assert _rows(work)["odd"]["params"] is None and _rows(work)["odd"]["epochs"][0] is None
+    for key in ("arch", "params", "epochs", "name"):  # sorts whatever the values are
+        assert main(["runs", str(work), "--sort", key]) == 0
     assert main(["runs", str(work)]) == 0  # and the table prints whatever the values are
     out = capsys.readouterr().out
     assert "torn" in out and "odd" in out

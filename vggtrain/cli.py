@@ -229,7 +229,12 @@ def _cmd_seeds(args: argparse.Namespace) -> int:
         raise UserError(f"usage error: --target is an accuracy in (0, 1], got {args.target}")
     if args.json:
         check_output_writable(args.json)
-    summary = run_seeds(args.config, args.overrides, args.seeds, args.first_seed, args.target)
+    import contextlib
+
+    # With --json -, stdout is the JSON's alone: the runs' progress goes to stderr.
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json == "-" else contextlib.nullcontext()
+    with quiet:
+        summary = run_seeds(args.config, args.overrides, args.seeds, args.first_seed, args.target)
     if args.json != "-":
         print(format_seeds(summary), end="")
     if args.json:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -25,7 +26,7 @@ from torch import nn
 
 from vggtrain import __version__
 from vggtrain.checkpoint import atomic_write_text
-from vggtrain.errors import DataError, UserError, first_line
+from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
 
 FORMATS = ("onnx", "exported", "torchscript")
@@ -75,6 +76,16 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, data_root: st
     loaded = load_model(path, "cpu")
     net = deployable(loaded)
     images, source = parity_images(loaded, data_root)
+    try:
+        return _export_checked(loaded, path, net, fmt, out, images, source, batch_size)
+    except OSError as e:  # the output directory or the disk refused a write
+        if e.errno in STORAGE_ERRNOS:
+            raise WriteError.of(e, out) from None
+        raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+
+
+def _export_checked(loaded: LoadedModel, path: Path, net: ImagesToLogits, fmt: str, out: Path,
+                    images: torch.Tensor, source: str, batch_size: int) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=f".tmp{SUFFIXES[fmt]}")
     os.close(fd)
@@ -92,7 +103,11 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, data_root: st
     finally:
         tmp.unlink(missing_ok=True)
     sidecar = sidecar_for(loaded, path, fmt, out, parity)
-    atomic_write_text(Path(f"{out}.json"), json.dumps(sidecar, indent=2) + "\n")
+    try:
+        atomic_write_text(Path(f"{out}.json"), json.dumps(sidecar, indent=2) + "\n")
+    except OSError:
+        out.unlink(missing_ok=True)  # a model without its description is not an export
+        raise
     return sidecar
 
 
@@ -136,6 +151,10 @@ def _export(net: ImagesToLogits, fmt: str, path: Path) -> None:
                 onnx_program.save(path)
     except UserError:
         raise
+    except OSError as e:
+        if e.errno in STORAGE_ERRNOS:
+            raise
+        raise UserError(f"export to {fmt} failed: {e.strerror or e}") from None
     except Exception as e:  # an exporter's limit is the export's failure, not a traceback
         raise UserError(f"export to {fmt} failed: {type(e).__name__}: {first_line(e)}") from None
 
@@ -187,7 +206,8 @@ def check_parity(reference: nn.Module, exported: Any, images: torch.Tensor, batc
         t0 = time.perf_counter()
         got = exported(x)
         seconds += time.perf_counter() - t0
-        worst = max(worst, (got.float() - want).abs().max().item())
+        diff = (got.float() - want).abs().max().item()
+        worst = max(worst, diff if math.isfinite(diff) else math.inf)  # NaN would slip through max()
         largest = max(largest, want.abs().max().item())
         disagree += int((got.argmax(1) != want.argmax(1)).sum())
     tolerance = max(MAX_ABS_LOGIT_DIFF, ULPS * torch.finfo(torch.float32).eps * largest)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
@@ -133,7 +134,14 @@ def lock_run_dir(run_dir: Path, held: ExitStack) -> bool:
     except OSError as e:
         raise UserError(f"run directory {run_dir}: cannot read it ({e.strerror or e})") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for wait in (0.05, 0.2, 0):  # `vggtrain runs` probes the lock for an instant: outwait it
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not wait:
+                    raise
+                time.sleep(wait)
     except BlockingIOError:
         os.close(fd)
         raise UserError(f"run directory {run_dir} is in use by another vggtrain process; wait for "

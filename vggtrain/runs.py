@@ -6,6 +6,7 @@ run is passed over; a run whose files are half-written or foreign shows what cou
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -85,7 +86,13 @@ def _get(d: dict[str, Any] | None, *keys: str) -> Any:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _text(value: Any) -> str | None:
+    """A string column's value: what a run wrote, as text (a foreign file may hold anything)."""
+    return None if value is None else str(value)[:40]
 
 
 def run_row(path: Path, name: str) -> dict[str, Any] | None:
@@ -114,15 +121,15 @@ def run_row(path: Path, name: str) -> dict[str, Any] | None:
         state = "stopped"  # by a signal, or killed (its status still said running)
     return {
         "name": name, "path": str(path),
-        "arch": _get(status, "arch") or _get(config, "model", "arch"),
+        "arch": _text(_get(status, "arch") or _get(config, "model", "arch")),
         "params": _number(_get(status, "params")) or _number(_get(report, "parameters")),
         "epochs": [done, planned],
         "best_val": _number(_get(status, "best_val_acc")) if status else _number(_get(report, "val_acc")),
         "test_top1": _number(_get(report, "metrics", "top1")),
         "time_s": _number(_get(report, "train_time_s")) or _number(_get(status, "train_time_s")),
-        "precision": _get(status, "precision") or _get(report, "precision")
-        or _get(config, "train", "precision"),
-        "device": _get(report, "device") or _get(status, "device") or _get(config, "train", "device"),
+        "precision": _text(_get(status, "precision") or _get(report, "precision")
+                           or _get(config, "train", "precision")),
+        "device": _text(_get(report, "device") or _get(status, "device") or _get(config, "train", "device")),
         "status": state,
     }
 

@@ -62,6 +62,12 @@ def load_space(path: str | Path, base: TrainConfig, config: str, overrides: list
         if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
             raise ConfigError(f"{where}: needs type: {' | '.join(SPACE_TYPES)}")
         kind, extra = spec["type"], set(spec) - {"type"}
+        for bound in ("low", "high", "step"):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            if isinstance(spec.get(bound), str):
+                try:
+                    spec[bound] = float(spec[bound])
+                except ValueError:
+                    raise ConfigError(f"{where}: {bound} is not a number ({spec[bound]!r})") from None
         try:
             if kind == "categorical":
                 if extra != {"choices"} or not isinstance(spec["choices"], list) or not spec["choices"]:
@@ -91,7 +97,7 @@ def load_space(path: str | Path, base: TrainConfig, config: str, overrides: list
 def make_pruner(optuna: Any) -> Any:
     """Optuna's median rule: a trial whose best validation accuracy so far is below the median of
     the earlier trials' at the same epoch stops, once 4 trials have finished and from epoch 2."""
-    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2)
 
 
 def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, study_name: str,
@@ -107,30 +113,45 @@ def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, s
         raise ConfigError("a sweep chooses on the validation split: set data.val_size > 0 "
                           "(e.g. --set data.val_size=5000)")
     space = load_space(space_file, base, config, overrides)
-    study_dir = Path(base.train.out_dir) / study_name
-    study_dir.mkdir(parents=True, exist_ok=True)
-    url = storage or f"sqlite:///{study_dir.resolve() / 'study.db'}"
+    study_dir = (Path(base.train.out_dir) / study_name).resolve()  # stored per trial: any cwd finds it
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{study_dir}: cannot create it ({e.strerror or e})") from None
+    url = storage or f"sqlite:///{study_dir / 'study.db'}"
+    shown_url = _without_password(url)
     for attempt in range(5):
         try:
             study = optuna.create_study(study_name=study_name, storage=url, direction="maximize",
                                         load_if_exists=True, pruner=make_pruner(optuna),
-                                        sampler=optuna.samplers.TPESampler(seed=base.seed))
+                                        # unseeded: processes sharing a study must not draw alike
+                                        sampler=optuna.samplers.TPESampler())
             break
         except Exception as e:  # a storage URL that does not connect: SQLAlchemy's many error types
             # Two processes creating one new database race to write its schema; the loser
             # finds it written on the next try.
             if attempt == 4:
-                raise UserError(f"--storage {url}: cannot open the study ({type(e).__name__}: "
+                raise UserError(f"--storage {shown_url}: cannot open the study ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200]})") from None
             time.sleep(0.5 + attempt)
-    print(f"study {study_name} in {url}: {trials} trials, trial runs in {study_dir}", flush=True)
+    print(f"study {study_name} in {shown_url}: {trials} trials, trial runs in {study_dir}", flush=True)
     requeue_dead_trials(study, optuna)
-    while counted_trials(study) < trials:
+    waiting = optuna.trial.TrialState.WAITING
+    while counted_trials(study) < trials or study.get_trials(deepcopy=False, states=(waiting,)):
         trial = study.ask(space)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         run_trial(study, trial, config, overrides, study_dir, optuna)
     return study_report(study, study_dir, base, optuna)
+
+
+def _without_password(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url  # Optuna's RDB storage is SQLAlchemy
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: Optuna will say so
+        return url
 
 
 def counted_trials(study: Any) -> int:
@@ -163,11 +184,11 @@ def requeue_dead_trials(study: Any, optuna: Any) -> None:
         attrs = t.user_attrs
         if attrs.get("host") != host or not isinstance(attrs.get("pid"), int) or _alive(attrs["pid"]):
             continue
+        study.set_user_attr(f"requeued.{t.number}", True)  # first: a counter never sees it as a result
         try:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         except Exception:  # noqa: BLE001 - another process closed it first, and requeues it
             continue
-        study.set_user_attr(f"requeued.{t.number}", True)
         run_dir = attrs.get("run_dir")
         study.enqueue_trial(t.params, user_attrs={"resume_from": run_dir} if run_dir else None)
         print(f"trial {t.number} was cut short: queued again"
@@ -185,8 +206,13 @@ def run_trial(study: Any, trial: Any, config: str, overrides: list[str], study_d
     name = f"trial-{trial.number}"
     run_dir = study_dir / name
     params = dict(trial.params)
-    cfg = load_config(config, [*overrides, *(f"{k}={json.dumps(v)}" for k, v in params.items()),
-                               f"name={name}", f"train.out_dir={json.dumps(str(study_dir))}"])
+    try:
+        cfg = load_config(config, [*overrides, *(f"{k}={json.dumps(v)}" for k, v in params.items()),
+                                   f"name={name}", f"train.out_dir={json.dumps(str(study_dir))}"])
+    except UserError as e:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        print(f"trial {trial.number}: failed ({e})", flush=True)
+        return
     resume = None
     earlier = trial.user_attrs.get("resume_from")
     if earlier and (Path(earlier) / "last.pt").is_file() and not run_dir.exists():
@@ -198,7 +224,7 @@ def run_trial(study: Any, trial: Any, config: str, overrides: list[str], study_d
     def report_epoch(run: Any) -> bool:
         nonlocal pruned
         trial.report(run.best_acc, step=run.epoch)  # the best validation accuracy so far
-        pruned = trial.should_prune()
+        pruned = run.epoch < math.ceil(cfg.train.epochs) and trial.should_prune()  # a finished one is not
         return pruned
 
     shown = _params_text(params)
@@ -217,6 +243,15 @@ def run_trial(study: Any, trial: Any, config: str, overrides: list[str], study_d
             print(f"trial {trial.number}: failed ({e})", flush=True)
             return
         raise  # Ctrl-C / SIGTERM: the trial stays running in the study, resumable
+    except UserError as e:  # e.g. two values each valid alone but not together: the next trial
+        if e.exit_code == 74:  # a full disk is the machine's, not the parameters'
+            raise
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        print(f"trial {trial.number}: failed ({e})", flush=True)
+        return
+    except Exception:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)  # recorded; not retried forever
+        raise
     assert result is not None
     trial.set_user_attr("epochs", result["epochs"])
     trial.set_user_attr("train_time_s", result["train_time_s"])
@@ -303,7 +338,10 @@ def run_seeds(config: str, overrides: list[str], seeds: int, first_seed: int = 0
     choosing nothing) and record the training time at which it first reached target."""
     from vggtrain.data import load_dataset
     from vggtrain.fit import fit
+    from vggtrain.report import config_digest
 
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise UserError("usage error: vggtrain seeds runs in one process, not under torchrun")
     base = load_config(config, overrides)
     out = Path(base.train.out_dir) / f"{base.name}-seeds"
     test = load_dataset(base.data)[1] if target is not None else None
@@ -311,9 +349,14 @@ def run_seeds(config: str, overrides: list[str], seeds: int, first_seed: int = 0
     for seed in range(first_seed, first_seed + seeds):
         run_dir = out / f"seed-{seed}"
         report_file, reached_file = run_dir / "report.json", run_dir / "time_to_target.json"
-        if not report_file.is_file():
-            cfg = load_config(config, [*overrides, f"seed={seed}", f"name=seed-{seed}",
-                                       f"train.out_dir={json.dumps(str(out))}"])
+        cfg = load_config(config, [*overrides, f"seed={seed}", f"name=seed-{seed}",
+                                   f"train.out_dir={json.dumps(str(out))}"])
+        if report_file.is_file():  # reused only if it ran this very config
+            kept = json.loads(report_file.read_text())
+            if kept.get("config_digest") != config_digest(cfg):
+                raise UserError(f"{run_dir} was trained with another config; move it away (or pick "
+                                f"another name) to run these seeds")
+        else:
             reached: dict[str, Any] = {"target": target, "train_time_s": None, "epoch": None}
             probe = _target_probe(test, target, reached) if test is not None else None
             fit(cfg, run_dir, force=True, on_epoch_end=probe)
