@@ -133,3 +133,17 @@ def serve_as_download(dataset: type, base: Path, tmp_path: Path, monkeypatch) ->
     finally:
         server.shutdown()
         server.server_close()
+
+
+def block_import(monkeypatch, package: str) -> None:
+    """Make `import package` (and its submodules) fail, as on a machine without that extra."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def guarded(name, *args, **kwargs):
+        if name.split(".")[0] == package:
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", guarded)

@@ -3,7 +3,6 @@ point per epoch across a resume, and a run without matplotlib still ends with it
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import io
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import tiny_config, write_yaml
+from conftest import block_import, tiny_config, write_yaml
 from vggtrain.cli import main
 from vggtrain.curves import PLOTS_EXTRA, curves_image, epoch_curves
 
@@ -57,14 +56,7 @@ def test_the_picture_draws_what_it_is_given():
 
 
 def test_without_matplotlib_the_report_is_whole(cifar_bin, tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.split(".")[0] == "matplotlib":
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    block_import(monkeypatch, "matplotlib")
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs", train={"epochs": 1}))
     printed = _fit("--config", str(cfg))
     assert f"note: {PLOTS_EXTRA}" in printed

@@ -3,7 +3,6 @@ checkpoint, takes any batch size and [0, 1] images; a failed or refused export l
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import io
 import json
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config, write_yaml
+from conftest import block_import, tiny_config, write_yaml
 from vggtrain import export
 from vggtrain.cli import main
 from vggtrain.data import load_cifar10, normalize
@@ -118,14 +117,7 @@ def test_without_the_data_parity_uses_random_images(run, tmp_path, monkeypatch, 
 
 
 def test_onnx_without_the_extra_is_one_line(run, tmp_path, monkeypatch, capsys):
-    real_import = builtins.__import__
-
-    def no_onnxruntime(name, *args, **kwargs):
-        if name.split(".")[0] == "onnxruntime":
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    block_import(monkeypatch, "onnxruntime")
     assert main(["export", "--ckpt", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"vggtrain: {export.ONNX_EXTRA}"

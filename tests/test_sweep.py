@@ -3,7 +3,6 @@ validation split only, shared by processes, resumable, and seeds summarised with
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import io
 import json
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 import vggtrain.evaluate as evaluate_module
-from conftest import tiny_config, wait_for_line, write_yaml
+from conftest import block_import, tiny_config, wait_for_line, write_yaml
 from vggtrain import sweep
 from vggtrain.cli import main
 from vggtrain.evaluate import evaluate_checkpoint
@@ -114,14 +113,7 @@ def test_a_sweep_needs_a_validation_split_and_optuna(cifar_bin, tmp_path, monkey
     args = ["sweep", "--config", str(cfg), "--space", str(space), "--trials", "2", "--study", "s"]
     assert main([*args, "--set", "data.val_size=0"]) == 2
     assert "validation split" in capsys.readouterr().err
-    real_import = builtins.__import__
-
-    def no_optuna(name, *a, **kw):
-        if name.split(".")[0] == "optuna":
-            raise ImportError(name)
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", no_optuna)
+    block_import(monkeypatch, "optuna")
     assert main(args) == 2
     assert capsys.readouterr().err.strip() == f"vggtrain: {sweep.SWEEP_EXTRA}"
 
