@@ -18,6 +18,7 @@ from vggtrain.errors import CheckpointError, first_line
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+NEW_FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file: mkstemp's 0600 is set to this
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -28,7 +29,7 @@ def atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give it a normal file's mode
+        os.chmod(tmp, NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

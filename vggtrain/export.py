@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from vggtrain import __version__
-from vggtrain.checkpoint import atomic_write_text
+from vggtrain.checkpoint import NEW_FILE_MODE, atomic_write_text
 from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
 
@@ -98,7 +98,7 @@ def _export_checked(loaded: LoadedModel, path: Path, net: ImagesToLogits, fmt: s
             raise UserError(f"export refused: the {fmt} model disagrees with {path} on {source} "
                             f"(max |logit difference| {parity['max_abs_logit_diff']:.2e}, top-1 differs "
                             f"on {parity['top1_disagree']} images); nothing was written")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give it a normal file's mode
+        os.chmod(tmp, NEW_FILE_MODE)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -109,12 +109,6 @@ def _export_checked(loaded: LoadedModel, path: Path, net: ImagesToLogits, fmt: s
         out.unlink(missing_ok=True)  # a model without its description is not an export
         raise
     return sidecar
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _require_onnx() -> None:
