@@ -327,3 +327,31 @@ def test_time_to_accuracy_stopped_keeps_the_curve_it_measured(cifar_bin, tmp_pat
     result = json.loads(out.read_text())
     assert result["stopped"].startswith("stopped by SIGINT") and result["curve"][0]["epoch"] == 1
     assert result["final_test_acc"] is None and result["epochs"] < 50
+
+
+def test_tta_views_script_scores_view_sets_as_eval_does(cifar_bin, tmp_path):
+    cfg = write_yaml(tmp_path / "t.yaml", tiny_config(cifar_bin, tmp_path / "runs", train={"epochs": 2}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    script = [sys.executable, str(ROOT / "scripts" / "tta_views.py")]
+    out = tmp_path / "views.json"
+    proc = subprocess.run([*script, str(run), "--json", str(out)], text=True, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["views"]: r for r in json.loads(out.read_text())["rows"]}
+    assert [rows[k]["count"] for k in ("none", "flip", "multicrop", "all 5x5 positions")] == [1, 2, 6, 50]
+    # Its views and weights are eval's: the same accuracy as `eval --tta ...` on the same split.
+    for mode in ("none", "flip", "multicrop"):
+        ev_json = tmp_path / f"eval-{mode}.json"
+        assert main(["eval", "--ckpt", str(run), "--split", "val", "--tta", mode, "--device", "cpu",
+                     "--json", str(ev_json)]) == 0
+        top1 = json.loads(ev_json.read_text())["metrics"]["top1"]
+        assert rows[mode]["top1"] == pytest.approx(top1, abs=1e-9)
+    # A run without a validation split: one line, exit 2.
+    cfg = write_yaml(tmp_path / "n.yaml", tiny_config(cifar_bin, tmp_path / "runs", name="noval",
+                                                      data={"val_size": 0}, train={"epochs": 1}))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    proc = subprocess.run([*script, str(tmp_path / "runs" / "noval")], text=True, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "held out no validation images" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0

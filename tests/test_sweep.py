@@ -48,7 +48,7 @@ class PruneTrialOne(optuna.pruners.BasePruner):
 
 def test_a_sweep_chooses_on_validation_and_tests_the_best_once(cifar_bin, tmp_path, monkeypatch):
     cfg, space = _setup(cifar_bin, tmp_path)
-    monkeypatch.setattr(sweep, "make_pruner", lambda optuna: PruneTrialOne())
+    monkeypatch.setattr(sweep, "make_pruner", lambda optuna, prune_from: PruneTrialOne())
     tested = []
     original = evaluate_module.evaluate_checkpoint
 
@@ -88,6 +88,39 @@ def test_a_sweep_chooses_on_validation_and_tests_the_best_once(cifar_bin, tmp_pa
     rows = {r["name"]: r for r in list_runs(tmp_path / "runs")}
     assert set(rows) == {"s/trial-0", "s/trial-1", "s/trial-2"}  # the study's own report is not a run
     assert rows["s/trial-1"]["epochs"] == [1, 2] and rows["s/trial-1"]["status"] == "finished"
+
+
+def test_the_pruner_waits_for_prune_from(cifar_bin, tmp_path, monkeypatch):
+    # The median rule in epochs as trials report them (steps 1, 2, ...): four finished trials at
+    # 0.9 every epoch, then one at 0.1 every epoch is pruned at epoch prune_from, not before.
+    for prune_from in (1, 3):
+        study = optuna.create_study(direction="maximize", pruner=sweep.make_pruner(optuna, prune_from))
+        for _ in range(4):
+            t = study.ask()
+            for epoch in range(1, 6):
+                t.report(0.9, epoch)
+            study.tell(t, 0.9)
+        t = study.ask()
+        pruned_at = None
+        for epoch in range(1, 6):
+            t.report(0.1, epoch)
+            if t.should_prune():
+                pruned_at = epoch
+                break
+        assert pruned_at == prune_from
+    assert [sweep.default_prune_from(e) for e in (1, 2, 8, 9, 16, 9.9)] == [1, 1, 4, 5, 8, 5]
+    # --prune-from reaches the pruner, and the trials record it; by default half the epochs.
+    cfg, space = _setup(cifar_bin, tmp_path, epochs=4)
+    seen = []
+    monkeypatch.setattr(sweep, "make_pruner", lambda optuna, prune_from: seen.append(prune_from)
+                        or optuna.pruners.NopPruner())
+    for study_name, flag in (("a", []), ("b", ["--prune-from", "3"])):
+        assert _quiet(["sweep", "--config", str(cfg), "--space", str(space), "--trials", "1",
+                       "--study", study_name, *flag]) == 0
+    assert seen == [2, 3]
+    rows = json.loads((tmp_path / "runs" / "b" / "report.json").read_text())["rows"]
+    assert [r["prune_from"] for r in rows] == [3]
+    assert "| prunable from epoch |" in (tmp_path / "runs" / "b" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("space, message", [

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--trials", required=True, type=positive_int, metavar="N",
                     help="trials in the study, counted over every process working on it")
     sw.add_argument("--study", required=True, type=_run_name, metavar="NAME", help="the study's name")
+    sw.add_argument("--prune-from", type=positive_int, metavar="EPOCH",
+                    help="the first epoch at which a trial below the median may be pruned (default: "
+                         "half of train.epochs; the last epoch is never pruned)")
     sw.add_argument("--storage", metavar="URL",
                     help="an Optuna storage URL, e.g. postgresql://user:pw@host/db (default: "
                          "sqlite:///<train.out_dir>/<study>/study.db)")
@@ -218,7 +221,8 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from vggtrain.sweep import run_sweep
 
-    run_sweep(args.config, args.overrides, args.space, args.trials, args.study, args.storage)
+    run_sweep(args.config, args.overrides, args.space, args.trials, args.study, args.storage,
+              args.prune_from)
     return EXIT_OK
 
 

@@ -94,16 +94,25 @@ def load_space(path: str | Path, base: TrainConfig, config: str, overrides: list
 
 # --- the sweep ------------------------------------------------------------------------------------
 
-def make_pruner(optuna: Any) -> Any:
+def make_pruner(optuna: Any, prune_from: int) -> Any:
     """Optuna's median rule: a trial whose best validation accuracy so far is below the median of
-    the earlier trials' at the same epoch stops, once 4 trials have finished and from epoch 2."""
-    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2)
+    the earlier trials' at the same epoch stops, once 4 trials have finished and from epoch
+    prune_from (trials report their epochs as steps 1, 2, ...)."""
+    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=prune_from)
+
+
+def default_prune_from(epochs: float) -> int:
+    """Half the planned epochs. Optuna's default (prune from the first step) suits curves that keep
+    their order; a schedule that anneals to the end (linear, cosine, one-cycle) ranks trials late:
+    in the fast recipe's study the best trial sat below the median until its last epoch (README)."""
+    return max(1, math.ceil(math.ceil(epochs) / 2))
 
 
 def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, study_name: str,
-              storage: str | None) -> dict[str, Any] | None:
+              storage: str | None, prune_from: int | None = None) -> dict[str, Any] | None:
     """Run trials until the study holds `trials` of them; returns the study report when the study
-    is complete (None while other processes still run trials)."""
+    is complete (None while other processes still run trials). prune_from: the first epoch at
+    which a trial may be pruned (None: default_prune_from); the last epoch never is."""
     optuna = require_optuna()
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise UserError("usage error: vggtrain sweep runs its trials in one process, not under torchrun; "
@@ -113,6 +122,8 @@ def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, s
         raise ConfigError("a sweep chooses on the validation split: set data.val_size > 0 "
                           "(e.g. --set data.val_size=5000)")
     space = load_space(space_file, base, config, overrides)
+    if prune_from is None:
+        prune_from = default_prune_from(base.train.epochs)
     study_dir = (Path(base.train.out_dir) / study_name).resolve()  # stored per trial: any cwd finds it
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +134,7 @@ def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, s
     for attempt in range(5):
         try:
             study = optuna.create_study(study_name=study_name, storage=url, direction="maximize",
-                                        load_if_exists=True, pruner=make_pruner(optuna),
+                                        load_if_exists=True, pruner=make_pruner(optuna, prune_from),
                                         # unseeded: processes sharing a study must not draw alike
                                         sampler=optuna.samplers.TPESampler())
             break
@@ -134,13 +145,15 @@ def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, s
                 raise UserError(f"--storage {shown_url}: cannot open the study ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200]})") from None
             time.sleep(0.5 + attempt)
-    print(f"study {study_name} in {shown_url}: {trials} trials, trial runs in {study_dir}", flush=True)
+    print(f"study {study_name} in {shown_url}: {trials} trials, trial runs in {study_dir}, pruning "
+          f"from epoch {prune_from}", flush=True)
     requeue_dead_trials(study, optuna)
     waiting = optuna.trial.TrialState.WAITING
     while counted_trials(study) < trials or study.get_trials(deepcopy=False, states=(waiting,)):
         trial = study.ask(space)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("prune_from", prune_from)  # processes on one study may differ
         run_trial(study, trial, config, overrides, study_dir, optuna)
     return study_report(study, study_dir, base, optuna)
 
@@ -295,7 +308,8 @@ def study_report(study: Any, study_dir: Path, base: TrainConfig, optuna: Any) ->
         "train_time_s": sum(t.user_attrs.get("train_time_s", 0.0) for t in all_trials),
         "overhead_s_per_trial_max": max(overheads, default=None),
         "rows": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                  "epochs": t.user_attrs.get("epochs")} for t in all_trials],
+                  "epochs": t.user_attrs.get("epochs"), "prune_from": t.user_attrs.get("prune_from")}
+                 for t in all_trials],
     }
     atomic_write_text(study_dir / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(study_dir / "report.md", format_study(report))
@@ -319,11 +333,12 @@ def format_study(r: dict[str, Any]) -> str:
              f"| trials | {', '.join(f'{n} {s.lower()}' for s, n in r['trials'].items())} |",
              f"| trial-epochs | {r['epochs_run']:g} run of {r['epochs_without_pruning']:g} without pruning "
              f"({r['pruning_saved']:.0%} saved) |",
-             "", "| trial | state | val acc | epochs | params |", "|--:|---|--:|--:|---|"]
+             "", "| trial | state | val acc | epochs | prunable from epoch | params |",
+             "|--:|---|--:|--:|--:|---|"]
     for row in r["rows"]:
         val = "-" if row["value"] is None else f"{row['value']:.2%}"
         lines.append(f"| {row['number']} | {row['state'].lower()} | {val} | {row['epochs'] or '-'} | "
-                     f"{_params_text(row['params'])} |")
+                     f"{row.get('prune_from') or '-'} | {_params_text(row['params'])} |")
     return "\n".join(lines) + "\n"
 
 
