@@ -43,27 +43,18 @@ def view_sets() -> dict[str, tuple[list[tuple[int, int, int]], list[float]]]:
 
 
 def measure(ckpt: str, data_root: str | None, split: str) -> dict:
-    from dataclasses import replace
-
     import torch
     from torch import nn
 
-    from vggtrain.data import eval_batches, load_dataset, norm_stats, split_train_val
+    from vggtrain.data import eval_batches, norm_stats
     from vggtrain.device import autocast
-    from vggtrain.errors import UserError
+    from vggtrain.evaluate import checkpoint_split
     from vggtrain.inference import load_model, resolve_checkpoint
 
     dev = torch.device("cpu")
     loaded = load_model(resolve_checkpoint(ckpt), dev)
     cfg = loaded.cfg
-    root = data_root or cfg.data.root
-    train, test, _ = load_dataset(replace(cfg.data, root=str(root), download=False))
-    if split == "val":
-        if cfg.data.val_size == 0:
-            raise UserError(f"{loaded.path}: its run held out no validation images (data.val_size 0)")
-        _, data = split_train_val(train, cfg.data.val_size, cfg.seed)
-    else:
-        data = test
+    data, _ = checkpoint_split(loaded, split, data_root)
     parts: dict[tuple[int, int, int], list[torch.Tensor]] = {}
     with torch.no_grad():
         batches = eval_batches(data, cfg.train.eval_batch_size, cfg.train.channels_last, norm_stats(cfg.data))

@@ -142,9 +142,6 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
     """The report for a checkpoint on the test split, or on the validation split its run held out
     (rebuilt from the stored data.val_size and seed). Needs nothing but the checkpoint and data.
     tta None means the run's own train.tta, so that a re-test reproduces the run's report."""
-    from dataclasses import replace
-
-    from vggtrain.data import load_dataset, split_train_val
     from vggtrain.inference import load_model, resolve_checkpoint
     from vggtrain.report import build_report
 
@@ -153,6 +150,22 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
     cfg = loaded.cfg
     if tta is None:
         tta = cfg.train.tta
+    data, names = checkpoint_split(loaded, split, data_root)
+    ev = evaluate_split(loaded.model, data.to(dev), eval_settings(cfg, dev, tta, batch_size))
+    return build_report(ev, split=split, model=loaded.model, cfg=cfg, class_names=names,
+                        checkpoint=loaded.path, checkpoint_epoch=loaded.epoch, device=dev,
+                        precision=cfg.train.precision, tta=tta, weights=loaded.weights)
+
+
+def checkpoint_split(loaded: Any, split: str, data_root: str | None = None) -> tuple[Split, list[str]]:
+    """The split a loaded checkpoint (inference.LoadedModel) is measured on, with the data's class
+    names: the test set, or the validation images its run held out (rebuilt from the stored
+    data.val_size and seed). The data must have the checkpoint's classes."""
+    from dataclasses import replace
+
+    from vggtrain.data import load_dataset, split_train_val
+
+    cfg = loaded.cfg
     root = data_root if data_root is not None else cfg.data.root
     train, test, names = load_dataset(replace(cfg.data, root=str(root),
                                               download=cfg.data.download and data_root is None))
@@ -168,7 +181,4 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
         _, data = split_train_val(train, cfg.data.val_size, cfg.seed)
     else:
         data = test
-    ev = evaluate_split(loaded.model, data.to(dev), eval_settings(cfg, dev, tta, batch_size))
-    return build_report(ev, split=split, model=loaded.model, cfg=cfg, class_names=names,
-                        checkpoint=loaded.path, checkpoint_epoch=loaded.epoch, device=dev,
-                        precision=cfg.train.precision, tta=tta, weights=loaded.weights)
+    return data, names
