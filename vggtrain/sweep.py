@@ -10,12 +10,14 @@ set is measured once, for the best trial, when the study is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,13 +152,34 @@ def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, s
           f"from epoch {prune_from}", flush=True)
     requeue_dead_trials(study, optuna)
     waiting = optuna.trial.TrialState.WAITING
-    while counted_trials(study) < trials or study.get_trials(deepcopy=False, states=(waiting,)):
-        trial = study.ask(space)
+    while True:
+        with _ask_lock(study_dir):  # count and ask as one step, or two processes both take the last trial
+            if not (counted_trials(study) < trials or study.get_trials(deepcopy=False, states=(waiting,))):
+                break
+            trial = study.ask(space)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("prune_from", prune_from)  # processes on one study may differ
         run_trial(study, trial, config, overrides, study_dir, optuna)
     return study_report(study, study_dir, base, optuna)
+
+
+@contextlib.contextmanager
+def _ask_lock(study_dir: Path) -> Iterator[None]:
+    """An exclusive flock shared by the sweeps of one study directory on one machine. Processes on
+    other machines (a shared RDB storage) are not covered: there --trials may be passed by one per
+    extra process at the end."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the count is then best effort
+        yield
+        return
+    with open(study_dir / ".ask.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _without_password(url: str) -> str:
