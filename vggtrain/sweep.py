@@ -166,20 +166,25 @@ def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, s
 
 @contextlib.contextmanager
 def _ask_lock(study_dir: Path) -> Iterator[None]:
-    """An exclusive flock shared by the sweeps of one study directory on one machine. Processes on
-    other machines (a shared RDB storage) are not covered: there --trials may be passed by one per
-    extra process at the end."""
+    """An exclusive flock on the study directory itself (as rundir.lock_run_dir locks run
+    directories: no lock file left behind), shared by the sweeps of one machine. Processes on other
+    machines (a shared RDB storage) are not covered: there --trials may be passed by one per extra
+    process at the end; so too where directories cannot be flocked (Windows, some network file
+    systems), where the count is best effort."""
     try:
         import fcntl
-    except ImportError:  # Windows: no flock; the count is then best effort
+    except ImportError:
         yield
         return
-    with open(study_dir / ".ask.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    fd = os.open(study_dir, os.O_RDONLY)
+    try:
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # unguarded, as above
+        yield
+    finally:
+        os.close(fd)  # drops the lock
 
 
 def _without_password(url: str) -> str:
