@@ -125,6 +125,14 @@ class DataConfig:
     cutmix_alpha: float = _opt(0.0, _between(0, 100))
     mix_prob: float = _opt(1.0, _between(0, 1))
     mix_switch_prob: float = _opt(0.5, _between(0, 1))
+    # Data selection by a proxy (airbench96_faster; selection.py): a small network with layers
+    # select_layers (the model's other settings) trains beside the model; each step the model trains
+    # only on the select_keep fraction of the batch with the proxy's highest losses, and every
+    # select_every steps the proxy takes a step on those. null: off, every example trains.
+    select_keep: float | None = _opt(None, lambda v: None if v is None or 0 < v <= 1
+                                     else "must be in (0, 1] or null")
+    select_layers: list[int | str] = _opt([32, "M", 32, 64, "M", 64, 64, "M", 64], _check_layers)
+    select_every: int = _opt(4, _between(1, 1_000_000))
 
 
 @dataclass
@@ -378,6 +386,10 @@ def _cross_check(cfg: TrainConfig, where: Callable[[str], str]) -> None:
         if first % 2 or first > WHITEN_MAX_WIDTH:
             raise ConfigError(f"{where('model.whiten')}: model.whiten needs an even first convolution "
                               f"width of at most {WHITEN_MAX_WIDTH} (got {first})")
+        first = next(x for x in cfg.data.select_layers if x != "M")  # the proxy's, at width 1
+        if cfg.data.select_keep is not None and (first % 2 or first > WHITEN_MAX_WIDTH):
+            raise ConfigError(f"{where('data.select_layers')}: model.whiten needs the proxy's first "
+                              f"convolution to be even and at most {WHITEN_MAX_WIDTH} wide too (got {first})")
     if m.whiten_bias_epochs is not None and not m.whiten:
         raise ConfigError(f"{where('model.whiten_bias_epochs')}: model.whiten_bias_epochs needs "
                           f"model.whiten (a whitening layer whose bias trains)")

@@ -28,6 +28,7 @@ from vggtrain.errors import CheckpointError, UserError, first_line
 from vggtrain.model import build_model, init_whitening
 from vggtrain.optim import build_optimizer
 from vggtrain.schedule import build_scheduler
+from vggtrain.selection import Selector, build_selector
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Run:
     forward: Any = None  # what the train step calls: the model, its DDP wrapper, or torch.compile'd twin
     lookahead: Lookahead | None = None
     ema: AveragedModel | None = None  # optim.ema_decay's average of the weights and BN buffers
+    selector: Selector | None = None  # data.select_keep's proxy
 
     def __post_init__(self) -> None:
         if self.forward is None:
@@ -90,6 +92,7 @@ class Run:
             "class_names": self.class_names, "rng": _rng_state(self.device), "world_size": self.dist.world,
             "lookahead": self.lookahead.state_dict() if self.lookahead else None,
             "ema": self.ema.state_dict() if self.ema else None,
+            "selector": self.selector.state_dict() if self.selector else None,
             "versions": {"vggtrain": vggtrain.__version__, "torch": str(torch.__version__)},
         }
 
@@ -113,6 +116,11 @@ class Run:
                 if not isinstance(state.get("ema"), dict):
                     raise ValueError("it holds no weight EMA (optim.ema_decay was off when it was written)")
                 self.ema.load_state_dict(state["ema"])
+            if self.selector is not None:
+                if not isinstance(state.get("selector"), dict):
+                    raise ValueError("it holds no proxy (data.select_keep was off when it was written)")
+                self.selector.load_state_dict(state["selector"], self.cfg, self.steps_per_epoch,
+                                              self.total_steps, self.position)
             # The schedule is a function of the position; its saved counter (or an older version's
             # StepLR state) is not needed to continue it.
             self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.steps_per_epoch,
@@ -160,9 +168,14 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
+    if d.enabled and cfg.data.select_keep is not None:
+        raise UserError("config error: data.select_keep trains in one process only (under torchrun "
+                        "each rank's proxy would choose from its own shard); set it to null")
     model = build_model(cfg.model)
+    whitening = None  # the model's (and the proxy's) first-layer init images
     if cfg.model.whiten and whiten_images is not None:  # the first 5,000 suffice, as in airbench
-        init_whitening(model, normalize(whiten_images[:5000].cpu(), stats=norm_stats(cfg.data)))
+        whitening = normalize(whiten_images[:5000].cpu(), stats=norm_stats(cfg.data))
+        init_whitening(model, whitening)
     if d.enabled and cfg.train.sync_bn:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -190,8 +203,10 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
     ema = None
     if cfg.optim.ema_decay is not None:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
+    selector = build_selector(cfg, device, channels_last, steps, whitening)
     return Run(cfg, run_dir, device, model, optimizer, scheduler, scaler, class_names, steps, dist=d,
-               channels_last=channels_last, forward=forward, lookahead=lookahead, ema=ema)
+               channels_last=channels_last, forward=forward, lookahead=lookahead, ema=ema,
+               selector=selector)
 
 
 def compile_model(model: nn.Module, device: torch.device) -> Any:

@@ -103,6 +103,8 @@ def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignal
                               stats=norm_stats(cfg.data)):
         if run.position >= run.total_steps:  # a fractional last epoch (train.epochs: 9.9) ends here
             break
+        if run.selector is not None:  # before mixing: the proxy scores the images as they are
+            x, y = run.selector.select(x, y, run.position)
         target = y
         if mixer is not None:
             x, target = mixer(x, y)
