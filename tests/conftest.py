@@ -56,6 +56,21 @@ def tiny_config(data_root: Path, out_dir: Path, **sections) -> dict:
     return cfg
 
 
+def die_after_mid_epoch_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the next fit stop as if killed (KeyboardInterrupt, exit 130) right after it writes its
+    first mid-epoch checkpoint (train.checkpoint_every_steps): a resume test's worst moment, in process."""
+    from vggtrain import train as train_module
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["progress"]["step"]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+
+
 def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """A run's TensorBoard scalars, tag -> [(step, value)], as TensorBoard reads them (purges applied)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tb_scalars, tiny_config, write_yaml
-from vggtrain import train as train_module
+from conftest import die_after_mid_epoch_checkpoint, tb_scalars, tiny_config, write_yaml
 from vggtrain.averaging import Lookahead
 from vggtrain.checkpoint import load_checkpoint
 from vggtrain.cli import main
@@ -163,14 +162,7 @@ def test_fractional_epochs_end_at_their_step_and_resume_inside_the_last_one(cifa
     assert main(["fit", "--config", str(straight)]) == 0
     killed = write_yaml(tmp_path / "b.yaml", {**_airbench(cifar_bin, out, checkpoint_every_steps=36),
                                               "name": "killed"})
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        if state["progress"]["step"]:
-            raise KeyboardInterrupt  # killed right after the mid-epoch checkpoint
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    die_after_mid_epoch_checkpoint(monkeypatch)
     assert main(["fit", "--config", str(killed)]) == 130
     monkeypatch.undo()
     mid = load_checkpoint(out / "killed" / "last.pt")
@@ -245,14 +237,7 @@ def test_muon_run_resumes_bit_identically_after_a_mid_epoch_stop(cifar_bin, tmp_
     base["optim"].update({"name": "muon", "lookahead_every": 0})
     assert main(["fit", "--config", str(write_yaml(tmp_path / "a.yaml", {**base, "name": "a"}))]) == 0
     base["train"]["checkpoint_every_steps"] = 20
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        if state["progress"]["step"]:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    die_after_mid_epoch_checkpoint(monkeypatch)
     assert main(["fit", "--config", str(write_yaml(tmp_path / "b.yaml", {**base, "name": "b"}))]) == 130
     monkeypatch.undo()
     assert main(["fit", "--resume", str(out / "b")]) == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config, write_yaml
+from conftest import die_after_mid_epoch_checkpoint, tiny_config, write_yaml
 from vggtrain import train as train_module
 from vggtrain.checkpoint import load_checkpoint
 from vggtrain.cli import main
@@ -62,14 +62,7 @@ def test_a_selecting_run_trains_on_the_kept_fraction_and_resumes_exactly(cifar_b
     monkeypatch.undo()
     assert sizes == [20] * 40  # 800 training images, batch 40: 20 steps an epoch, 20 images each
     base["train"]["checkpoint_every_steps"] = 13  # a proxy step (every 3rd) is not due at 13
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        if state["progress"]["step"]:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    die_after_mid_epoch_checkpoint(monkeypatch)
     assert main(["fit", "--config", str(write_yaml(tmp_path / "b.yaml", {**base, "name": "b"}))]) == 130
     monkeypatch.undo()
     mid = load_checkpoint(out / "b" / "last.pt")
