@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,26 @@ def test_without_matplotlib_the_report_is_whole(cifar_bin, tmp_path, monkeypatch
     assert (run / "report.json").is_file() and (run / "confusion_matrix.png").is_file()
     assert not (run / "curves.png").exists()
     assert "curves.png" not in (run / "report.md").read_text()
+
+
+def test_a_killed_runs_purged_steps_are_dropped_without_a_warning(tmp_path, caplog):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from vggtrain.tb import open_summary_writer
+
+    tb = tmp_path / "tb"
+    killed = SummaryWriter(str(tb))  # epochs 1-3 logged; the last checkpoint was after epoch 2
+    for epoch in (1, 2, 3):
+        killed.add_scalar("train/epoch", epoch, epoch * 10)
+        killed.add_scalar("train/loss", 1.0 / epoch, epoch * 10)
+    killed.close()
+    resumed = open_summary_writer(tb, purge_step=21)
+    for epoch in (3, 4):
+        resumed.add_scalar("train/epoch", epoch, epoch * 10)
+        resumed.add_scalar("train/loss", 2.0 / epoch, epoch * 10)
+    resumed.close()
+
+    with caplog.at_level(logging.WARNING):
+        curves = epoch_curves(tb)
+    assert curves["train/loss"] == [(1, 1.0), (2, 0.5), (3, pytest.approx(2 / 3)), (4, 0.5)]
+    assert not [r for r in caplog.records if r.name.startswith("tensorboard")]

@@ -8,6 +8,7 @@ and TensorBoard shows the same figure. Without it the report says how to get the
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -24,7 +25,15 @@ def epoch_curves(tb_dir: Path) -> dict[str, list[tuple[float, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})  # 0: every event, not a sample
-    acc.Reload()
+    # Dropping a killed run's steps past its last checkpoint is what resume asks for (tb.py's
+    # purge_step), but TensorBoard's reader warns about each purge as if a job had crashed: quiet it.
+    tb_logger = logging.getLogger("tensorboard")
+    level = tb_logger.level
+    tb_logger.setLevel(logging.ERROR)
+    try:
+        acc.Reload()
+    finally:
+        tb_logger.setLevel(level)
     tags = set(acc.Tags().get("scalars", []))
     if "train/epoch" not in tags:
         return {}
