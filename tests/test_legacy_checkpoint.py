@@ -1,5 +1,5 @@
 """Checkpoints written by vggtrain before the loop was split into modules (commit 82d82d0, StepLR
-state in `scheduler`) still resume bit-identically and evaluate the same (issue 19).
+state in `scheduler`) still resume to the legacy run's weights and evaluate the same (issue 19).
 
 tests/data/legacy_run/ holds a tiny run made by that code (tests/data/make_legacy_run.py):
 mid.pt, its last.pt of epoch 2, step 4 (lookahead and warm-up on); last.pt and best.pt after its
@@ -22,9 +22,14 @@ LEGACY = Path(__file__).parent / "data" / "legacy_run"
 
 
 def _same(a: object, b: object) -> bool:
-    """Bit-identical nested checkpoint content."""
+    """The same nested checkpoint content: integers exactly, floats to float32 rounding. The stored
+    run was made on another CPU, whose kernels may round the last bit differently (~1e-7 here after
+    1.5 epochs); a resume that went wrong (a step of the schedule, a lost momentum or lookahead
+    buffer) moves the weights by ~1e-3."""
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape):
+            return False
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-6) if a.is_floating_point() else torch.equal(a, b)
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
@@ -32,7 +37,7 @@ def _same(a: object, b: object) -> bool:
     return a == b
 
 
-def test_a_legacy_mid_epoch_checkpoint_resumes_to_the_legacy_run_bit_for_bit(cifar_bin, tmp_path, capsys):
+def test_a_legacy_mid_epoch_checkpoint_resumes_to_the_legacy_run(cifar_bin, tmp_path, capsys):
     mid = load_checkpoint(LEGACY / "mid.pt")
     assert mid["progress"]["step"] == 4 and mid["epoch"] == 1 and "step_size" in mid["scheduler"]  # StepLR's
     run = tmp_path / "legacy"
@@ -48,7 +53,8 @@ def test_a_legacy_mid_epoch_checkpoint_resumes_to_the_legacy_run_bit_for_bit(cif
         assert _same(new["optimizer"]["state"], old["optimizer"]["state"])
         assert new["optimizer"]["param_groups"][0]["lr"] == old["optimizer"]["param_groups"][0]["lr"]
     report, legacy = (json.loads(p.read_text()) for p in (run / "report.json", LEGACY / "report.json"))
-    assert report["metrics"] == legacy["metrics"] and report["best_epoch"] == legacy["best_epoch"] == 2
+    assert report["metrics"] == pytest.approx(legacy["metrics"], rel=1e-5)  # the loss: float rounding
+    assert report["best_epoch"] == legacy["best_epoch"] == 2
 
 
 def test_a_legacy_checkpoint_evaluates_as_its_run_reported(cifar_bin, capsys):
