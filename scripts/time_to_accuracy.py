@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
         if "test" not in on_device:  # read once, inside the probe's own time (fit reads it too)
             on_device["test"] = load_dataset(replace(cfg.data, download=False))[1].to(r.device)
         split = on_device["test"]
-        ev = evaluate_split(r.model, split, eval_settings(cfg, r.device))
+        ev = evaluate_split(r.measured, split, eval_settings(cfg, r.device))  # as validation does
         probe_s += time.perf_counter() - start
         curve.append({"epoch": r.epoch, "wall_s": round(wall, 2), "train_s": round(r.train_time_s, 2),
                       "test_acc": ev.top1})

@@ -13,6 +13,18 @@ import yaml
 from vggtrain.synthetic import write_synthetic_cifar10
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need CUDA: without it they are skipped, saying so."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def ctrl_c_raises_keyboard_interrupt():
     """Tests that send SIGINT expect Python's default handler; a shell that starts pytest in the

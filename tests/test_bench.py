@@ -13,16 +13,18 @@ def test_bench_writes_positive_numbers(tmp_path, capsys):
                  "--json", str(out)])
     assert code == 0
     res = json.loads(out.read_text())
-    for key in ("bare_step", "data_path", "reference_data_path", "fit", "eval", "peak_memory_mib",
-                "fit_over_bare_step", "data_over_reference"):
+    for key in ("bare_step", "data_path", "reference_data_path", "fit", "real_fit", "eval", "peak_memory_mib",
+                "fit_over_bare_step", "real_fit_over_bare_step", "data_over_reference", "ops_per_step"):
         assert isinstance(res[key], float) and res[key] > 0, key
+    assert res["syncs_per_step"] == 0  # the tiny net's step reads nothing from the device
     assert res["batch_size"] == 50 and res["precision"] == "fp32" and res["machine"]["cores"] >= 1
     alloc = res["allocators"]
     assert alloc["system"]["allocator"].startswith("system")
     assert alloc["system"]["bare_step_images_per_s"] > 0 and alloc["configured"]["peak_rss_mib"] > 0
     assert alloc["ratio"] > 0 and alloc["fit_ratio"] > 0 and alloc["rounds"] == 2
     table = capsys.readouterr().out
-    assert "bare step" in table and "fit / bare step" in table and "ratio" in table
+    assert "bare step" in table and "real fit / bare step" in table and "ratio" in table
+    assert "ATen ops per step" in table
 
 
 def test_bench_rejects_unknown_parts(tmp_path, capsys):

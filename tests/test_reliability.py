@@ -322,6 +322,7 @@ def test_a_really_full_disk_mid_run(cifar_bin, tmp_path, capsys):
         run, filler = disk / "tiny", disk / "filler"
 
         def fill_the_disk(r) -> bool:
+            r.checkpoints.wait()  # epoch 1's checkpoints on disk (they are written in the background)
             with filler.open("wb", buffering=0) as f, pytest.raises(OSError, match="No space left"):
                 while True:
                     f.write(b"\0" * 65536)

@@ -140,7 +140,7 @@ def test_weight_ema_averages_each_step_and_is_what_runs_are_tested_with(cifar_bi
     expected = None
     for _ in range(3):
         train_step(run, x, torch.arange(20) % 10, torch.nn.CrossEntropyLoss())
-        run.ema.update_parameters(run.model)  # what train_one_epoch does after every step
+        run.ema.step()  # what train_one_epoch does after every step
         now = {k: v.detach().clone().float() for k, v in run.model.state_dict().items()
                if v.is_floating_point()}
         expected = now if expected is None else {k: 0.9 * expected[k] + 0.1 * now[k] for k in now}

@@ -3,7 +3,10 @@
 bare step       forward + backward + SGD on one fixed device-resident batch: the ceiling
 data path       vggtrain's batched sampling + crop/flip + normalisation on the device
 reference data  torchvision's RandomCrop/RandomHorizontalFlip/ToTensor/Normalize, DataLoader(2 workers)
-fit             the real training loop (train.train_one_epoch) over N steps, TensorBoard logging included
+fit             the training loop (train.train_one_epoch) over N steps, TensorBoard logging included
+real fit        a real `fit` of 3 epochs of N steps on a small synthetic CIFAR-10 written for it:
+                validation, checkpoints, status and TensorBoard included (epochs 2-3 timed)
+ops             ATen operators and host syncs per training step (stepcount.count_step)
 eval            evaluate.evaluate_split() over a few batches
 allocator       the bare step in two fresh processes: system allocator vs the configured one
 
@@ -30,11 +33,11 @@ from torch import nn
 from vggtrain import allocator
 from vggtrain.config import TrainConfig
 from vggtrain.data import Augmentation, Split, train_batches
-from vggtrain.device import channels_last_for, select_device, synchronize
+from vggtrain.device import channels_last_for, select_device, set_deterministic, synchronize
 from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.model import build_model, count_parameters
 from vggtrain.run import EpochProgress, build_run
-from vggtrain.train import train_one_epoch, train_step
+from vggtrain.train import step_function, train_one_epoch
 
 
 def _rate(fn: Callable[[], int], device: torch.device, warmup: int, steps: int) -> float:
@@ -66,9 +69,14 @@ def bench_bare_step(cfg: TrainConfig, run_dir: Path, warmup: int, steps: int) ->
                                Augmentation.of(cfg.data), run.channels_last))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     run.model.train()
+    train = step_function(run, criterion)  # the captured CUDA graph's under train.cuda_graphs
+    if cfg.train.cuda_graphs:  # its eager warm-up and its capture happen before the clock starts
+        from vggtrain.graphs import WARMUP_STEPS
+
+        warmup = max(warmup, WARMUP_STEPS + 2)
 
     def step() -> int:
-        train_step(run, *batch, criterion)
+        train(*batch)
         return cfg.train.batch_size
 
     return _rate(step, run.device, warmup, steps)
@@ -134,6 +142,36 @@ def bench_fit(cfg: TrainConfig, run_dir: Path, steps: int, warmup: int) -> float
         t0 = time.perf_counter()
         train_one_epoch(run, split, writer)  # ends with a host read of its sums
         return bs * steps / (time.perf_counter() - t0)
+
+
+def bench_real_fit(cfg: TrainConfig, tmp: Path, steps: int, epochs: int = 3) -> float:
+    """Images per second of a real fit's epochs after the first (which pays for warm-up), from
+    epoch end to epoch end: the step, validation, checkpoints and logging, as a user's run has them."""
+    import contextlib
+    import copy
+    import io
+
+    from vggtrain.fit import fit
+    from vggtrain.synthetic import write_synthetic_cifar10
+
+    bs = cfg.train.batch_size
+    val = min(2 * bs, 5000)
+    root = tmp / "real_fit_data"
+    write_synthetic_cifar10(root, "bin", per_batch=-(-(bs * steps + val) // 5), test_size=bs, seed=0)
+    c = copy.deepcopy(cfg)
+    c.name, c.train.out_dir, c.train.epochs = "bench", str(tmp / "real_fit_runs"), epochs
+    c.data.root, c.data.download, c.data.val_size, c.data.dataset = str(root), False, val, "cifar10"
+    c.model.num_classes = 10
+    ends: list[float] = []
+
+    def mark(run: Any) -> bool:
+        synchronize(run.device)
+        ends.append(time.perf_counter())
+        return False
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        fit(c, tmp / "real_fit_runs" / "bench", on_epoch_end=mark, test=False)
+    return bs * steps * (epochs - 1) / (ends[-1] - ends[0])
 
 
 def bench_eval(cfg: TrainConfig, run_dir: Path, split: Split) -> float:
@@ -223,8 +261,7 @@ def machine_description() -> dict[str, Any]:
 def run_bench(cfg: TrainConfig, config_arg: str, overrides: list[str], parts: list[str], warmup: int,
               steps: int, data_steps: int) -> dict[str, Any]:
     device = select_device(cfg.train.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    set_deterministic(cfg.train.deterministic)
     res: dict[str, Any] = {
         "config": config_arg, "overrides": overrides, "model": cfg.model.arch,
         "parameters": count_parameters(build_model(cfg.model)),
@@ -243,6 +280,13 @@ def run_bench(cfg: TrainConfig, config_arg: str, overrides: list[str], parts: li
                                                                    max(data_steps // 4, 10))
         if "fit" in parts:
             res["fit"] = bench_fit(cfg, Path(tmp), steps, warmup)
+        if "real" in parts:
+            res["real_fit"] = bench_real_fit(cfg, Path(tmp), steps)
+        if "ops" in parts:
+            from vggtrain.stepcount import count_step
+
+            counted = count_step(cfg)
+            res["ops_per_step"], res["syncs_per_step"] = counted.ops, counted.syncs
         if "eval" in parts:
             res["eval"] = bench_eval(cfg, Path(tmp), random_split(cfg.train.eval_batch_size * 4, device, 4))
     res["peak_memory_mib"] = peak_memory_mib(device)
@@ -250,6 +294,8 @@ def run_bench(cfg: TrainConfig, config_arg: str, overrides: list[str], parts: li
         res["allocators"] = bench_allocators(config_arg, overrides, warmup, steps)
     if "fit" in res and "bare_step" in res:
         res["fit_over_bare_step"] = res["fit"] / res["bare_step"]
+    if "real_fit" in res and "bare_step" in res:
+        res["real_fit_over_bare_step"] = res["real_fit"] / res["bare_step"]
     if "data_path" in res and "reference_data_path" in res:
         res["data_over_reference"] = res["data_path"] / res["reference_data_path"]
     return res
@@ -258,8 +304,12 @@ def run_bench(cfg: TrainConfig, config_arg: str, overrides: list[str], parts: li
 def format_table(res: dict[str, Any]) -> str:
     rows = [("bare step", res.get("bare_step"), "img/s"), ("data path", res.get("data_path"), "img/s"),
             ("reference data path", res.get("reference_data_path"), "img/s"),
-            ("fit (loop, logging)", res.get("fit"), "img/s"), ("eval", res.get("eval"), "img/s"),
+            ("fit (loop, logging)", res.get("fit"), "img/s"),
+            ("real fit (3 epochs)", res.get("real_fit"), "img/s"), ("eval", res.get("eval"), "img/s"),
             ("fit / bare step", res.get("fit_over_bare_step"), "x"),
+            ("real fit / bare step", res.get("real_fit_over_bare_step"), "x"),
+            ("ATen ops per step", res.get("ops_per_step"), ""),
+            ("host syncs per step", res.get("syncs_per_step"), ""),
             ("data / reference", res.get("data_over_reference"), "x"),
             ("peak memory", res.get("peak_memory_mib"), "MiB")]
     m = res["machine"]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import threading
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,77 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+class CheckpointWriter:
+    """Saves checkpoints off the training loop's critical path, as torch.save's files written
+    by a background thread: save() snapshots the state (every tensor copied: a GPU's into
+    reusable pinned host buffers, asynchronously, behind the step that produced them; a CPU's
+    cloned) and returns; the thread then writes the files in the order given, each atomically.
+    At most one save is in flight: the next save(), and wait(), first wait for it and raise what
+    it raised (a full disk), so a failure is never lost, only reported one save later."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._pinned: list[torch.Tensor] = []  # reused by the next snapshot: one save in flight
+
+    def save(self, paths: list[Path], state: dict[str, Any],
+             write: Callable[[Path, dict[str, Any]], None] = save_checkpoint) -> None:
+        self.wait()
+        snapshot, copied = self._snapshot(state)
+        self._thread = threading.Thread(target=self._write, args=(paths, snapshot, copied, write),
+                                        name="vggtrain-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Until the save in flight (if any) is on disk; re-raises its failure."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def _write(self, paths: list[Path], snapshot: dict[str, Any], copied: Any,
+               write: Callable[[Path, dict[str, Any]], None]) -> None:
+        try:
+            if copied is not None:
+                copied.synchronize()  # the device-to-host copies have landed
+            for path in paths:
+                write(path, snapshot)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread by wait()
+            self._failure = e
+
+    def _snapshot(self, state: Any) -> tuple[Any, Any]:
+        gpu: list[torch.Tensor] = []
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            if t.device.type != "cuda":
+                return t.detach().to("cpu", copy=True)
+            i = len(gpu)
+            if i >= len(self._pinned) or self._pinned[i].shape != t.shape or self._pinned[i].dtype != t.dtype:
+                del self._pinned[i:]
+                self._pinned.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=True))
+            gpu.append(self._pinned[i].copy_(t.detach(), non_blocking=True))
+            return gpu[-1]
+
+        snapshot = _map_tensors(state, copy)
+        copied = None
+        if gpu:
+            copied = torch.cuda.Event()
+            copied.record()
+        return snapshot, copied
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
 
 
 def _check_container(path: Path) -> None:

@@ -18,7 +18,7 @@ from vggtrain.errors import STORAGE_ERRNOS, RunStopped, UserError, WriteError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_WRITE = 0, 1, 2, 130, 74
 ALLOCATOR_COMMANDS = {"fit", "eval", "bench", "info", "sweep", "seeds"}  # the ones that train or evaluate
-BENCH_PARTS = ("bare", "data", "reference", "fit", "eval", "allocator")
+BENCH_PARTS = ("bare", "data", "reference", "fit", "real", "ops", "eval", "allocator")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -241,6 +241,12 @@ class LoopConfig:
     precision: str = _opt("fp32", _one_of("fp32", "bf16", "fp16"))
     channels_last: bool | None = _opt(None)  # null: on where faster (CUDA), off elsewhere
     compile: bool = _opt(False)  # torch.compile the train step (falls back, with a warning)
+    # CUDA: capture the whole step (forward, backward, optimizer, weight EMA) as one CUDA graph and
+    # replay it (falls back to the eager step, with one warning line, where it cannot).
+    cuda_graphs: bool = _opt(False)
+    # Deterministic kernels (cuDNN, cuBLAS, torch.use_deterministic_algorithms): a resumed CUDA
+    # run ends bit-identical to an uninterrupted one, at some cost in speed. The CPU always is.
+    deterministic: bool = _opt(False)
     sync_bn: bool = _opt(False)  # under torchrun: batch-norm statistics over all ranks (CUDA)
     # Test-time augmentation for validation and the test report: none; flip (each image with its
     # mirror); multicrop (flip, plus the image shifted one pixel up-left and down-right, airbench's

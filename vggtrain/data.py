@@ -36,6 +36,7 @@ IMAGE_BYTES = 3 * 32 * 32
 MAX_PER_BATCH = 10_000  # the published batch size; larger files are refused before being read
 C100_TRAIN, C100_TEST = 50_000, 10_000  # CIFAR-100 keeps each split in one file
 PAD = 4  # the default crop padding (data.crop_padding)
+AUGMENT_CHUNK_IMAGES = 8192  # images train_batches augments at once (~25 MB of uint8)
 
 
 @dataclass
@@ -430,16 +431,12 @@ def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
     return base ^ bool(epoch % 2)
 
 
-def cutout_(images: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
-    """Set a size x size square of each normalised image to 0 (the mean colour), in place.
-
-    corners: (B, 2) int top-left row/column of each square, in [0, 32 - size]. One broadcast
-    mask for the whole batch, so the cost is one masked fill."""
-    h, w = images.shape[-2:]
-    rows = torch.arange(h, device=images.device).view(1, h) - corners[:, :1]
-    cols = torch.arange(w, device=images.device).view(1, w) - corners[:, 1:]
-    inside = ((rows >= 0) & (rows < size)).view(-1, 1, h, 1) & ((cols >= 0) & (cols < size)).view(-1, 1, 1, w)
-    return images.masked_fill_(inside, 0.0)
+def cutout_mask(corners: torch.Tensor, size: int, h: int = 32, w: int = 32) -> torch.Tensor:
+    """(B, 1, h, w) bool: True inside each image's size x size square, whose top-left row/column
+    corners (B, 2) gives, in [0, 32 - size]. One broadcast for the whole batch."""
+    rows = torch.arange(h, device=corners.device).view(1, h) - corners[:, :1]
+    cols = torch.arange(w, device=corners.device).view(1, w) - corners[:, 1:]
+    return ((rows >= 0) & (rows < size)).view(-1, 1, h, 1) & ((cols >= 0) & (cols < size)).view(-1, 1, 1, w)
 
 
 def train_batches(split: Split, batch_size: int, generator: torch.Generator,
@@ -468,14 +465,21 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator,
     cut = aug.cutout if aug else 0
     # Drawn only when used, so a run without cutout draws (and trains) exactly as before it existed.
     corners = torch.randint(0, 32 - cut + 1, (n, 2), generator=generator).to(device) if cut else None
-    for first in range(start * batch_size, len(perm) - batch_size + 1, batch_size):
-        idx = perm[first:first + batch_size]
+    # The augmentation runs on a chunk of batches at a time (airbench augments the epoch at once):
+    # a step then costs a few operator launches, not thirty, and a chunk's memory stays bounded.
+    per_chunk = max(1, AUGMENT_CHUNK_IMAGES // batch_size) * batch_size
+    end = len(perm) - len(perm) % batch_size
+    for chunk_start in range(start * batch_size, end, per_chunk):
+        idx = perm[chunk_start:min(chunk_start + per_chunk, end)]
         images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last, pad, aug.pad_mode) if aug \
             else split.images[idx]
-        x = normalize(images, channels_last, stats)
-        if corners is not None:
-            cutout_(x, corners[idx], cut)
-        yield x, split.labels[idx]
+        cutout = cutout_mask(corners[idx], cut) if corners is not None else None
+        labels = split.labels[idx]
+        for first in range(0, len(idx), batch_size):
+            x = normalize(images[first:first + batch_size], channels_last, stats)
+            if cutout is not None:
+                x.masked_fill_(cutout[first:first + batch_size], 0.0)
+            yield x, labels[first:first + batch_size]
 
 
 def eval_batches(split: Split, batch_size: int, channels_last: bool = False, stats: Stats = CIFAR10_STATS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -28,11 +29,23 @@ def select_device(spec: str) -> torch.device:
     return device
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, precision: str, cache: bool = True) -> contextlib.AbstractContextManager:
+    """cache False: no cache of the weights' casts (what a CUDA graph capture needs)."""
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
+
+
+def set_deterministic(on: bool) -> None:
+    """train.deterministic: cuDNN's deterministic convolutions (no autotuning), cuBLAS's fixed
+    workspace (set before CUDA starts its cuBLAS handle), and torch's deterministic algorithms,
+    with a warning rather than an error for an operator that has none. Off: cuDNN autotunes."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+    torch.use_deterministic_algorithms(on, warn_only=True)
 
 
 def channels_last_for(setting: bool | None, device: torch.device) -> bool:

@@ -6,17 +6,18 @@ and a check it fails stops every rank with the same one-line message.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from vggtrain import allocator, distributed
 from vggtrain.checkpoint import atomic_write_text, check_weights_fit, load_checkpoint, model_weights
 from vggtrain.config import TrainConfig, dump_config
 from vggtrain.curves import learning_curves
 from vggtrain.data import Split, load_dataset, measure_stats, split_train_val
+from vggtrain.device import set_deterministic
 from vggtrain.distributed import Dist
 from vggtrain.errors import STORAGE_ERRNOS, UserError
 from vggtrain.evaluate import Evaluation, eval_settings, evaluate_split
@@ -55,24 +56,27 @@ def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None
 
 def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: EpochHook | None,
          test_at_end: bool = True) -> dict | None:
+    clock = Laps()  # where the command's time goes, into report.json
     rank0_verdict(d, rd.claim)  # before any work: a used directory, a live run, a stale resume
     if rd.resume is not None:  # before the data and the model are loaded and built
         check_weights_fit(cfg.model, rd.resume[1]["model"], rd.resume[0])
+    set_deterministic(cfg.train.deterministic)  # before the first CUDA kernel
     train, val, test, class_names = load_data(cfg, d)
+    clock.lap("data_load_s")
     run = build_run(cfg, rd.path, class_names, len(train), d, device_spec, whiten_images=train.images)
     if rd.resume is not None:
         run.restore(rd.resume[1], rd.resume[0])
         rank0_verdict(d, lambda: refuse_finished_run(run))
-    if run.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     train, val, test = train.to(run.device), val.to(run.device), test.to(run.device)
     rank0_verdict(d, lambda: rd.prepare(dump_config(cfg)))  # every rank stops, not only the one that knows
     writer: Any = NullWriter()
     if d.is_main:
         announce(run, rd, len(train), len(val), len(test))
         writer = open_summary_writer(rd.path / "tb", run.global_step + 1 if rd.resume else None)
+    clock.lap("setup_s")
     try:
         train_epochs(run, train, val, writer, on_epoch_end)
+        clock.lap("train_s")  # epochs, validation and checkpoints
         if not d.is_main:
             return None
         if not test_at_end:
@@ -82,6 +86,7 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
         from vggtrain.report import log_report, report_json, report_pictures, write_report_files  # Pillow
 
         report, evaluation = test_report(run, test)
+        clock.lap("test_s")
         writer.flush()  # the curves are read back from the event files
         pictures = learning_curves(rd.path / "tb", f"{cfg.name}: learning curves")
         pictures.update(report_pictures(report, evaluation, test))
@@ -89,6 +94,8 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
     finally:
         writer.close()
     write_report_files(rd.path, report, pictures)
+    clock.lap("report_s")
+    report["timings_s"] = clock.summary()
     # Last: a report.json means the pictures and report.md beside it are complete.
     atomic_write_text(rd.path / "report.json", report_json(report))
     m = report["metrics"]
@@ -96,6 +103,36 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
     print(f"test accuracy {m['top1']:.2%} (top-5 {m['top5']:.2%}, loss {loss}, {m['images']} images) "
           f"with best.pt from epoch {report['best_epoch']}; report in {rd.path / 'report.md'}", flush=True)
     return report
+
+
+class Laps:
+    """Wall-clock laps of one fit, and the start-up before it (the process's age when fit began:
+    the interpreter, the imports, the config and the argument parsing)."""
+
+    def __init__(self) -> None:
+        self.startup_s = process_age_s()
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
+
+    def summary(self) -> dict[str, float | None]:
+        total = None if self.startup_s is None else round(self.startup_s + sum(self.laps.values()), 3)
+        return {"startup_s": None if self.startup_s is None else round(self.startup_s, 3), **self.laps,
+                "total_s": total}
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux's /proc), or None where that cannot be read."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def rank0_verdict(d: Dist, check: Callable[[], None]) -> None:
@@ -172,5 +209,7 @@ def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
         "epochs": run.epoch,
         "train_time_s": run.train_time_s,
         "allocator": allocator.in_effect(),  # the CPU memory allocator the run trained with
+        "deterministic": cfg.train.deterministic,  # train.deterministic's kernels
+        "cuda_graphs": bool(run.graphed),  # the step ran as a captured CUDA graph
     })
     return report, ev

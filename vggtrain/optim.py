@@ -49,33 +49,65 @@ def param_groups(model: nn.Module, o: OptimConfig, whiten_bias_epochs: float | N
 def build_optimizer(model: nn.Module, o: OptimConfig, whiten_bias_epochs: float | None = None
                     ) -> torch.optim.Optimizer:
     if o.name == "adamw":
-        return torch.optim.AdamW(param_groups(model, o, whiten_bias_epochs), lr=o.lr,
-                                 betas=(o.momentum, o.adam_beta2), weight_decay=o.weight_decay)
-    kind = MuonSGD if o.name == "muon" else torch.optim.SGD
-    return kind(param_groups(model, o, whiten_bias_epochs), lr=o.lr, momentum=o.momentum,
-                nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            param_groups(model, o, whiten_bias_epochs), lr=o.lr, betas=(o.momentum, o.adam_beta2),
+            weight_decay=o.weight_decay)
+    else:
+        kind = MuonSGD if o.name == "muon" else torch.optim.SGD
+        optimizer = kind(param_groups(model, o, whiten_bias_epochs), lr=o.lr, momentum=o.momentum,
+                         nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+    use_multi_tensor_kernels(optimizer)
+    return optimizer
+
+
+def use_multi_tensor_kernels(optimizer: torch.optim.Optimizer) -> None:
+    """Every group updates through torch's fused kernel (one launch per group) where the device
+    has one, else its foreach kernels (a few per group), never the per-parameter loop torch picks
+    by default on the CPU: so a step's operator count on the CPU is the GPU's. Also called after a
+    checkpoint's groups are loaded (they carry the choice of the version that saved them)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    device = params[0].device.type if params else "cpu"
+    fused = device in _fused_devices() and all(p.is_floating_point() for p in params)
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = (True, False) if fused else (False, True)
+    if fused:
+        optimizer._step_supports_amp_scaling = True  # what the constructor sets for fused=True
+
+
+def _fused_devices() -> list[str]:
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        return list(_get_fused_kernels_supported_devices())
+    except ImportError:  # a torch without it: foreach everywhere
+        return []
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
-    """About U V^T of g = U S V^T, by airbench's quintic Newton-Schulz iteration in bf16 (its
-    singular values end in roughly [0.5, 1.5], which trains as well as exactly 1)."""
+    """About U V^T of each matrix g[i] = U S V^T of a (k, rows, cols) stack, by airbench's quintic
+    Newton-Schulz iteration in bf16 (its singular values end in roughly [0.5, 1.5], which trains as
+    well as exactly 1); a 2-D g is one matrix. Batched so that a layer shape's filters cost the
+    same few launches as one."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16()
-    x = x / (x.norm() + eps)
-    wide = x.size(0) > x.size(1)
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + eps)
+    wide = x.size(-2) > x.size(-1)
     if wide:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        s = x @ x.T
-        x = a * x + (b * s + c * s @ s) @ x
-    return (x.T if wide else x).to(g.dtype)
+        s = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(s, s, s, beta=b, alpha=c), x, beta=a) if x.ndim == 3 \
+            else torch.addmm(x, torch.addmm(s, s, s, beta=b, alpha=c), x, beta=a)
+    return (x.mT if wide else x).to(g.dtype)
 
 
 class MuonSGD(torch.optim.SGD):
     """SGD, except for the groups marked muon: their update is Muon's (Jordan et al., 2024), the
     orthogonalised nesterov momentum of each filter bank reshaped to (out, in x k x k), after the
     bank is rescaled to norm sqrt(out) (airbench94_muon). Written here because torch.optim.Muon
-    takes 2-D parameters only and has no such renormalisation; the other groups are torch's SGD."""
+    takes 2-D parameters only and has no such renormalisation; the other groups are torch's SGD.
+    The momentum and the rescaling are foreach ops over the group, the orthogonalisation one
+    batched iteration per filter shape: a handful of launches per step, whatever the depth."""
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -91,14 +123,54 @@ class MuonSGD(torch.optim.SGD):
         return loss
 
     def _muon_step(self, group: dict[str, Any]) -> None:
-        m = group["momentum"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            buf = self.state[p].get("momentum_buffer")
-            if buf is None:
-                buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
-            buf.mul_(m).add_(p.grad)
-            g = p.grad.add(buf, alpha=m) if group["nesterov"] else buf
-            p.mul_(len(p) ** 0.5 / p.norm())
-            p.add_(orthogonalize(g.reshape(len(g), -1)).view(g.shape), alpha=-group["lr"])
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        m, grads = group["momentum"], [p.grad for p in params]
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        if any(b is None for b in bufs):  # the first step: zero momentum, so buf = grad
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        torch._foreach_mul_(bufs, m)
+        torch._foreach_add_(bufs, grads)
+        stacks, views = self._stacks(params)
+        if group["nesterov"]:
+            torch._foreach_copy_(views, grads)
+            torch._foreach_add_(views, bufs, alpha=m)
+        else:
+            torch._foreach_copy_(views, bufs)
+        for stack in stacks:
+            stack.copy_(orthogonalize(stack))
+        # Each filter bank back to norm sqrt(out), then its orthogonalised update.
+        scale = torch._foreach_reciprocal(torch._foreach_norm(params))
+        torch._foreach_mul_(scale, [len(p) ** 0.5 for p in params])
+        torch._foreach_mul_(params, scale)
+        # lr x update, then subtracted: the same arithmetic whether the rate is a float or (under
+        # train.cuda_graphs) a device tensor, which alpha= could not take without a host read.
+        torch._foreach_mul_(views, group["lr"])
+        torch._foreach_sub_(params, views)
+
+    def _stacks(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Zero-padded (k, rows, cols) stacks that hold every filter bank's update as a matrix with
+        no more rows than columns (a bank with more is held transposed), and each bank's view into
+        them in its parameter's shape. Zero padding does not change a matrix's Newton-Schulz
+        iterates (its norm and its products keep the zeros), so all banks, whatever their shapes,
+        orthogonalise in one batched iteration per orientation. Made once per set of parameters."""
+        key = tuple(id(p) for p in params)
+        plans = self.__dict__.setdefault("_muon_plans", {})
+        if key not in plans:
+            shapes = [(len(p), p[0].numel()) for p in params]
+            stacks, views = [], [None] * len(params)
+            for wide in (False, True):
+                members = [i for i, (r, c) in enumerate(shapes) if (r > c) == wide]
+                if not members:
+                    continue
+                oriented = [shapes[i][::-1] if wide else shapes[i] for i in members]
+                stack = params[members[0]].new_zeros(len(members), max(r for r, _ in oriented),
+                                                     max(c for _, c in oriented))
+                for j, i in enumerate(members):
+                    r, c = oriented[j]
+                    block = stack[j, :r, :c]
+                    views[i] = (block.mT if wide else block).view(params[i].shape)
+                stacks.append(stack)
+            plans[key] = (stacks, views)
+        return plans[key]

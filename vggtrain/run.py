@@ -14,19 +14,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import vggtrain
 from vggtrain import distributed
-from vggtrain.averaging import Lookahead
-from vggtrain.checkpoint import load_model_state
+from vggtrain.averaging import Lookahead, WeightEMA, measured_model
+from vggtrain.checkpoint import CheckpointWriter, load_model_state
 from vggtrain.config import TrainConfig
 from vggtrain.data import norm_stats, normalize
 from vggtrain.device import channels_last_for, select_device
 from vggtrain.distributed import Dist
 from vggtrain.errors import CheckpointError, UserError, first_line
 from vggtrain.model import build_model, init_whitening
-from vggtrain.optim import build_optimizer
+from vggtrain.optim import build_optimizer, use_multi_tensor_kernels
 from vggtrain.schedule import build_scheduler
 from vggtrain.selection import Selector, build_selector
 
@@ -65,12 +64,24 @@ class Run:
     channels_last: bool = False  # train.channels_last resolved for the device
     forward: Any = None  # what the train step calls: the model, its DDP wrapper, or torch.compile'd twin
     lookahead: Lookahead | None = None
-    ema: AveragedModel | None = None  # optim.ema_decay's average of the weights and BN buffers
+    ema: WeightEMA | None = None  # optim.ema_decay's average of the weights and BN buffers
     selector: Selector | None = None  # data.select_keep's proxy
+    checkpoints: CheckpointWriter = field(default_factory=CheckpointWriter)  # last.pt, best.pt
+    graphed: Any = None  # train.cuda_graphs' captured step (graphs.GraphedStep), False where it cannot
 
     def __post_init__(self) -> None:
         if self.forward is None:
             self.forward = self.model
+
+    @property
+    def averagers(self) -> list[Lookahead | WeightEMA]:
+        """What the loop steps after each optimizer step, in this order."""
+        return [a for a in (self.lookahead, self.ema) if a is not None]
+
+    @property
+    def measured(self) -> nn.Module:
+        """The weights validation, best.pt's choice, sweeps and probes measure (averaging.measured_model)."""
+        return measured_model(self.model, self.ema)
 
     @property
     def position(self) -> int:
@@ -84,8 +95,8 @@ class Run:
 
     def state(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "model": self.model.state_dict(), "optimizer": plain_rates(self.optimizer.state_dict()),
+            "scheduler": plain_rates(self.scheduler.state_dict()), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "global_step": self.global_step, "progress": asdict(self.progress),
             "best_metric": self.best_acc, "best_epoch": self.best_epoch,
             "train_time_s": self.train_time_s, "config": self.cfg.to_dict(),
@@ -104,6 +115,7 @@ class Run:
             if not isinstance(state["scheduler"], dict):  # not read (see below), but in every checkpoint
                 raise ValueError("its scheduler entry is not a scheduler's state")
             self.optimizer.load_state_dict(state["optimizer"])
+            use_multi_tensor_kernels(self.optimizer)  # the saved groups carry their version's choice
             self.scaler.load_state_dict(state["scaler"])
             self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
             self.progress = EpochProgress(**state["progress"])
@@ -127,6 +139,18 @@ class Run:
                                              self.total_steps, self.position)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{source}: cannot resume from it: {first_line(e)}") from None
+
+
+def plain_rates(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's or scheduler's state with its rates as floats, as every checkpoint holds them
+    (train.cuda_graphs keeps them as device tensors): one host read, at a checkpoint only."""
+    groups = state.get("param_groups")
+    if groups is not None:
+        state = {**state, "param_groups": [
+            {**g, "lr": float(g["lr"])} if isinstance(g.get("lr"), torch.Tensor) else g for g in groups]}
+    if any(isinstance(v, torch.Tensor) for v in state.get("_last_lr") or []):
+        state = {**state, "_last_lr": [float(v) for v in state["_last_lr"]]}
+    return state
 
 
 def check_resumable(state: dict[str, Any], run: Run, source: Path) -> None:
@@ -202,7 +226,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
         if cfg.optim.lookahead_every else None
     ema = None
     if cfg.optim.ema_decay is not None:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
+        ema = WeightEMA(model, cfg.optim.ema_decay)
     selector = build_selector(cfg, device, channels_last, steps, whitening)
     return Run(cfg, run_dir, device, model, optimizer, scheduler, scaler, class_names, steps, dist=d,
                channels_last=channels_last, forward=forward, lookahead=lookahead, ema=ema,

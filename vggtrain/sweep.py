@@ -428,8 +428,7 @@ def _target_probe(test: Any, target: float, reached: dict[str, Any]) -> Any:
 
     def probe(run: Any) -> bool:
         if reached["epoch"] is None:
-            model = run.ema.module if run.ema is not None else run.model
-            ev = evaluate_split(model, test.to(run.device), eval_settings(run.cfg, run.device))
+            ev = evaluate_split(run.measured, test.to(run.device), eval_settings(run.cfg, run.device))
             if ev.top1 >= target:
                 reached.update(train_time_s=run.train_time_s, epoch=run.epoch)
         return False

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vggtrain import distributed
+from vggtrain import distributed, graphs
 from vggtrain.averaging import float_tensors
 from vggtrain.checkpoint import save_checkpoint
 from vggtrain.data import Augmentation, Split, alternating_flips, batch_mixer, norm_stats, train_batches
@@ -64,11 +64,12 @@ class StopSignals:
         raise RunStopped(f"aborted by a second {signal.Signals(signum).name}", 128 + signum)
 
 
-def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, cast_cache: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Forward, backward, (clipping,) optimizer step. Returns the detached loss and logits and the
-    gradients' norm before clipping (None without optim.clip_grad_norm); no host sync."""
-    with autocast(run.device, run.cfg.train.precision):
+    gradients' norm before clipping (None without optim.clip_grad_norm); no host sync.
+    cast_cache: autocast's cache of weight casts (off while a CUDA graph captures the step)."""
+    with autocast(run.device, run.cfg.train.precision, cache=cast_cache):
         logits = run.forward(x)
         loss = criterion(logits.float(), y)
     run.optimizer.zero_grad(set_to_none=True)
@@ -96,6 +97,7 @@ def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignal
     flips = alternating_flips(len(train), cfg.seed, run.epoch) if aug and aug.flip == "alternating" else None
     mixer = batch_mixer(cfg.data, cfg.model.num_classes) if aug else None
     meter = EpochMeter(run)
+    step = step_function(run, criterion)
     bar.update(p.step)
     run.model.train()
     for x, y in train_batches(train, cfg.train.batch_size, generator, aug, run.channels_last,
@@ -112,14 +114,12 @@ def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignal
                 x = x.contiguous(memory_format=torch.channels_last)
             # train/acc then counts a prediction right when it is the mixed target's larger share
             y = target.argmax(1) if target.ndim == 2 else target
-        loss, logits, norm = train_step(run, x, target, criterion)
+        loss, logits, norm = step(x, target)
         run.scheduler.step()
         run.global_step += 1
         p.step += 1
-        if run.lookahead is not None:
-            run.lookahead.step(run.position, run.total_steps, epoch_end=p.step == steps)
-        if run.ema is not None:
-            run.ema.update_parameters(run.model)
+        for averager in run.averagers:  # lookahead, weight EMA
+            averager.step(run.position, run.total_steps, epoch_end=p.step == steps)
         meter.add(loss, logits, y, norm)
         bar.update(1)
         due = bool(every) and run.global_step % every == 0
@@ -134,6 +134,17 @@ def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignal
                                       f"{run.dir / 'last.pt'}. Resume with")
     meter.flush_losses(run, writer)
     return meter.summary(run)
+
+
+def step_function(run: Run, criterion: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """The step the loop calls: the captured CUDA graph's (train.cuda_graphs, made once per run
+    and kept across epochs), else train_step."""
+    if run.cfg.train.cuda_graphs:
+        if run.graphed is None:
+            run.graphed = graphs.graphed_step(run, criterion, train_step) or False
+        if run.graphed:
+            return run.graphed
+    return lambda x, y: train_step(run, x, y, criterion)
 
 
 def end_interval(run: Run, writer: Any, stop: StopSignals, *, due: bool, where: str,
@@ -154,18 +165,18 @@ def end_interval(run: Run, writer: Any, stop: StopSignals, *, due: bool, where: 
             for tag, value in (scalars or {}).items():
                 writer.add_scalar(tag, value, run.global_step)
             writer.flush()  # before the checkpoint: a resume purges whatever came after it
-            state = run.state()
             # best.pt first: a run killed between the two writes resumes from the previous
             # last.pt and redoes this epoch, instead of keeping a last.pt whose best_epoch
-            # points at weights that best.pt never received.
-            if improved:
-                save_checkpoint(run.dir / "best.pt", state)
-            save_checkpoint(run.dir / "last.pt", state)
+            # points at weights that best.pt never received. Written in the background
+            # (checkpoint.CheckpointWriter): the next steps run while the files are written.
+            files = [run.dir / "best.pt"] * improved + [run.dir / "last.pt"]
+            run.checkpoints.save(files, run.state(), write=save_checkpoint)
             write_status(run, "running")
     return signum
 
 
 def stop_run(run: Run, signum: int, where: str) -> None:
+    run.checkpoints.wait()  # the message says last.pt is saved
     if run.dist.is_main:
         write_status(run, "stopped")
     distributed.barrier(run.dist)  # no rank leaves (and gets killed) before rank 0 has saved
@@ -177,41 +188,50 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: 
                  ) -> None:
     """Epochs until cfg.train.epochs: train, validate, log, checkpoint (last.pt, best.pt).
 
-    on_epoch_end(run), called after each epoch's checkpoints, may end training early by returning
+    on_epoch_end(run), called after each epoch's checkpoints were handed to the background writer
+    (run.checkpoints.wait() waits until they are on disk), may end training early by returning
     True (scripts/time_to_accuracy.py measures the test accuracy there)."""
-    cfg, d = run.cfg, run.dist
     with StopSignals() as stop:
-        while run.epoch < cfg.train.epochs:
-            lr = rate_at(run.scheduler, run.epoch * run.steps_per_epoch)  # the epoch's first step's
-            with tqdm(total=steps_per_epoch(len(train), d, cfg.train.batch_size), leave=False,
-                      desc=f"epoch {run.epoch + 1}/{math.ceil(cfg.train.epochs)}", file=sys.stdout,
-                      disable=not (sys.stdout.isatty() and d.is_main), dynamic_ncols=True) as bar:
-                tr = train_one_epoch(run, train, writer, stop, bar)
-            run.epoch, run.progress = run.epoch + 1, EpochProgress()
-            run.train_time_s += tr["time_s"]
-            va = validate(run, val)
-            improved = va is None or va["acc"] > run.best_acc
-            if improved:
-                run.best_acc, run.best_epoch = (va["acc"] if va else -1.0), run.epoch
-            scalars = {"train/loss": tr["loss"], "train/acc": tr["acc"], "train/lr": lr,
-                       "train/images_per_s": tr["images_per_s"], "train/epoch": run.epoch}
-            scalars.update({f"val/{k}": v for k, v in va.items()} if va else {})
-            signum = end_interval(run, writer, stop, due=True, where=f"epoch {run.epoch}",
-                                  scalars=scalars, improved=improved)
-            if d.is_main:
-                val_text = f" | val loss {va['loss']:.4f} acc {va['acc']:.2%}" if va else ""
-                if va and "raw_acc" in va:
-                    val_text += f" (EMA; raw {va['raw_acc']:.2%})"
-                print(f"epoch {run.epoch}/{math.ceil(cfg.train.epochs)} | train loss {tr['loss']:.4f} "
-                      f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
-                      f"{tr['time_s']:.1f}s{' | best' if improved and va else ''}", flush=True)
-            signum = signum or agreed_signal(run, stop)  # one that came during the save, too
-            if signum:
-                stop_run(run, signum, f"after epoch {run.epoch}; resume with")
-            if on_epoch_end is not None:  # any rank's True ends training on every rank
-                done = torch.tensor(int(bool(on_epoch_end(run))), device=run.device)
-                if int(distributed.all_max(done, d)):
-                    break
+        try:
+            _epochs(run, train, val, writer, stop, on_epoch_end)
+        finally:  # every way out waits for the checkpoint in flight, and reports its failure
+            run.checkpoints.wait()
+
+
+def _epochs(run: Run, train: Split, val: Split, writer: Any, stop: StopSignals,
+            on_epoch_end: EpochHook | None) -> None:
+    cfg, d = run.cfg, run.dist
+    while run.epoch < cfg.train.epochs:
+        lr = rate_at(run.scheduler, run.epoch * run.steps_per_epoch)  # the epoch's first step's
+        with tqdm(total=steps_per_epoch(len(train), d, cfg.train.batch_size), leave=False,
+                  desc=f"epoch {run.epoch + 1}/{math.ceil(cfg.train.epochs)}", file=sys.stdout,
+                  disable=not (sys.stdout.isatty() and d.is_main), dynamic_ncols=True) as bar:
+            tr = train_one_epoch(run, train, writer, stop, bar)
+        run.epoch, run.progress = run.epoch + 1, EpochProgress()
+        run.train_time_s += tr["time_s"]
+        va = validate(run, val)
+        improved = va is None or va["acc"] > run.best_acc
+        if improved:
+            run.best_acc, run.best_epoch = (va["acc"] if va else -1.0), run.epoch
+        scalars = {"train/loss": tr["loss"], "train/acc": tr["acc"], "train/lr": lr,
+                   "train/images_per_s": tr["images_per_s"], "train/epoch": run.epoch}
+        scalars.update({f"val/{k}": v for k, v in va.items()} if va else {})
+        signum = end_interval(run, writer, stop, due=True, where=f"epoch {run.epoch}",
+                              scalars=scalars, improved=improved)
+        if d.is_main:
+            val_text = f" | val loss {va['loss']:.4f} acc {va['acc']:.2%}" if va else ""
+            if va and "raw_acc" in va:
+                val_text += f" (EMA; raw {va['raw_acc']:.2%})"
+            print(f"epoch {run.epoch}/{math.ceil(cfg.train.epochs)} | train loss {tr['loss']:.4f} "
+                  f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
+                  f"{tr['time_s']:.1f}s{' | best' if improved and va else ''}", flush=True)
+        signum = signum or agreed_signal(run, stop)  # one that came during the save, too
+        if signum:
+            stop_run(run, signum, f"after epoch {run.epoch}; resume with")
+        if on_epoch_end is not None:  # any rank's True ends training on every rank
+            done = torch.tensor(int(bool(on_epoch_end(run))), device=run.device)
+            if int(distributed.all_max(done, d)):
+                break
 
 
 def validate(run: Run, val: Split) -> dict[str, float] | None:
@@ -221,7 +241,7 @@ def validate(run: Run, val: Split) -> dict[str, float] | None:
     chosen by and the report tests), raw_loss and raw_acc the trained weights' own."""
     distributed.sync_buffers(run.model, run.dist)
     if run.ema is not None:
-        distributed.sync_buffers(run.ema, run.dist)
+        distributed.sync_buffers(run.ema.module, run.dist)
     if not len(val):
         return None
     settings = eval_settings(run.cfg, run.device)
@@ -230,7 +250,7 @@ def validate(run: Run, val: Split) -> dict[str, float] | None:
         raise diverged(run, f"non-finite validation loss after epoch {run.epoch}")
     if run.ema is None:
         return {"loss": ev.loss, "acc": ev.top1}
-    avg = evaluate_split(run.ema.module, val, settings, dist=run.dist)
+    avg = evaluate_split(run.measured, val, settings, dist=run.dist)
     return {"loss": avg.loss, "acc": avg.top1, "raw_loss": ev.loss, "raw_acc": ev.top1}
 
 
@@ -255,7 +275,7 @@ class EpochMeter:
         self.pending.append(loss)
         if grad_norm is not None:
             self.norms.append(grad_norm)
-        self.loss_sum += loss * len(y)
+        self.loss_sum.add_(loss, alpha=len(y))
         self.correct += (logits.argmax(1) == y).sum()
 
     def flush_losses(self, run: Run, writer: Any) -> None:
@@ -306,6 +326,7 @@ class EpochMeter:
 
 
 def diverged(run: Run, what: str) -> RunStopped:
+    run.checkpoints.wait()
     if run.dist.is_main and run.dir.is_dir():
         write_status(run, "diverged")
     last = run.dir / "last.pt"
