@@ -62,7 +62,7 @@ def test_cli_prints_the_table_and_the_papers_argument(capsys):
     # vgg16_cifar.yaml's convolutions have no bias (BN follows each): 4,224 fewer than the paper's 14,728,266
     assert "14,724,042" in out and "313,201,664" in out
     conv = next(line for line in out.splitlines() if line.startswith("conv3_2 "))
-    assert conv.split()[:2] == ["conv3_2", "conv"] and "256x8x8" in conv and "590,336" in conv  # 3x3x256x256 + BN
+    assert conv.split()[:2] == ["conv3_2", "conv"] and "256x8x8" in conv and "590,336" in conv  # + BN
     # stage 4 holds 40% of the weights, stage 1 a quarter of a percent but an eighth of the MACs
     stage1 = next(line for line in out.splitlines() if line.startswith("stage 1 ")).split()
     assert stage1[2:] == ["32x32", "0.3%", "12.6%"]
