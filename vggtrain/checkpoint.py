@@ -89,10 +89,12 @@ class CheckpointWriter:
         self._pinned: list[torch.Tensor] = []  # reused by the next snapshot: one save in flight
 
     def save(self, paths: list[Path], state: dict[str, Any],
-             write: Callable[[Path, dict[str, Any]], None] = save_checkpoint) -> None:
+             write: Callable[[Path, dict[str, Any]], None] = save_checkpoint,
+             then: Callable[[], None] | None = None) -> None:
+        """then: called on the writer's thread once the files are written (status.json)."""
         self.wait()
         snapshot, copied = self._snapshot(state)
-        self._thread = threading.Thread(target=self._write, args=(paths, snapshot, copied, write),
+        self._thread = threading.Thread(target=self._write, args=(paths, snapshot, copied, write, then),
                                         name="vggtrain-checkpoint", daemon=True)
         self._thread.start()
 
@@ -106,12 +108,14 @@ class CheckpointWriter:
             raise failure
 
     def _write(self, paths: list[Path], snapshot: dict[str, Any], copied: Any,
-               write: Callable[[Path, dict[str, Any]], None]) -> None:
+               write: Callable[[Path, dict[str, Any]], None], then: Callable[[], None] | None) -> None:
         try:
             if copied is not None:
                 copied.synchronize()  # the device-to-host copies have landed
             for path in paths:
                 write(path, snapshot)
+            if then is not None:
+                then()
         except BaseException as e:  # noqa: BLE001 - handed to the main thread by wait()
             self._failure = e
 
@@ -220,7 +224,8 @@ def check_weights_fit(model_cfg: ModelConfig, weights: Any, path: str | Path) ->
 
 def model_weights(state: dict[str, Any]) -> tuple[Any, str]:
     """(weights, "ema" or "raw"): what a checkpoint's model is tested and used with, the weight
-    EMA's (AveragedModel keeps them under module.*) where the run kept one, else its own."""
+    EMA's (under module.*, AveragedModel's layout, which WeightEMA keeps) where the run kept one,
+    else its own."""
     ema = state.get("ema")
     if isinstance(ema, dict):
         return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}, "ema"

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vggtrain import allocator, distributed
+from vggtrain import allocator, distributed, graphs
 from vggtrain.checkpoint import atomic_write_text, check_weights_fit, load_checkpoint, model_weights
 from vggtrain.config import TrainConfig, dump_config
 from vggtrain.curves import learning_curves
@@ -210,6 +210,6 @@ def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
         "train_time_s": run.train_time_s,
         "allocator": allocator.in_effect(),  # the CPU memory allocator the run trained with
         "deterministic": cfg.train.deterministic,  # train.deterministic's kernels
-        "cuda_graphs": bool(run.graphed),  # the step ran as a captured CUDA graph
+        "cuda_graphs": graphs.in_use(run),  # the steps replayed a captured CUDA graph
     })
     return report, ev

@@ -104,6 +104,11 @@ class GraphedStep:
         self.graph = graph
 
 
+def in_use(run: Run) -> bool:
+    """Whether the run's steps replay a captured graph (for its report)."""
+    return isinstance(run.graphed, GraphedStep) and run.graphed.graph is not None
+
+
 def warn_once(what: str) -> None:
     """One line on stderr, not a Python warning's two."""
     print(f"vggtrain: warning: train.cuda_graphs: {what}", file=sys.stderr, flush=True)

@@ -23,6 +23,12 @@ def write_status(run: Any, state: str) -> None:
     """The run's progress beside its checkpoints, for `vggtrain runs` (rank 0 only)."""
     # Imported here: listing runs must not wait for torch to load (a hundred runs in well under 1 s).
     from vggtrain.checkpoint import atomic_write_text
+
+    atomic_write_text(run.dir / STATUS_FILE, status_text(run, state))
+
+
+def status_text(run: Any, state: str) -> str:
+    """status.json's content for the run as it is now."""
     from vggtrain.model import count_parameters
 
     cfg = run.cfg
@@ -33,7 +39,7 @@ def write_status(run: Any, state: str) -> None:
               "precision": cfg.train.precision, "device": str(run.device),
               "world_size": run.dist.world, "state": state, "pid": os.getpid(),
               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atomic_write_text(run.dir / STATUS_FILE, json.dumps(status, indent=1) + "\n")
+    return json.dumps(status, indent=1) + "\n"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ from torch import nn
 from vggtrain.config import TrainConfig
 from vggtrain.device import autocast
 from vggtrain.model import build_model, init_whitening
-from vggtrain.optim import build_optimizer
+from vggtrain.optim import build_optimizer, use_multi_tensor_kernels
 from vggtrain.schedule import build_scheduler
 
 
@@ -65,6 +65,7 @@ class Selector:
                         total_steps: int, position: int) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        use_multi_tensor_kernels(self.optimizer)  # the saved groups carry their version's choice
         self.scaler.load_state_dict(state["scaler"])
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, steps_per_epoch, total_steps, position)
 

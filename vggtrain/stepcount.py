@@ -11,6 +11,7 @@ or fused kernels explicitly, so the count on the CPU is the count on a GPU.
 from __future__ import annotations
 
 import collections
+import copy
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,13 +72,14 @@ def count_step(cfg: TrainConfig, device: str | None = None, top: int = 12) -> St
     from vggtrain.run import EpochProgress, build_run
     from vggtrain.train import train_one_epoch
 
+    cfg = copy.deepcopy(cfg)
+    # A far log interval: no mid-epoch log read inside the counted epochs (an interval's read is per
+    # interval, not per step). The eager step: what a CUDA graph of train.cuda_graphs would hold.
+    cfg.train.log_every, cfg.train.cuda_graphs = 10**9, False
     bs = cfg.train.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(cfg, Path(tmp), [str(i) for i in range(cfg.model.num_classes)], bs * 8,
                         device_spec=device)
-        # One step with the model's whitening init and a far log interval: no mid-epoch log read
-        # inside the counted epochs (an interval's read is per interval, not per step).
-        run.cfg.train.log_every = 10**9
         counts = []
         for steps in (2, 4, 8):  # the first epoch warms up: the EMA's first copy, momentum buffers
             split = random_split(bs * steps, run.device, seed=steps)

@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 from vggtrain import distributed, graphs
 from vggtrain.averaging import float_tensors
-from vggtrain.checkpoint import save_checkpoint
+from vggtrain.checkpoint import atomic_write_text, save_checkpoint
 from vggtrain.data import Augmentation, Split, alternating_flips, batch_mixer, norm_stats, train_batches
 from vggtrain.device import autocast
 from vggtrain.errors import RunStopped
 from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.run import EpochProgress, Run, steps_per_epoch
-from vggtrain.runs import write_status
+from vggtrain.runs import STATUS_FILE, status_text, write_status
 from vggtrain.schedule import rate_at
 from vggtrain.tb import NullWriter
 
@@ -132,8 +132,7 @@ def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignal
             if signum:
                 stop_run(run, signum, f"at epoch {run.epoch + 1}, step {p.step}; saved "
                                       f"{run.dir / 'last.pt'}. Resume with")
-    meter.flush_losses(run, writer)
-    return meter.summary(run)
+    return meter.finish(run, writer)
 
 
 def step_function(run: Run, criterion: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], Any]:
@@ -170,8 +169,9 @@ def end_interval(run: Run, writer: Any, stop: StopSignals, *, due: bool, where: 
             # points at weights that best.pt never received. Written in the background
             # (checkpoint.CheckpointWriter): the next steps run while the files are written.
             files = [run.dir / "best.pt"] * improved + [run.dir / "last.pt"]
-            run.checkpoints.save(files, run.state(), write=save_checkpoint)
-            write_status(run, "running")
+            status = status_text(run, "running")  # written after them, by the same thread
+            run.checkpoints.save(files, run.state(), write=save_checkpoint,
+                                 then=lambda: atomic_write_text(run.dir / STATUS_FILE, status))
     return signum
 
 
@@ -279,41 +279,52 @@ class EpochMeter:
         self.correct += (logits.argmax(1) == y).sum()
 
     def flush_losses(self, run: Run, writer: Any) -> None:
-        """Write the interval's per-step losses, averaged over ranks (one host read), and stop on
-        a non-finite one."""
-        if not self.pending:
-            return
-        losses = distributed.all_sum(torch.stack(self.pending).float(), run.dist)
-        values = losses.div_(run.dist.world).tolist()
-        first = run.global_step - len(self.pending) + 1
-        # The gradients are all-reduced before clipping: every rank's norm is the same.
-        norms = torch.stack(self.norms).float().tolist() if self.norms else []
+        """Write the interval's per-step losses, averaged over ranks, and stop on a non-finite one:
+        one host read."""
+        self._read(run, writer, totals=False)
+
+    def _read(self, run: Run, writer: Any, totals: bool) -> tuple[float, int, int] | None:
+        """The interval's losses and gradient norms (written to TensorBoard), and with totals the
+        epoch's sums over all ranks (loss, correct, images), in one host read."""
+        dtype = torch.float32 if run.device.type == "mps" else torch.float64  # MPS has no float64
+        n_losses, n_norms = len(self.pending), len(self.norms)
+        parts = [torch.stack(t).to(dtype) for t in (self.pending, self.norms) if t]
+        if totals:
+            parts.append(torch.stack([self.loss_sum.to(dtype), self.correct.to(dtype),
+                                      torch.full((), self.seen, device=run.device, dtype=dtype)]))
+        if not parts:
+            return None
+        # The gradients are all-reduced before clipping: every rank's norm is the same, so the
+        # ranks' mean of the losses and the norms is their sum over the ranks, divided.
+        values = distributed.all_sum(torch.cat(parts), run.dist).tolist()
+        world = run.dist.world
+        losses = [v / world for v in values[:n_losses]]
+        norms = [v / world for v in values[n_losses:n_losses + n_norms]]
+        first = run.global_step - n_losses + 1
         self.pending.clear()
         self.norms.clear()
-        for i, value in enumerate(values):
+        for i, value in enumerate(losses):
             if not math.isfinite(value):
                 raise diverged(run, f"non-finite loss ({value}) at epoch {run.epoch + 1}, step {first + i}")
             writer.add_scalar("train/loss_step", value, first + i)
         for i, value in enumerate(norms):
             writer.add_scalar("train/grad_norm", value, first + i)
-
-    def totals(self, run: Run) -> tuple[float, int, int]:
-        """(loss sum, correct, images) over all ranks so far this epoch: one host read."""
-        dtype = torch.float32 if run.device.type == "mps" else torch.float64  # MPS has no float64
-        packed = torch.stack([self.loss_sum.to(dtype), self.correct.to(dtype),
-                              torch.tensor(self.seen, device=run.device, dtype=dtype)])
-        loss, n_correct, n_seen = distributed.all_sum(packed, run.dist).tolist()
+        if not totals:
+            return None
+        loss, n_correct, n_seen = values[n_losses + n_norms:]
         return loss, int(n_correct), int(n_seen)
 
     def store(self, run: Run) -> None:
-        """The sums so far, into the progress a mid-epoch checkpoint holds."""
+        """The sums so far, into the progress a mid-epoch checkpoint holds (after the interval's
+        losses were written: one host read)."""
         p = run.progress
-        p.loss_sum, p.correct, p.seen = self.totals(run)
+        p.loss_sum, p.correct, p.seen = self._read(run, NullWriter(), totals=True)
         p.time_s = time.perf_counter() - self.t0
 
-    def summary(self, run: Run) -> dict[str, float]:
+    def finish(self, run: Run, writer: Any) -> dict[str, float]:
+        """The epoch's last losses written and its loss, accuracy, speed and time: one host read."""
         elapsed = time.perf_counter() - self.t0
-        loss, correct, seen = self.totals(run)
+        loss, correct, seen = self._read(run, writer, totals=True)
         n = max(seen, 1)
         return {"loss": loss / n, "acc": correct / n, "images_per_s": seen / elapsed, "time_s": elapsed}
 
