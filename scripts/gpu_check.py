@@ -21,7 +21,8 @@ OUT = Path("gpu_check")
 # GPU_CHECK_DRY=1: the same script on the CPU, on small synthetic data and a narrow network, to check
 # the script itself where no GPU is at hand (its numbers mean nothing; the yardstick is skipped).
 DRY = os.environ.get("GPU_CHECK_DRY") == "1"
-DRY_SETS = ["train.device=cpu", "model.width=0.0625", "train.batch_size=100", "data.val_size=500"]
+DRY_SETS = ["train.device=cpu", "model.width=0.0625", "train.batch_size=100", "data.val_size=500",
+            "train.precision=fp32"]
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) \|.*\| (\d+) img/s \| ([\d.]+)s")
 rows: list[tuple[str, str, str]] = []  # (what, measured, note)
 
@@ -85,7 +86,8 @@ def fit_row(label: str, data: Path, config: str, overrides: list[str], timeout: 
 
 def bench_row(label: str, config: str, overrides: list[str]) -> None:
     name = re.sub(r"\W+", "_", label).strip("_")
-    sets = [a for o in [*overrides, *(DRY_SETS[:3] if DRY else [])] for a in ("--set", o)]
+    dry = [o for o in DRY_SETS if not o.startswith("data.")] if DRY else []  # bench makes its own data
+    sets = [a for o in [*overrides, *dry] for a in ("--set", o)]
     out = OUT / f"{name}.json"
     code, _, _ = run(name, vggtrain("bench", "--config", config, *sets, "--parts", "bare,real,ops",
                                     "--steps", "60", "--json", str(out)), 240)

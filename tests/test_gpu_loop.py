@@ -47,6 +47,16 @@ def _bn_net() -> torch.nn.Module:
                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
 
 
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, after_step) -> None:
+    """steps of a toy loss on seeded random batches, after_step() after each optimizer step."""
+    for step in range(steps):
+        x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        after_step()
+
+
 def test_the_weight_ema_is_torch_averaged_models_bit_for_bit_and_loads_its_state():
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -54,13 +64,7 @@ def test_the_weight_ema_is_torch_averaged_models_bit_for_bit_and_loads_its_state
     ours = WeightEMA(model, 0.9)
     torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for step in range(5):
-        x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(step))
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        opt.step()
-        ours.step()
-        torchs.update_parameters(model)
+    _train(model, opt, 5, lambda: (ours.step(), torchs.update_parameters(model)))
     mine, theirs = ours.state_dict(), torchs.state_dict()
     assert mine.keys() == theirs.keys() and int(mine["n_averaged"]) == int(theirs["n_averaged"]) == 5
     for k in mine:
@@ -103,19 +107,12 @@ def _sgd_run_with(rates_on_device: bool, name: str) -> list[torch.Tensor]:
 
     cfg = config_from_dict(tiny_config(".", ".", optim={"name": name, "lr": 0.05},
                                        schedule={"kind": "linear", "warmup_epochs": 1}), "t")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    model = _bn_net()
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.schedule, 4, 8)
     if rates_on_device:
         lr_on_device(opt, torch.device("cpu"))
-    for step in range(8):
-        x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(step))
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        opt.step()
-        sched.step()
+    _train(model, opt, 8, sched.step)
     return [p.detach().clone() for p in model.parameters()]
 
 
