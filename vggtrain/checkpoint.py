@@ -195,6 +195,17 @@ def _check_container(path: Path) -> None:
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: truncated or damaged checkpoint (the end of its zip archive is "
                               f"missing; {size:,} bytes)")
+    # torch.save stores its entries as they are. A compressed one could declare any size (a few KB
+    # that inflate to terabytes), and torch.load allocates what an entry declares before reading it.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint ({first_line(e)})") from None
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED or entry.file_size > size:
+            raise CheckpointError(f"{path}: not a checkpoint as torch.save writes one (its entry "
+                                  f"{entry.filename[:100]!r} is compressed or larger than the file)")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
