@@ -121,12 +121,12 @@ def _read_cache(path: Path, key: str, classes: list[str], found: dict[str, list[
     classes, uint8 images of each split's size, the labels of its files (anyone may write a file
     with the right key: its labels are checked as the dataset's would be). Anything else (damaged,
     foreign, not a regular file, larger than the images can be) is None: decoded again, replaced."""
-    images = sum(len(files) for files in found.values())
+    most = sum(len(files) for files in found.values()) * (IMAGE_BYTES + 8) + 4 * len(str(classes)) + (1 << 20)
     try:
         st = os.stat(path)
     except OSError:
         return None
-    if file_kind(st.st_mode) is not None or st.st_size > images * (IMAGE_BYTES + 8) + (1 << 20):
+    if file_kind(st.st_mode) is not None or st.st_size > most:  # not read, not even opened
         return None
     try:
         with warnings.catch_warnings():
