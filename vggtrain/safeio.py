@@ -1,13 +1,14 @@
-"""The one boundary for files that someone else may have written: configs, sweep spaces, a run's
-status.json, report.json and config.yaml, the folder cache, images, earlier seeds' reports.
+"""The one boundary for files that someone else may have written: configs and `--set` values,
+sweep spaces, a run's status.json, report.json and config.yaml, earlier seeds' reports, label-name
+files, images (predict.read_image opens them here) and the folder cache (file_kind before
+torch.load maps it).
 
 Every reader here opens regular files only, and without blocking: a FIFO would hang the reader
 for good and /dev/zero (or a symlink to it) would fill the memory. A size limit is checked before
 a byte is read and enforced while reading (a file may grow). YAML goes through PyYAML's safe
-loader with limits on nesting and on its size once aliases are expanded (a "billion laughs"
-file is a few hundred bytes), and no integer longer than any value of ours; JSON through
-`json`, with its fields' types checked by `field`. Each failure is the caller's one-line
-UserError subclass naming the file.
+loader with limits on nesting, on alias uses and on integers' length (BoundedLoader); JSON
+through `json`, with its fields' types checked by `field`. Each failure is the caller's one-line
+UserError subclass naming the file. quiet_decoding keeps decoders' chatter off the terminal.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def open_regular(path: str | os.PathLike, error: ErrorType = UserError, label: o
                 os.close(fd)
     except FileNotFoundError:
         raise error(f"{label}: no such file") from None
-    except OSError as e:
-        raise error(f"{label}: cannot read it ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise error(f"{label}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     if kind is not None:
         raise error(f"{label}: {kind}, not a regular file")
     if limit is not None and st.st_size > limit:
