@@ -111,14 +111,31 @@ def png(path: Path, size: tuple[int, int] = (32, 32), seed: int = 0) -> Path:
 
 
 def chatty_tiff(path: Path) -> Path:
-    """A deflate TIFF whose compressed strip is garbage: libtiff writes "ZIPDecode: Decoding error"
+    """An LZW TIFF whose compressed strip is garbage: libtiff writes "Using code not yet in table"
     straight to file descriptor 2 before Pillow raises."""
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path, compression="tiff_adobe_deflate")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path, compression="tiff_lzw")
     with Image.open(path) as im:
         offset, length = im.tag_v2[273][0], im.tag_v2[279][0]
     data = bytearray(path.read_bytes())
-    data[offset:offset + length] = b"\x13" * length
+    data[offset:offset + length] = b"\xff" * length
     path.write_bytes(bytes(data))
+    return path
+
+
+def dds_unknown_format(path: Path) -> Path:
+    """A DirectDraw Surface with a pixel format Pillow does not know: NotImplementedError."""
+    import struct
+
+    header = struct.pack("<6I", 0x1007, 4, 4, 16, 0, 1) + bytes(44) + struct.pack("<4I", 32, 0x80000, 0, 32)
+    path.write_bytes(b"DDS " + struct.pack("<I", 124) + header + bytes(36) + bytes(64))
+    return path
+
+
+def blp_bad_compression(path: Path) -> Path:
+    """A Blizzard Mipmap whose compression field is neither JPEG nor raw: BLPFormatError."""
+    import struct
+
+    path.write_bytes(b"BLP1" + struct.pack("<iIIIi", 2, 0, 4, 4, 5) + bytes(4) + bytes(2048))
     return path
 
 
@@ -256,6 +273,17 @@ def test_a_hostile_sweep_space_is_one_line_before_any_trial(text, expect, cifar_
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("url, expect", [("nosuch://db", "NoSuchModuleError"),
+                                         ("not a url", "ArgumentError")])
+def test_a_storage_that_does_not_open_leaves_no_study_directory(url, expect, cifar_bin, tmp_path, capfd):
+    pytest.importorskip("optuna", reason="the [sweep] extra is not installed")
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs"))
+    space = write_yaml(tmp_path / "space.yaml", {"optim.lr": {"type": "float", "low": 0.01, "high": 0.1}})
+    refused(capfd, ["sweep", "--config", str(cfg), "--space", str(space), "--trials", "2", "--study", "s",
+                    "--storage", url], tmp_path, expect)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("kind", ["fifo", "zero", "huge"])
 def test_a_sweep_space_that_is_not_a_small_regular_file(kind, cifar_bin, tmp_path, capfd):
     pytest.importorskip("optuna", reason="the [sweep] extra is not installed")
@@ -309,7 +337,7 @@ def test_runs_passes_over_files_it_must_not_read_and_escapes_what_it_shows(tmp_p
     root = tmp_path / "runs"
     status = {"name": "x", "arch": f"vgg{ESC}", "epoch": 1, "epochs": 2, "state": "running",
               "precision": "fp32", "device": "cpu"}
-    for name in ("fifo", "zero", "huge", "deep", f"esc{ESC}", f"bytes{BAD_BYTE}"):
+    for name in ("fifo", "zero", "huge", "deep", "bomb", "digits", f"esc{ESC}", f"bytes{BAD_BYTE}"):
         (root / name).mkdir(parents=True)
         (root / name / "last.pt").write_bytes(b"")  # a run directory by its checkpoint
         (root / name / "status.json").write_text(json.dumps(status))
@@ -321,14 +349,17 @@ def test_runs_passes_over_files_it_must_not_read_and_escapes_what_it_shows(tmp_p
     with open(root / "huge" / "report.json", "wb") as f:
         f.truncate(3 << 30)
     (root / "deep" / "status.json").write_text("[" * 100_000 + "]" * 100_000)
+    (root / "bomb" / "status.json").unlink()  # so its config.yaml is read: 9^8 values in 200 bytes
+    (root / "bomb" / "config.yaml").write_text(f"model:\n  arch: {BOMB}\ntrain:\n  precision: {BOMB}\n")
+    (root / "digits" / "status.json").write_text('{"epoch": ' + "9" * 4000 + ', "params": 1e999}')
     before = snapshot(tmp_path)
     code, out, err = run_cli(capfd, ["runs", str(root)])
     assert code == 0 and not err, err
     assert "\x1b" not in out and "\x07" not in out
     assert "esc\\x1b]0;owned\\x07\\x1b[2J" in out and "bytes\\xff" in out and "vgg\\x1b" in out
-    assert len(out.splitlines()) == 7  # a header and six rows: every directory listed
+    assert len(out.splitlines()) == 9  # a header and eight rows: every directory listed
     code, out, err = run_cli(capfd, ["runs", str(root), "--json"])
-    assert code == 0 and len(json.loads(out)) == 6
+    assert code == 0 and len(json.loads(out)) == 8
     assert snapshot(tmp_path) == before
 
 
@@ -350,6 +381,8 @@ def test_force_never_reads_a_fifo_to_decide_what_a_run_is(cifar_bin, tmp_path, c
     ("test lacks a class", "no images of class 'bee' (every class needs test images"),
     ("test class empty", "no images of class 'bee' (every class needs test images"),
     ("plugin raises", "cannot decode the image (NotImplementedError: this plugin cannot decode"),
+    ("dds", "cannot decode the image (NotImplementedError: Unknown pixel format flags"),
+    ("blp", "cannot decode the image (BLPFormatError: Unsupported BLP compression"),
     ("libtiff talks", "cannot decode the image (OSError: decoder error"),
     ("bomb", "cannot decode the image (DecompressionBombError"),
 ])
@@ -374,6 +407,10 @@ def test_a_folder_dataset_with_a_bad_file_is_one_line_and_no_run(case, expect, t
             f.unlink()
     elif case == "plugin raises":
         (bee_train / "2.boom").write_bytes(b"BOOM and more")
+    elif case == "dds":
+        dds_unknown_format(bee_train / "2.dds")
+    elif case == "blp":
+        blp_bad_compression(bee_train / "2.blp")
     elif case == "libtiff talks":
         chatty_tiff(bee_train / "2.tif")
     elif case == "bomb":
@@ -421,8 +458,11 @@ def _forged_caches(good: dict) -> dict[str, object]:
     wrong_labels = dict(good, train_labels=torch.full_like(good["train_labels"], 99))
     wrong_shape = dict(good, test_images=good["test_images"][:, :, :16])
     wrong_dtype = dict(good, train_labels=good["train_labels"].to(torch.int32))
+    negative = dict(good, train_labels=good["train_labels"] - 5)
+    floats = dict(good, train_labels=good["train_labels"].float())
     swapped = dict(good, train_labels=good["train_labels"].flip(0))
-    return {"labels out of range": wrong_labels, "shape": wrong_shape, "dtype": wrong_dtype,
+    return {"labels out of range": wrong_labels, "negative": negative, "float": floats,
+            "shape": wrong_shape, "dtype": wrong_dtype,
             "labels not the files'": swapped, "classes": dict(good, classes=["x", "y"])}
 
 
@@ -506,6 +546,23 @@ def test_predict_on_a_directory_reports_each_bad_file_and_predicts_the_rest(mode
     assert {k: v for k, v in after.items() if not k.endswith("p.json")} == before
 
 
+def test_predict_survives_every_decoder_that_raises_its_own_type(model_ckpt, tmp_path, capfd):
+    d = tmp_path / "imgs"
+    png(d / "a.png")
+    dds_unknown_format(d / "b.dds")
+    blp_bad_compression(d / "c.blp")
+    for args in ([str(d)], [str(d / "b.dds"), str(d / "c.blp"), str(d / "a.png")]):
+        code, out, err = run_cli(capfd, ["predict", "--ckpt", str(model_ckpt), *args, "--device", "cpu"])
+        assert code == 2 and "Traceback" not in err and err.count("\n") == 2, err
+        assert "b.dds: cannot decode the image (NotImplementedError" in err
+        assert "c.blp: cannot decode the image (BLPFormatError" in err
+        assert out.startswith(f"{d / 'a.png'}: ")
+    code, _, err = run_cli(capfd, ["gradcam", "--ckpt", str(model_ckpt), str(d), "--out",
+                                   str(tmp_path / "cams"), "--device", "cpu"])
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 2, err
+    assert [p.name for p in (tmp_path / "cams").iterdir()] == ["a.gradcam.png"]
+
+
 def test_predict_names_with_escapes_and_bytes_are_shown_escaped(model_ckpt, tmp_path, capfd):
     odd = png(tmp_path / f"{ESC}{BAD_BYTE}.png")
     (tmp_path / "zero.png").symlink_to("/dev/zero")
@@ -576,6 +633,8 @@ def test_export_never_replaces_its_own_checkpoint_or_a_directory(model_ckpt, tmp
     shutil.copy(model_ckpt, ckpt)
     refused(capfd, ["export", "--ckpt", str(ckpt), "--format", "torchscript", "--out", str(ckpt)],
             tmp_path, "is the checkpoint being exported")
+    (tmp_path / "m2.pt").write_bytes(b"the user's earlier export")  # kept: snapshot
     (tmp_path / "m2.pt.json").mkdir()
     refused(capfd, ["export", "--ckpt", str(ckpt), "--format", "torchscript", "--out",
                     str(tmp_path / "m2.pt")], tmp_path, "would replace a directory")
+    assert (tmp_path / "m2.pt").read_bytes() == b"the user's earlier export"

@@ -101,13 +101,21 @@ def _get(d: dict[str, Any] | None, *keys: str) -> Any:
 
 
 def _number(value: Any) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)  # an integer of thousands of digits overflows
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _text(value: Any) -> str | None:
-    """A string column's value: what a run wrote, as text (a foreign file may hold anything)."""
-    return None if value is None else str(value)[:40]
+    """A string column's value: what a run wrote, as text. A foreign file may hold anything: only a
+    scalar is shown (a YAML alias may stand for billions of values, which str() would write out)."""
+    if isinstance(value, str):
+        return value[:40]
+    return str(value)[:40] if isinstance(value, (int, float)) and abs(value) < 1e40 else None
 
 
 def run_row(path: Path, name: str) -> dict[str, Any] | None:

@@ -227,8 +227,18 @@ def read_json(path: str | os.PathLike, limit: int = TEXT_LIMIT, error: ErrorType
         raise error(f"{label}: not valid JSON ({first_line(e)})") from None
 
 
+def finite_number(v: Any) -> bool:
+    """An int or float (not a bool) that is finite as a float."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an integer of thousands of digits
+        return False
+
+
 _KINDS: dict[str, Callable[[Any], bool]] = {
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "number": finite_number,
     "fraction": lambda v: _KINDS["number"](v) and 0 <= v <= 1,
     "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "string": lambda v: isinstance(v, str),
@@ -299,13 +309,6 @@ def quiet_decoding() -> Iterator[None]:
             os.close(null)
 
 
-def is_regular(path: str | os.PathLike) -> bool:
-    """Whether path is a regular file (a symlink to one too), without opening it."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
-
-
 __all__ = ["open_regular", "read_bytes", "read_text", "read_yaml", "load_yaml", "read_json", "field",
-           "quiet_decoding", "is_regular", "file_kind", "yaml_problem", "BoundedLoader", "FastBoundedLoader"]
+           "quiet_decoding", "file_kind", "finite_number", "yaml_problem", "BoundedLoader",
+           "FastBoundedLoader"]

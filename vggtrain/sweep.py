@@ -24,7 +24,8 @@ from typing import Any
 
 from vggtrain.checkpoint import atomic_write_text
 from vggtrain.config import TrainConfig, _show, load_config
-from vggtrain.errors import ConfigError, RunStopped, UserError, shown
+from vggtrain.errors import ConfigError, RunStopped, UserError, first_line, shown
+from vggtrain.safeio import finite_number, read_yaml
 
 SWEEP_EXTRA = "vggtrain sweep needs optuna: pip install 'vggtrain[sweep]'"
 SPACE_TYPES = ("float", "int", "categorical")
@@ -47,8 +48,6 @@ def require_optuna() -> Any:
 def load_space(path: str | Path, base: TrainConfig, config: str, overrides: list[str]) -> dict[str, Any]:
     """The space file as Optuna distributions, each key checked against the config: every
     bound and choice must make a config that validates."""
-    from vggtrain.safeio import read_yaml
-
     optuna = require_optuna()
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -73,7 +72,7 @@ def load_space(path: str | Path, base: TrainConfig, config: str, overrides: list
         # Each value checked for its type before anything walks it: an alias may stand for a
         # structure of billions of values (written out as JSON below, it would never end).
         for bound in ("low", "high", "step"):
-            if bound in spec and not _finite_number(spec[bound]):
+            if bound in spec and not finite_number(spec[bound]):
                 raise ConfigError(f"{where}: {bound} must be a finite number (got {_show(spec[bound])})")
         if "log" in spec and not isinstance(spec["log"], bool):
             raise ConfigError(f"{where}: log must be true or false (got {_show(spec['log'])})")
@@ -106,12 +105,8 @@ def load_space(path: str | Path, base: TrainConfig, config: str, overrides: list
     return space
 
 
-def _finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _plain_choice(v: Any) -> bool:
-    return v is None or isinstance(v, bool) or _finite_number(v) or (isinstance(v, str) and len(v) <= 200)
+    return v is None or isinstance(v, bool) or finite_number(v) or (isinstance(v, str) and len(v) <= 200)
 
 
 # --- the sweep ------------------------------------------------------------------------------------
@@ -148,26 +143,20 @@ def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, s
     if prune_from is None:
         prune_from = default_prune_from(base.train.epochs)
     study_dir = (Path(base.train.out_dir) / study_name).resolve()  # stored per trial: any cwd finds it
+    made = [d for d in (study_dir, *study_dir.parents) if not d.exists()]  # deepest first
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{study_dir}: cannot create it ({e.strerror or e})") from None
     url = storage or f"sqlite:///{study_dir / 'study.db'}"
     shown_url = _without_password(url)
-    for attempt in range(5):
-        try:
-            study = optuna.create_study(study_name=study_name, storage=url, direction="maximize",
-                                        load_if_exists=True, pruner=make_pruner(optuna, prune_from),
-                                        # unseeded: processes sharing a study must not draw alike
-                                        sampler=optuna.samplers.TPESampler())
-            break
-        except Exception as e:  # a storage URL that does not connect: SQLAlchemy's many error types
-            # Two processes creating one new database race to write its schema; the loser
-            # finds it written on the next try.
-            if attempt == 4:
-                raise UserError(f"--storage {shown_url}: cannot open the study ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]})") from None
-            time.sleep(0.5 + attempt)
+    try:
+        study = _open_study(optuna, study_name, url, shown_url, prune_from)
+    except UserError:
+        for d in made:  # a study that never opened leaves no directories behind
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty: a database file written there stays
+        raise
     print(f"study {study_name} in {shown_url}: {trials} trials, trial runs in {study_dir}, pruning "
           f"from epoch {prune_from}", flush=True)
     requeue_dead_trials(study, optuna)
@@ -182,6 +171,26 @@ def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, s
         trial.set_user_attr("prune_from", prune_from)  # processes on one study may differ
         run_trial(study, trial, config, overrides, study_dir, optuna)
     return study_report(study, study_dir, base, optuna)
+
+
+def _open_study(optuna: Any, study_name: str, url: str, shown_url: str, prune_from: int) -> Any:
+    from sqlalchemy.exc import ArgumentError  # Optuna's RDB storage is SQLAlchemy
+
+    for attempt in range(5):
+        try:
+            return optuna.create_study(study_name=study_name, storage=url, direction="maximize",
+                                       load_if_exists=True, pruner=make_pruner(optuna, prune_from),
+                                       # unseeded: processes sharing a study must not draw alike
+                                       sampler=optuna.samplers.TPESampler())
+        except Exception as e:  # a storage URL that does not connect: SQLAlchemy's many error types
+            # Two processes creating one new database race to write its schema; the loser finds it
+            # written on the next try. A URL that names no database (unparsable, an unknown
+            # dialect, a driver not installed) fails alike every time: said at once.
+            if attempt == 4 or isinstance(e, (ArgumentError, ImportError)):
+                raise UserError(f"--storage {shown_url}: cannot open the study ({type(e).__name__}: "
+                                f"{first_line(e)})") from None
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
