@@ -124,7 +124,7 @@ def run_row(path: Path, name: str) -> dict[str, Any] | None:
 
     status = _read_json(path / STATUS_FILE, TEXT_LIMIT)
     report = _read_json(path / "report.json", REPORT_LIMIT)
-    if str(_get(report, "schema") or "").startswith("vggtrain.sweep"):
+    if (_text(_get(report, "schema")) or "").startswith("vggtrain.sweep"):
         report = None  # a study's report: its trials are the runs, one level down
     config = None
     if status is None or report is None:
