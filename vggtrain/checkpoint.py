@@ -3,13 +3,14 @@ and read back with ``weights_only=True``, so a checkpoint can never run code."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
 import threading
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,38 @@ def atomic_write(path: Path, write: Any) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def replace_together(paths: list[Path]) -> Iterator[list[Path]]:
+    """Temp files beside paths (named like them, ending in the same suffix) for the block to
+    write; renamed over paths, in order, only once the whole block has succeeded, else deleted.
+    Files that belong together (an exported model and its description) are then never half
+    written, nor one new beside the other's old version, but by a failure between two renames
+    in one directory, moments apart."""
+    temps: list[Path] = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+            os.close(fd)
+            temps.append(Path(name))
+        yield list(temps)
+        for tmp in temps:
+            os.chmod(tmp, NEW_FILE_MODE)
+            with tmp.open("rb+") as f:
+                os.fsync(f.fileno())
+        for tmp, path in zip(temps, paths, strict=True):
+            os.replace(tmp, path)
+        for parent in {path.parent for path in paths}:
+            dir_fd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # make the renames themselves durable
+            finally:
+                os.close(dir_fd)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
 
 
 def _os_error_in(e: BaseException) -> OSError | None:
@@ -162,6 +195,17 @@ def _check_container(path: Path) -> None:
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: truncated or damaged checkpoint (the end of its zip archive is "
                               f"missing; {size:,} bytes)")
+    # torch.save stores its entries as they are. A compressed one could declare any size (a few KB
+    # that inflate to terabytes), and torch.load allocates what an entry declares before reading it.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint ({first_line(e)})") from None
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED or entry.file_size > size:
+            raise CheckpointError(f"{path}: not a checkpoint as torch.save writes one (its entry "
+                                  f"{entry.filename[:100]!r} is compressed or larger than the file)")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
@@ -169,9 +213,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     """Load a checkpoint written by save_checkpoint. Raises CheckpointError on anything else.
 
     mmap: map the tensors from the file instead of reading them (a look at a few keys)."""
+    from vggtrain.safeio import file_kind
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():  # a FIFO would hang torch.load, a device would never end
+        kind = file_kind(os.stat(path).st_mode) if path.exists() else None
+        raise CheckpointError(f"{path}: {kind}, not a checkpoint file" if kind else f"{path}: no such file")
     try:
         _check_container(path)
     except OSError as e:  # unreadable: permissions, an I/O error

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from vggtrain import __version__
 from vggtrain.config import DEVICE_RE, DEVICE_RULE, RUN_NAME_RE, RUN_NAME_RULE, TTA_MODES
-from vggtrain.errors import STORAGE_ERRNOS, RunStopped, UserError, WriteError
+from vggtrain.errors import STORAGE_ERRNOS, RunStopped, UserError, WriteError, shown
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_WRITE = 0, 1, 2, 130, 74
 ALLOCATOR_COMMANDS = {"fit", "eval", "bench", "info", "sweep", "seeds"}  # the ones that train or evaluate
@@ -198,10 +198,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     side = export_checkpoint(args.ckpt, args.format, args.out, args.data_root)
     p = side["parity"]
     speed = f", {p['exported_images_per_s']:,.0f} images/s" if p["exported_images_per_s"] else ""
-    print(f"wrote {args.out} ({args.format}, {side['source']['weights']} weights of epoch "
-          f"{side['source']['epoch']}) and {args.out}.json; parity on {p['images_from']}: max |logit "
-          f"difference| {p['max_abs_logit_diff']:.1e} (tolerance {p['tolerance']:.1e}), top-1 the same on "
-          f"all {p['images']:,}{speed}")
+    print(shown(f"wrote {args.out} ({args.format}, {side['source']['weights']} weights of epoch "
+                f"{side['source']['epoch']}) and {args.out}.json; parity on {p['images_from']}: max |logit "
+                f"difference| {p['max_abs_logit_diff']:.1e} (tolerance {p['tolerance']:.1e}), top-1 the "
+                f"same on all {p['images']:,}{speed}"))
     return EXIT_OK
 
 
@@ -386,7 +386,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     loaded = load_model(resolve_checkpoint(args.ckpt), device)
     results, errors = predict_files(loaded, args.images, device, args.topk)
     for e in errors:
-        print(f"vggtrain: {e['error']}", file=sys.stderr)
+        print(f"vggtrain: {shown(e['error'])}", file=sys.stderr)
     if args.json != "-":
         print(format_predictions(results), end="")
     if args.json is not None:
@@ -409,7 +409,7 @@ def _cmd_gradcam(args: argparse.Namespace) -> int:
     for line in done:
         print(line)
     for e in errors:
-        print(f"vggtrain: {e}", file=sys.stderr)
+        print(f"vggtrain: {shown(e)}", file=sys.stderr)
     return EXIT_USAGE if errors else EXIT_OK
 
 

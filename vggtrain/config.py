@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from vggtrain.errors import ConfigError
+from vggtrain.safeio import BoundedLoader, read_yaml, yaml_problem
 
 Check = Callable[[Any], "str | None"]
 ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "custom")
@@ -431,7 +432,7 @@ def resolve_config_path(path_or_name: str) -> Path:
         for name in (path_or_name, path_or_name + ".yaml"):
             candidates += [Path("configs") / name, PROJECT_CONFIGS / name]
     for c in candidates:
-        if c.is_file():
+        if c.exists() and not c.is_dir():  # a FIFO or a device too: read_text says what it is
             return c
     raise ConfigError(f"{path_or_name}: no such config file (also looked in configs/ and {PROJECT_CONFIGS})")
 
@@ -442,9 +443,9 @@ def _apply_override(raw: dict, item: str) -> str:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {_clip(item)}: expected key.sub=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = yaml.load(text, Loader=BoundedLoader) if text.strip() else None  # noqa: S506
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {_clip(item)}: value is not valid YAML ({_yaml_problem(e)})") from None
+        raise ConfigError(f"--set {_clip(item)}: value is not valid YAML ({yaml_problem(e)})") from None
     except RecursionError:
         raise ConfigError(f"--set {key}: value is nested too deeply") from None
     except ValueError as e:
@@ -459,31 +460,11 @@ def _apply_override(raw: dict, item: str) -> str:
     return key
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
-
-
 def load_config(path_or_name: str, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read, override and validate a YAML config. Raises ConfigError with a one-line message."""
     path = resolve_config_path(path_or_name)
     source = str(path_or_name)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{source}: not UTF-8 text (bad byte at offset {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"{source}: cannot read ({e.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: invalid YAML: {_yaml_problem(e)}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
-    except ValueError as e:  # an integer past Python's digit limit, a bad timestamp
-        raise ConfigError(f"{source}: invalid YAML: a value cannot be read ({str(e).split(';')[0]})"
-                          ) from None
+    raw = read_yaml(path, error=ConfigError, label=source)  # bounded: regular file, size, depth
     if raw is None:
         raise ConfigError(f"{source}: file is empty (expected a mapping of config sections)")
     if not isinstance(raw, dict):

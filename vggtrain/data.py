@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vggtrain.config import DataConfig
-from vggtrain.errors import DataError, first_line
+from vggtrain.errors import DataError, first_line, shown
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -167,11 +167,18 @@ def _class_names(base: Path, layout: str) -> list[str]:
         if isinstance(meta, list):
             names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in meta]
     else:
-        lines = (base / "batches.meta.txt").read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = _label_text(base / "batches.meta.txt").splitlines()
         names = [line.strip() for line in lines if line.strip()]
     if not names or not all(isinstance(n, str) for n in names):
         raise DataError(f"{base}: batches.meta holds no class names")
-    return names
+    return [shown(n) for n in names]  # as checkpoints' are read (inference.load_model)
+
+
+def _label_text(path: Path) -> str:
+    """A label-names file (one name a line, a few KB), bounded: no FIFO, no device, no huge file."""
+    from vggtrain.safeio import TEXT_LIMIT, read_bytes
+
+    return read_bytes(path, TEXT_LIMIT, DataError).decode("utf-8", "replace")
 
 
 def find_layout(root: Path) -> Path | None:
@@ -266,10 +273,11 @@ def _load_cifar100(root: Path, download: bool, labels: str) -> tuple[Split, Spli
         names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in meta] \
             if isinstance(meta, list) else None
     else:
-        text = (base / f"{labels}_label_names.txt").read_text(encoding="utf-8", errors="replace")
+        text = _label_text(base / f"{labels}_label_names.txt")
         names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names or not all(isinstance(n, str) for n in names):
         raise DataError(f"{base}: its meta holds no {labels} class names")
+    names = [shown(n) for n in names]
 
     def read(file: str, most: int) -> Split:
         path = base / (file if python else f"{file}.bin")

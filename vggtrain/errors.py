@@ -4,9 +4,31 @@ filesystem refused a write)."""
 import errno
 
 
+def _escapes() -> dict[int, str]:
+    table = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}  # C0, DEL, C1 controls
+    table.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+    # Bidirectional overrides and isolates reorder what a terminal shows ("Trojan Source").
+    table.update({c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+    # Lone surrogates: os.fsdecode's surrogateescape spells an undecodable byte 0xNN as U+DCNN.
+    table.update({c: f"\\u{c:04x}" for c in range(0xD800, 0xE000)})
+    table.update({c: f"\\x{c - 0xDC00:02x}" for c in range(0xDC80, 0xDD00)})
+    return table
+
+
+_ESCAPES = _escapes()
+
+
+def shown(text: object) -> str:
+    """text as it may reach a terminal: one line, control characters (escape sequences among them)
+    and bidirectional overrides escaped, an undecodable byte of a file name as \\xNN. It also
+    encodes as UTF-8, which a lone surrogate would not."""
+    return str(text).translate(_ESCAPES)
+
+
 def _one_line(message: str) -> str:
-    # The contract is one line: a newline smuggled in through a key, a value or a path is escaped.
-    return message.replace("\r", "\\r").replace("\n", "\\n")
+    # The contract is one line, safe for a terminal: what a key, a value or a path smuggled in
+    # (a newline, an escape sequence, a byte that is not UTF-8) is escaped.
+    return shown(message)
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

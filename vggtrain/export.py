@@ -5,8 +5,9 @@ What is exported is one forward pass of the eval-mode model (the weight EMA's we
 run kept one) with the run's normalisation inside: float RGB images in [0, 1], (N, 3, 32, 32),
 any N, in; logits out. A sidecar JSON beside the file says so, with the class names and the
 source checkpoint's digest. The file and its sidecar are written only after the exported model
-agreed with the checkpoint (the test set when its data is at hand, else random images), each
-atomically: a failed or refused export leaves nothing behind.
+agreed with the checkpoint (the test set when its data is at hand, else random images), both
+to temp files that are renamed into place together at the end: a failed or refused export
+leaves nothing behind and the files it would have replaced as they were.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from vggtrain import __version__
-from vggtrain.checkpoint import NEW_FILE_MODE, atomic_write_text
+from vggtrain.checkpoint import replace_together
 from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
 
@@ -73,6 +73,10 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, data_root: st
     if fmt == "exported" and out.suffix != ".pt2":  # torch.export.load expects the name to say so
         raise UserError(f"--out {out}: a torch.export program's file name ends in .pt2")
     path = resolve_checkpoint(ckpt)
+    if Path(f"{out}.json").is_dir():
+        raise UserError(f"--out {out}: {out.name}.json, its description, would replace a directory")
+    if out.exists() and path.exists() and os.path.samefile(out, path):
+        raise UserError(f"--out {out}: is the checkpoint being exported; name another file")
     loaded = load_model(path, "cpu")
     net = deployable(loaded)
     images, source = parity_images(loaded, data_root)
@@ -86,11 +90,10 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, data_root: st
 
 def _export_checked(loaded: LoadedModel, path: Path, net: ImagesToLogits, fmt: str, out: Path,
                     images: torch.Tensor, source: str, batch_size: int) -> dict[str, Any]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=f".tmp{SUFFIXES[fmt]}")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    side = Path(f"{out}.json")
+    # The model and its description are written to temp files and renamed into place together,
+    # after the parity check: a refused or failed export leaves the files before it as they were.
+    with replace_together([out, side]) as (tmp, tmp_side):
         _export(net, fmt, tmp)
         parity = check_parity(net, load_exported(fmt, tmp), images, batch_size)
         parity["images_from"] = source
@@ -98,16 +101,8 @@ def _export_checked(loaded: LoadedModel, path: Path, net: ImagesToLogits, fmt: s
             raise UserError(f"export refused: the {fmt} model disagrees with {path} on {source} "
                             f"(max |logit difference| {parity['max_abs_logit_diff']:.2e}, top-1 differs "
                             f"on {parity['top1_disagree']} images); nothing was written")
-        os.chmod(tmp, NEW_FILE_MODE)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    sidecar = sidecar_for(loaded, path, fmt, out, parity)
-    try:
-        atomic_write_text(Path(f"{out}.json"), json.dumps(sidecar, indent=2) + "\n")
-    except OSError:
-        out.unlink(missing_ok=True)  # a model without its description is not an export
-        raise
+        sidecar = sidecar_for(loaded, path, fmt, out, parity)
+        tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return sidecar
 
 

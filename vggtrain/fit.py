@@ -19,7 +19,7 @@ from vggtrain.curves import learning_curves
 from vggtrain.data import Split, load_dataset, measure_stats, split_train_val
 from vggtrain.device import set_deterministic
 from vggtrain.distributed import Dist
-from vggtrain.errors import STORAGE_ERRNOS, UserError
+from vggtrain.errors import STORAGE_ERRNOS, UserError, shown
 from vggtrain.evaluate import Evaluation, eval_settings, evaluate_split
 from vggtrain.model import count_parameters
 from vggtrain.run import Run, build_run, refuse_finished_run, steps_per_epoch
@@ -100,8 +100,9 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
     atomic_write_text(rd.path / "report.json", report_json(report))
     m = report["metrics"]
     loss = "n/a" if m["loss"] is None else f"{m['loss']:.4f}"
-    print(f"test accuracy {m['top1']:.2%} (top-5 {m['top5']:.2%}, loss {loss}, {m['images']} images) "
-          f"with best.pt from epoch {report['best_epoch']}; report in {rd.path / 'report.md'}", flush=True)
+    print(shown(f"test accuracy {m['top1']:.2%} (top-5 {m['top5']:.2%}, loss {loss}, {m['images']} "
+                f"images) with best.pt from epoch {report['best_epoch']}; report in {rd.path / 'report.md'}"),
+          flush=True)
     return report
 
 
@@ -178,9 +179,9 @@ def announce(run: Run, rd: RunDir, n_train: int, n_val: int, n_test: int) -> Non
     cfg, d = run.cfg, run.dist
     where = f"; resuming at epoch {run.epoch + 1}, step {run.progress.step}" if rd.resume else ""
     ranks = f" x {d.world} ranks (batch {cfg.train.batch_size} each)" if d.enabled else ""
-    print(f"run {rd.path}: {cfg.model.arch} ({count_parameters(run.model):,} parameters) on "
-          f"{run.device}{ranks}, {cfg.train.precision}; {n_train} train / {n_val} val / "
-          f"{n_test} test images{where}", flush=True)
+    print(shown(f"run {rd.path}: {cfg.model.arch} ({count_parameters(run.model):,} parameters) on "
+                f"{run.device}{ranks}, {cfg.train.precision}; {n_train} train / {n_val} val / "
+                f"{n_test} test images{where}"), flush=True)
     print(f"allocator: {allocator.in_effect()}", flush=True)
 
 

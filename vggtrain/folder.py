@@ -13,11 +13,15 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from vggtrain.errors import DataError
+from vggtrain.errors import DataError, shown
+from vggtrain.safeio import file_kind, quiet_decoding
+
+IMAGE_BYTES = 3 * 32 * 32
 
 CACHE_NAME = ".vggtrain-folder-cache.pt"
 CACHE_VERSION = 1
@@ -29,38 +33,57 @@ def image_extensions() -> set[str]:
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
+def walk_images(top: str | Path, extensions: set[str]) -> Iterator[str]:
+    """The files under top whose extension Pillow reads, hidden files and folders left out, in
+    os.walk's order (unsorted)."""
+    for dirpath, dirs, names in os.walk(top):
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        for n in names:
+            if not n.startswith(".") and os.path.splitext(n)[1].lower() in extensions:
+                yield os.path.join(dirpath, n)
+
+
 def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int, str]]]]:
     """(class names, {split: [(file, label, "size mtime")]}) in a stable order; hidden files and
     folders and files of other extensions are left out. One os.walk and one stat per file
-    (60,000 files in well under a second; pathlib's rglob took seconds)."""
+    (60,000 files in well under a second; pathlib's rglob took seconds). Every class needs images
+    in both splits: one it cannot learn or cannot be measured on is refused, not trained around."""
     train_dir, test_dir = root / "train", root / "test"
     for d in (train_dir, test_dir):
         if not d.is_dir():
             raise DataError(f"{root}: no {d.name}/ directory (data.dataset: folder expects "
                             f"{root}/train/<class>/* and {root}/test/<class>/*)")
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    dirs = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # A class's name goes into reports, checkpoints and the terminal: a directory name's control
+    # characters and bytes that are not UTF-8 are escaped (os.listdir gives those as surrogates).
+    classes = [shown(name) for name in dirs]
+    if len(set(classes)) < len(classes):
+        raise DataError(f"{train_dir}: two class directories whose names differ only in characters "
+                        f"that cannot be shown; rename one")
     if len(classes) < 2:
         raise DataError(f"{train_dir}: found {len(classes)} class directories, a classifier needs at least 2")
     extensions = image_extensions()
     found: dict[str, list[tuple[str, int, str]]] = {}
     for split, d in (("train", train_dir), ("test", test_dir)):
         extra = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")
-                       and p.name not in classes)
+                       and p.name not in dirs)
         if extra:
             raise DataError(f"{d}: class {extra[0]!r} is not one of train/'s {len(classes)} classes")
         files: list[tuple[str, int, str]] = []
-        for label, name in enumerate(classes):
+        for label, name in enumerate(dirs):
             in_class = []
-            for top, dirs, names in os.walk(d / name):
-                dirs[:] = [x for x in dirs if not x.startswith(".")]
-                for n in names:
-                    if not n.startswith(".") and os.path.splitext(n)[1].lower() in extensions:
-                        path = os.path.join(top, n)
-                        st = os.stat(path)
-                        in_class.append((path, label, f"{st.st_size} {st.st_mtime_ns}"))
+            for path in walk_images(d / name, extensions):
+                st = os.stat(path)
+                kind = file_kind(st.st_mode)
+                if kind is not None:  # a FIFO would hang the decoder, a device would never end
+                    raise DataError(f"{path}: {kind}, not an image file")
+                in_class.append((path, label, f"{st.st_size} {st.st_mtime_ns}"))
+            if not in_class:
+                why = "an empty class cannot be learned" if split == "train" else \
+                    "every class needs test images to be measured"
+                raise DataError(f"{d / name}: no images of class {classes[label]!r} ({why}; add images or "
+                                f"remove the class from train/)")
             files += sorted(in_class)
-        if not files:
-            raise DataError(f"{d}: no images found (any format Pillow reads, in {d}/<class>/)")
         found[split] = files
     return classes, found
 
@@ -69,7 +92,9 @@ def _cache_key(root: Path, classes: list[str], found: dict[str, list[tuple[str, 
     h = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n".encode())
     skip = len(str(root)) + 1
     for split, files in found.items():
-        h.update("".join(f"{split}\t{f[skip:]}\t{label}\t{stamp}\n" for f, label, stamp in files).encode())
+        # As the file system spells the names: a byte that is not UTF-8 came in as a surrogate.
+        h.update("".join(f"{split}\t{f[skip:]}\t{label}\t{stamp}\n" for f, label, stamp in files)
+                 .encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -78,19 +103,30 @@ def _decode(files: list[tuple[Path, int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
     images = torch.empty((len(files), 3, 32, 32), dtype=torch.uint8)
     bad: list[str] = []
-    for i, (f, _) in enumerate(files):
-        try:
-            images[i] = to_model_size(read_image(f))
-        except DataError as e:
-            bad.append(str(e).removeprefix("data error: "))
+    with quiet_decoding():  # once for all the images (read_image's own is then free)
+        for i, (f, _) in enumerate(files):
+            try:
+                images[i] = to_model_size(read_image(f))
+            except DataError as e:
+                bad.append(str(e).removeprefix("data error: "))
     if bad:
         more = f" (and {len(bad) - 1} more unreadable images)" if len(bad) > 1 else ""
         raise DataError(f"{bad[0]}{more}")
     return images, torch.tensor([label for _, label in files], dtype=torch.int64)
 
 
-def _read_cache(path: Path, key: str) -> dict | None:
-    if not path.is_file():
+def _read_cache(path: Path, key: str, classes: list[str], found: dict[str, list[tuple[str, int, str]]]
+                ) -> dict | None:
+    """The cache if it is exactly what decoding the scanned files would give: the same key and
+    classes, uint8 images of each split's size, the labels of its files (anyone may write a file
+    with the right key: its labels are checked as the dataset's would be). Anything else (damaged,
+    foreign, not a regular file, larger than the images can be) is None: decoded again, replaced."""
+    most = sum(len(files) for files in found.values()) * (IMAGE_BYTES + 8) + 4 * len(str(classes)) + (1 << 20)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if file_kind(st.st_mode) is not None or st.st_size > most:  # not read, not even opened
         return None
     try:
         with warnings.catch_warnings():
@@ -98,12 +134,16 @@ def _read_cache(path: Path, key: str) -> dict | None:
             cached = torch.load(path, weights_only=True, mmap=True)  # read as the split is used
     except Exception:  # a damaged or foreign file: decode again and replace it
         return None
-    ok = isinstance(cached, dict) and cached.get("key") == key and all(
-        isinstance(cached.get(f"{s}_images"), torch.Tensor) and cached[f"{s}_images"].dtype == torch.uint8
-        and cached[f"{s}_images"].shape[1:] == (3, 32, 32)
-        and isinstance(cached.get(f"{s}_labels"), torch.Tensor)
-        and len(cached[f"{s}_labels"]) == len(cached[f"{s}_images"]) for s in ("train", "test"))
-    return cached if ok else None
+    if not isinstance(cached, dict) or cached.get("key") != key or cached.get("classes") != classes:
+        return None
+    for split, files in found.items():
+        x, y = cached.get(f"{split}_images"), cached.get(f"{split}_labels")
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.shape == (len(files), 3, 32, 32)
+                and x.is_contiguous() and isinstance(y, torch.Tensor) and y.dtype == torch.int64
+                and y.shape == (len(files),)
+                and torch.equal(y, torch.tensor([label for _, label, _ in files], dtype=torch.int64))):
+            return None
+    return cached
 
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, 3, 32, 32), int64 labels (N,)
@@ -118,7 +158,7 @@ def load_folder(root: str | Path) -> tuple[Pair, Pair, list[str]]:
     classes, found = _scan(root)
     key = _cache_key(root, classes, found)
     cache = root / CACHE_NAME
-    cached = _read_cache(cache, key)
+    cached = _read_cache(cache, key, classes, found)
     if cached is None:
         cached = {"key": key, "classes": classes}
         for split, files in found.items():
@@ -127,7 +167,7 @@ def load_folder(root: str | Path) -> tuple[Pair, Pair, list[str]]:
         try:
             atomic_write(cache, lambda f: torch.save(cached, f))
         except OSError as e:  # a read-only dataset still trains, decoding each time
-            warnings.warn(f"{cache}: cannot write the decoded-image cache ({e.strerror or e}); "
+            warnings.warn(f"{shown(cache)}: cannot write the decoded-image cache ({e.strerror or e}); "
                           f"the images will be decoded again next time", stacklevel=2)
     return ((cached["train_images"], cached["train_labels"]), (cached["test_images"], cached["test_labels"]),
             classes)

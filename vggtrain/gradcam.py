@@ -20,7 +20,7 @@ from torch import nn
 
 from vggtrain.data import CIFAR10_STATS, Stats, norm_stats, normalize
 from vggtrain.draw import JET, apply_colormap, font, save_png, text_size, to_pil
-from vggtrain.errors import DataError, UserError
+from vggtrain.errors import DataError, UserError, shown
 from vggtrain.inference import LoadedModel
 from vggtrain.model import blocks
 
@@ -147,8 +147,9 @@ def output_paths(paths: list[str], out_dir: Path) -> list[Path]:
 
 def explain_files(loaded: LoadedModel, paths: list[str], out_dir: Path, layer: str | None = None,
                   class_name: str | None = None) -> tuple[list[str], list[str]]:
-    """Write one overlay PNG per readable image; (a line per PNG written, an error per image not)."""
-    from vggtrain.predict import read_image, to_model_size
+    """Write one overlay PNG per readable image (a directory stands for the images under it);
+    (a line per PNG written, an error per image not), escaped for the terminal."""
+    from vggtrain.predict import image_paths, read_image, to_model_size
 
     names = loaded.class_names
     layer_name, module = find_layer(loaded.model, layer)
@@ -157,7 +158,8 @@ def explain_files(loaded: LoadedModel, paths: list[str], out_dir: Path, layer: s
         if class_name not in names:
             raise UserError(f"--class {class_name}: not a class of this model (one of {', '.join(names)})")
         target = torch.tensor([names.index(class_name)])
-    done, errors = [], []
+    paths, missing = image_paths(paths)
+    done, errors = [], [e["error"] for e in missing]
     for path, out in zip(paths, output_paths(paths, out_dir), strict=True):
         try:
             original = read_image(path)
@@ -169,14 +171,14 @@ def explain_files(loaded: LoadedModel, paths: list[str], out_dir: Path, layer: s
         probs, cls = res.probs[0], int(res.classes[0])
         pred = int(probs.argmax())
         h, w = res.cams.shape[1:]
-        title = f"{Path(path).name}: predicted {names[pred]} ({probs[pred].item():.1%})"
+        title = f"{shown(Path(path).name)}: predicted {names[pred]} ({probs[pred].item():.1%})"
         caption = (f"Grad-CAM for {names[cls]} ({probs[cls].item():.1%}) at {layer_name} ({h}x{w} map); "
                    f"red: most evidence for {names[cls]}")
         try:
             save_png(out, overlay_image(original, res.cams[0], title, caption))
         except OSError as e:  # an unwritable --out: said once, not once per image
-            errors.append(f"--out {out.parent}: cannot write {out.name} ({e.strerror or e})")
+            errors.append(shown(f"--out {out.parent}: cannot write {out.name} ({e.strerror or e})"))
             break
-        done.append(f"{path}: predicted {names[pred]} {probs[pred].item():.1%}; Grad-CAM for {names[cls]} "
-                    f"at {layer_name} ({h}x{w}) -> {out}")
+        done.append(shown(f"{path}: predicted {names[pred]} {probs[pred].item():.1%}; Grad-CAM for "
+                          f"{names[cls]} at {layer_name} ({h}x{w}) -> {out}"))
     return done, errors

@@ -12,7 +12,7 @@ from torch import nn
 from vggtrain.checkpoint import check_weights_fit, load_checkpoint, load_model_state, model_weights
 from vggtrain.config import TrainConfig, config_from_dict
 from vggtrain.device import channels_last_for
-from vggtrain.errors import CheckpointError
+from vggtrain.errors import CheckpointError, shown
 from vggtrain.model import build_model
 
 
@@ -45,6 +45,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     if not isinstance(names, list) or len(names) != cfg.model.num_classes \
             or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{path}: class_names does not list {cfg.model.num_classes} names")
+    names = [shown(n) for n in names]  # printed and written as text: no escape sequences, valid UTF-8
     try:
         epoch = int(state.get("epoch", 0))
     except (TypeError, ValueError):

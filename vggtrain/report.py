@@ -25,6 +25,7 @@ from vggtrain.checkpoint import atomic_write_text
 from vggtrain.config import TrainConfig, tta_mode
 from vggtrain.data import Split
 from vggtrain.draw import BLUES, apply_colormap, font, save_png, text_rotated, text_size, to_pil, to_tensor
+from vggtrain.errors import shown
 from vggtrain.model import count_parameters
 
 if TYPE_CHECKING:
@@ -247,7 +248,7 @@ def format_text(report: dict[str, Any]) -> str:
     m, names = report["metrics"], report["class_names"]
     ips = report.get("images_per_s")
     lines = [
-        f"checkpoint {report['checkpoint']} (epoch {report['checkpoint_epoch']}"
+        f"checkpoint {shown(report['checkpoint'])} (epoch {report['checkpoint_epoch']}"
         f"{', weight EMA' if report.get('weights') == 'ema' else ''}): "
         f"{report['config']['model']['arch']}, {report['parameters']:,} parameters",
         f"{report['split']} split, {m['images']:,} images on {report['device']} ({report['precision']}"

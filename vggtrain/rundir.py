@@ -12,11 +12,10 @@ import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
-import yaml
-
 from vggtrain.checkpoint import atomic_write_text, load_checkpoint
 from vggtrain.config import config_from_dict
 from vggtrain.errors import STORAGE_ERRNOS, UserError, WriteError
+from vggtrain.safeio import read_yaml
 
 
 class RunDir:
@@ -92,9 +91,9 @@ def _is_run_dir(path: Path) -> bool:
     """A checkpoint, or a config.yaml that is a vggtrain config (what fit writes first)."""
     if (path / "last.pt").is_file() or (path / "best.pt").is_file():
         return True
-    try:
-        config_from_dict(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")), "config.yaml")
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError, UserError):
+    try:  # bounded: a FIFO or a device named config.yaml is no run's
+        config_from_dict(read_yaml(path / "config.yaml"), "config.yaml")
+    except UserError:
         return False
     return True
 

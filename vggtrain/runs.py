@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vggtrain.errors import shown
+
 STATUS_FILE = "status.json"
 COLUMNS = ("name", "arch", "params", "epochs", "best_val", "test_top1", "time_s", "precision",
            "device", "status")
@@ -42,21 +44,28 @@ def status_text(run: Any, state: str) -> str:
     return json.dumps(status, indent=1) + "\n"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path, limit: int) -> dict[str, Any] | None:
+    from vggtrain.errors import UserError
+    from vggtrain.safeio import read_json
+
+    if not os.path.lexists(path):
+        return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        data = read_json(path, limit)  # a FIFO, /dev/zero or a huge file is passed over, not read
+    except UserError:
         return None
     return data if isinstance(data, dict) else None
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
-    import yaml
+    from vggtrain.errors import UserError
+    from vggtrain.safeio import read_yaml
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's when present: 10x faster
+    if not os.path.lexists(path):
+        return None
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 (a SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError):
+        data = read_yaml(path, fast=True)  # libyaml's parser where present: 10x faster
+    except UserError:
         return None
     return data if isinstance(data, dict) else None
 
@@ -92,24 +101,34 @@ def _get(d: dict[str, Any] | None, *keys: str) -> Any:
 
 
 def _number(value: Any) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)  # an integer of thousands of digits overflows
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _text(value: Any) -> str | None:
-    """A string column's value: what a run wrote, as text (a foreign file may hold anything)."""
-    return None if value is None else str(value)[:40]
+    """A string column's value: what a run wrote, as text. A foreign file may hold anything: only a
+    scalar is shown (a YAML alias may stand for billions of values, which str() would write out)."""
+    if isinstance(value, str):
+        return value[:40]
+    return str(value)[:40] if isinstance(value, (int, float)) and abs(value) < 1e40 else None
 
 
 def run_row(path: Path, name: str) -> dict[str, Any] | None:
     """The table row of one run directory, or None when it is not one."""
-    status = _read_json(path / STATUS_FILE)
-    report = _read_json(path / "report.json")
-    if str(_get(report, "schema") or "").startswith("vggtrain.sweep"):
+    from vggtrain.safeio import REPORT_LIMIT, TEXT_LIMIT
+
+    status = _read_json(path / STATUS_FILE, TEXT_LIMIT)
+    report = _read_json(path / "report.json", REPORT_LIMIT)
+    if (_text(_get(report, "schema")) or "").startswith("vggtrain.sweep"):
         report = None  # a study's report: its trials are the runs, one level down
     config = None
     if status is None or report is None:
-        config = _read_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
+        config = _read_config(path / "config.yaml")
     if status is None and report is None and config is None and not (path / "last.pt").is_file():
         return None
     config = config or _get(report, "config") or {}
@@ -193,7 +212,8 @@ def _cell(key: str, value: Any) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no runs\n"
-    cells = [list(COLUMNS)] + [[_cell(k, r[k]) for k in COLUMNS] for r in rows]
+    # What a run's files and its directory's name say reaches the terminal escaped.
+    cells = [list(COLUMNS)] + [[shown(_cell(k, r[k])) for k in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines) + "\n"

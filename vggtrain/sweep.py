@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import socket
 import statistics
 import time
@@ -22,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from vggtrain.checkpoint import atomic_write_text
-from vggtrain.config import TrainConfig, load_config
-from vggtrain.errors import ConfigError, RunStopped, UserError
+from vggtrain.config import TrainConfig, _show, load_config
+from vggtrain.errors import ConfigError, RunStopped, UserError, first_line, shown
+from vggtrain.safeio import finite_number, read_yaml
 
 SWEEP_EXTRA = "vggtrain sweep needs optuna: pip install 'vggtrain[sweep]'"
 SPACE_TYPES = ("float", "int", "categorical")
+SPACE_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+MAX_CHOICES = 1000
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
 
@@ -44,22 +48,17 @@ def require_optuna() -> Any:
 def load_space(path: str | Path, base: TrainConfig, config: str, overrides: list[str]) -> dict[str, Any]:
     """The space file as Optuna distributions, each key checked against the config: every
     bound and choice must make a config that validates."""
-    import yaml
-
     optuna = require_optuna()
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--space {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--space {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, error=ConfigError, label=f"--space {path}")  # bounded: a file of a few KB
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"--space {path}: expected a mapping of dotted config keys to distributions, "
                           f"e.g. optim.lr: {{type: float, low: 0.01, high: 0.2, log: true}}")
     space = {}
     for key, spec in raw.items():
+        if not isinstance(key, str) or not SPACE_KEY_RE.match(key):
+            raise ConfigError(f"--space {path}: {_show(key)} is not a dotted config key (e.g. optim.lr)")
         where = f"--space {path}: {key}"
         if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
             raise ConfigError(f"{where}: needs type: {' | '.join(SPACE_TYPES)}")
@@ -69,7 +68,19 @@ def load_space(path: str | Path, base: TrainConfig, config: str, overrides: list
                 try:
                     spec[bound] = float(spec[bound])
                 except ValueError:
-                    raise ConfigError(f"{where}: {bound} is not a number ({spec[bound]!r})") from None
+                    raise ConfigError(f"{where}: {bound} is not a number ({_show(spec[bound])})") from None
+        # Each value checked for its type before anything walks it: an alias may stand for a
+        # structure of billions of values (written out as JSON below, it would never end).
+        for bound in ("low", "high", "step"):
+            if bound in spec and not finite_number(spec[bound]):
+                raise ConfigError(f"{where}: {bound} must be a finite number (got {_show(spec[bound])})")
+        if "log" in spec and not isinstance(spec["log"], bool):
+            raise ConfigError(f"{where}: log must be true or false (got {_show(spec['log'])})")
+        if kind == "categorical" and isinstance(spec.get("choices"), list):
+            choices = spec["choices"]
+            if len(choices) > MAX_CHOICES or not all(_plain_choice(c) for c in choices):
+                raise ConfigError(f"{where}: choices are at most {MAX_CHOICES} plain values (numbers, "
+                                  f"strings of up to 200 characters, true, false, null)")
         try:
             if kind == "categorical":
                 if extra != {"choices"} or not isinstance(spec["choices"], list) or not spec["choices"]:
@@ -92,6 +103,10 @@ def load_space(path: str | Path, base: TrainConfig, config: str, overrides: list
         space[str(key)] = dist
     del optuna
     return space
+
+
+def _plain_choice(v: Any) -> bool:
+    return v is None or isinstance(v, bool) or finite_number(v) or (isinstance(v, str) and len(v) <= 200)
 
 
 # --- the sweep ------------------------------------------------------------------------------------
@@ -128,26 +143,20 @@ def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, s
     if prune_from is None:
         prune_from = default_prune_from(base.train.epochs)
     study_dir = (Path(base.train.out_dir) / study_name).resolve()  # stored per trial: any cwd finds it
+    made = [d for d in (study_dir, *study_dir.parents) if not d.exists()]  # deepest first
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{study_dir}: cannot create it ({e.strerror or e})") from None
     url = storage or f"sqlite:///{study_dir / 'study.db'}"
     shown_url = _without_password(url)
-    for attempt in range(5):
-        try:
-            study = optuna.create_study(study_name=study_name, storage=url, direction="maximize",
-                                        load_if_exists=True, pruner=make_pruner(optuna, prune_from),
-                                        # unseeded: processes sharing a study must not draw alike
-                                        sampler=optuna.samplers.TPESampler())
-            break
-        except Exception as e:  # a storage URL that does not connect: SQLAlchemy's many error types
-            # Two processes creating one new database race to write its schema; the loser
-            # finds it written on the next try.
-            if attempt == 4:
-                raise UserError(f"--storage {shown_url}: cannot open the study ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]})") from None
-            time.sleep(0.5 + attempt)
+    try:
+        study = _open_study(optuna, study_name, url, shown_url, prune_from)
+    except UserError:
+        for d in made:  # a study that never opened leaves no directories behind
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty: a database file written there stays
+        raise
     print(f"study {study_name} in {shown_url}: {trials} trials, trial runs in {study_dir}, pruning "
           f"from epoch {prune_from}", flush=True)
     requeue_dead_trials(study, optuna)
@@ -162,6 +171,26 @@ def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, s
         trial.set_user_attr("prune_from", prune_from)  # processes on one study may differ
         run_trial(study, trial, config, overrides, study_dir, optuna)
     return study_report(study, study_dir, base, optuna)
+
+
+def _open_study(optuna: Any, study_name: str, url: str, shown_url: str, prune_from: int) -> Any:
+    from sqlalchemy.exc import ArgumentError  # Optuna's RDB storage is SQLAlchemy
+
+    for attempt in range(5):
+        try:
+            return optuna.create_study(study_name=study_name, storage=url, direction="maximize",
+                                       load_if_exists=True, pruner=make_pruner(optuna, prune_from),
+                                       # unseeded: processes sharing a study must not draw alike
+                                       sampler=optuna.samplers.TPESampler())
+        except Exception as e:  # a storage URL that does not connect: SQLAlchemy's many error types
+            # Two processes creating one new database race to write its schema; the loser finds it
+            # written on the next try. A URL that names no database (unparsable, an unknown
+            # dialect, a driver not installed) fails alike every time: said at once.
+            if attempt == 4 or isinstance(e, (ArgumentError, ImportError)):
+                raise UserError(f"--storage {shown_url}: cannot open the study ({type(e).__name__}: "
+                                f"{first_line(e)})") from None
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
@@ -349,7 +378,8 @@ def study_report(study: Any, study_dir: Path, base: TrainConfig, optuna: Any) ->
 
 
 def _params_text(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    """k=v, ...: a categorical's choices come from the space file, and go to the terminal escaped."""
+    return shown(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
 
 
 def format_study(r: dict[str, Any]) -> str:
@@ -395,9 +425,8 @@ def run_seeds(config: str, overrides: list[str], seeds: int, first_seed: int = 0
         report_file, reached_file = run_dir / "report.json", run_dir / "time_to_target.json"
         cfg = load_config(config, [*overrides, f"seed={seed}", f"name=seed-{seed}",
                                    f"train.out_dir={json.dumps(str(out))}"])
-        if report_file.is_file():  # reused only if it ran this very config
-            kept = json.loads(report_file.read_text())
-            if kept.get("config_digest") != config_digest(cfg):
+        if os.path.lexists(report_file):  # reused only if it ran this very config
+            if _seed_report(report_file)["config_digest"] != config_digest(cfg):
                 raise UserError(f"{run_dir} was trained with another config; move it away (or pick "
                                 f"another name) to run these seeds")
         else:
@@ -406,10 +435,10 @@ def run_seeds(config: str, overrides: list[str], seeds: int, first_seed: int = 0
             fit(cfg, run_dir, force=True, on_epoch_end=probe)
             if target is not None:
                 atomic_write_text(reached_file, json.dumps(reached) + "\n")
-        r = json.loads(report_file.read_text())
-        ttt = json.loads(reached_file.read_text()) if reached_file.is_file() else {}
-        rows.append({"seed": seed, "test_top1": r["metrics"]["top1"], "val_acc": r.get("val_acc"),
-                     "train_time_s": r.get("train_time_s"),
+        r = _seed_report(report_file)
+        ttt = _time_to_target(reached_file) if os.path.lexists(reached_file) else {}
+        rows.append({"seed": seed, "test_top1": r["top1"], "val_acc": r["val_acc"],
+                     "train_time_s": r["train_time_s"],
                      "time_to_target_s": ttt.get("train_time_s") if ttt.get("target") == target else None,
                      "run_dir": str(run_dir)})
     summary = {"schema": "vggtrain.seeds/1", "config": config, "overrides": overrides, "target": target,
@@ -419,6 +448,32 @@ def run_seeds(config: str, overrides: list[str], seeds: int, first_seed: int = 0
                                              if r["time_to_target_s"] is not None])}
     atomic_write_text(out / "seeds.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _seed_error(run_dir: Path) -> Any:
+    return lambda message: UserError(f"{message}; move {run_dir} away to run this seed again")
+
+
+def _seed_report(path: Path) -> dict[str, Any]:
+    """What seeds takes from a seed's report.json, each field typed: the file may be damaged, or
+    another program's."""
+    from vggtrain.safeio import REPORT_LIMIT, field, read_json
+
+    error = _seed_error(path.parent)
+    data = read_json(path, REPORT_LIMIT, error)
+    return {"config_digest": field(data, "config_digest", "string", error, path),
+            "top1": field(data, "metrics.top1", "fraction", error, path),
+            "val_acc": field(data, "val_acc", "fraction|null", error, path),
+            "train_time_s": field(data, "train_time_s", "number|null", error, path)}
+
+
+def _time_to_target(path: Path) -> dict[str, Any]:
+    from vggtrain.safeio import field, read_json
+
+    error = _seed_error(path.parent)
+    data = read_json(path, error=error)
+    return {"target": field(data, "target", "number|null", error, path),
+            "train_time_s": field(data, "train_time_s", "number|null", error, path)}
 
 
 def _target_probe(test: Any, target: float, reached: dict[str, Any]) -> Any:
