@@ -28,8 +28,6 @@ from vggtrain.run import Run
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS/cuDNN workspaces, autotuning)
 
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
-
 
 def why_not(run: Run) -> str | None:
     """Why the run's step cannot be captured, or None."""
@@ -76,7 +74,7 @@ class GraphedStep:
                 self.run.optimizer.zero_grad(set_to_none=True)
                 torch.cuda.synchronize(self.run.device)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                warn_once(f"capture failed ({first[:200]}); training with the eager step")
+                warn_line(f"capture failed ({first[:200]}); training with the eager step")
         if self.failed:
             return self.eager(self.run, x, y, self.criterion)
         assert self.inputs is not None and self.outputs is not None and self.graph is not None
@@ -109,7 +107,7 @@ def in_use(run: Run) -> bool:
     return isinstance(run.graphed, GraphedStep) and run.graphed.graph is not None
 
 
-def warn_once(what: str) -> None:
+def warn_line(what: str) -> None:
     """One line on stderr, not a Python warning's two."""
     print(f"vggtrain: warning: train.cuda_graphs: {what}", file=sys.stderr, flush=True)
 
@@ -127,6 +125,6 @@ def graphed_step(run: Run, criterion: nn.Module, eager: Callable[..., Any]) -> G
     why = why_not(run)
     if why is not None:
         if run.dist.is_main:
-            warn_once(f"{why}; training with the eager step")
+            warn_line(f"{why}; training with the eager step")
         return None
     return GraphedStep(run, criterion, eager)
