@@ -351,7 +351,7 @@ def check_output_writable(out: str) -> None:
 
 def write_output(out: str, text: str) -> None:
     """Write a command's --json file atomically ('-' means stdout); a failure is a UserError."""
-    from vggtrain.checkpoint import atomic_write_text
+    from vggtrain.atomic import atomic_write_text
 
     if out == "-":
         sys.stdout.write(text)

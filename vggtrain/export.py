@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from vggtrain import __version__
-from vggtrain.checkpoint import replace_together
+from vggtrain.atomic import replace_together
 from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from vggtrain import allocator, distributed, graphs
-from vggtrain.checkpoint import atomic_write_text, check_weights_fit, load_checkpoint, model_weights
+from vggtrain.atomic import atomic_write_text
+from vggtrain.checkpoint import check_weights_fit, load_checkpoint, model_weights
 from vggtrain.config import TrainConfig, dump_config
 from vggtrain.curves import learning_curves
 from vggtrain.data import Split, load_dataset, measure_stats, split_train_val

@@ -152,7 +152,7 @@ Pair = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, 3, 32, 32), int64 l
 def load_folder(root: str | Path) -> tuple[Pair, Pair, list[str]]:
     """((train images, labels), (test images, labels), class names) of an image folder, from its
     cache when the files have not changed since it was written."""
-    from vggtrain.checkpoint import atomic_write
+    from vggtrain.atomic import atomic_write
 
     root = Path(root)
     classes, found = _scan(root)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 import vggtrain
-from vggtrain.checkpoint import atomic_write_text
+from vggtrain.atomic import atomic_write_text
 from vggtrain.config import TrainConfig, tta_mode
 from vggtrain.data import Split
 from vggtrain.draw import BLUES, apply_colormap, font, save_png, text_rotated, text_size, to_pil, to_tensor

@@ -12,7 +12,8 @@ import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
-from vggtrain.checkpoint import atomic_write_text, load_checkpoint
+from vggtrain.atomic import atomic_write_text
+from vggtrain.checkpoint import load_checkpoint
 from vggtrain.config import config_from_dict
 from vggtrain.errors import STORAGE_ERRNOS, UserError, WriteError
 from vggtrain.safeio import read_yaml

@@ -24,7 +24,7 @@ STATES = ("finished", "stopped", "running", "diverged")
 def write_status(run: Any, state: str) -> None:
     """The run's progress beside its checkpoints, for `vggtrain runs` (rank 0 only)."""
     # Imported here: listing runs must not wait for torch to load (a hundred runs in well under 1 s).
-    from vggtrain.checkpoint import atomic_write_text
+    from vggtrain.atomic import atomic_write_text
 
     atomic_write_text(run.dir / STATUS_FILE, status_text(run, state))
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vggtrain.checkpoint import atomic_write_text
+from vggtrain.atomic import atomic_write_text
 from vggtrain.config import TrainConfig, _show, load_config
 from vggtrain.errors import ConfigError, RunStopped, UserError, first_line, shown
 from vggtrain.safeio import finite_number, read_yaml

@@ -21,8 +21,9 @@ from torch import nn
 from tqdm import tqdm
 
 from vggtrain import distributed, graphs
+from vggtrain.atomic import atomic_write_text
 from vggtrain.averaging import float_tensors
-from vggtrain.checkpoint import atomic_write_text, save_checkpoint
+from vggtrain.checkpoint import save_checkpoint
 from vggtrain.data import Augmentation, Split, alternating_flips, batch_mixer, norm_stats, train_batches
 from vggtrain.device import autocast
 from vggtrain.errors import RunStopped
