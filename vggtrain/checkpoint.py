@@ -16,7 +16,7 @@ import torch
 
 from vggtrain.atomic import atomic_write
 from vggtrain.config import ModelConfig
-from vggtrain.errors import CheckpointError, first_line
+from vggtrain.errors import CheckpointError, first_line, os_reason
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -137,7 +137,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     try:
         _check_container(path)
     except OSError as e:  # unreadable: permissions, an I/O error
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+        raise CheckpointError(f"{path}: cannot read it ({os_reason(e)})") from None
     try:
         with warnings.catch_warnings():  # a refused file gets one line from us, not torch's noise
             warnings.simplefilter("ignore")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vggtrain.config import DataConfig
-from vggtrain.errors import DataError, first_line, shown
+from vggtrain.errors import DataError, first_line, os_reason, shown
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -234,7 +234,7 @@ def load_dataset(data: DataConfig) -> tuple[Split, Split, list[str]]:
         try:
             train, test, names = load_folder(data.root)
         except OSError as e:
-            raise DataError(f"{e.filename or data.root}: {e.strerror or e}") from None
+            raise DataError(f"{e.filename or data.root}: {os_reason(e)}") from None
         return Split(*train), Split(*test), names
     return load_cifar10(data.root, data.download)
 
@@ -245,7 +245,7 @@ def load_cifar10(root: str | Path, download: bool = False) -> tuple[Split, Split
         return _load_cifar10(Path(root), download)
     except OSError as e:  # unreadable or unwritable files and folders: the user's to fix
         where = e.filename or root
-        raise DataError(f"{where}: {e.strerror or e}") from None
+        raise DataError(f"{where}: {os_reason(e)}") from None
 
 
 def load_cifar100(root: str | Path, download: bool = False, labels: str = "fine"
@@ -256,7 +256,7 @@ def load_cifar100(root: str | Path, download: bool = False, labels: str = "fine"
         return _load_cifar100(Path(root), download, labels)
     except OSError as e:
         where = e.filename or root
-        raise DataError(f"{where}: {e.strerror or e}") from None
+        raise DataError(f"{where}: {os_reason(e)}") from None
 
 
 def _load_cifar100(root: Path, download: bool, labels: str) -> tuple[Split, Split, list[str]]:

@@ -26,7 +26,7 @@ from torch import nn
 
 from vggtrain import __version__
 from vggtrain.atomic import replace_together
-from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line
+from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line, os_reason
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
 
 FORMATS = ("onnx", "exported", "torchscript")
@@ -85,7 +85,7 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, data_root: st
     except OSError as e:  # the output directory or the disk refused a write
         if e.errno in STORAGE_ERRNOS:
             raise WriteError.of(e, out) from None
-        raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+        raise UserError(f"--out {out}: cannot write it ({os_reason(e)})") from None
 
 
 def _export_checked(loaded: LoadedModel, path: Path, net: ImagesToLogits, fmt: str, out: Path,
@@ -143,7 +143,7 @@ def _export(net: ImagesToLogits, fmt: str, path: Path) -> None:
     except OSError as e:
         if e.errno in STORAGE_ERRNOS:
             raise
-        raise UserError(f"export to {fmt} failed: {e.strerror or e}") from None
+        raise UserError(f"export to {fmt} failed: {os_reason(e)}") from None
     except Exception as e:  # an exporter's limit is the export's failure, not a traceback
         raise UserError(f"export to {fmt} failed: {type(e).__name__}: {first_line(e)}") from None
 

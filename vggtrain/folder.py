@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vggtrain.errors import DataError, shown
+from vggtrain.errors import DataError, os_reason, shown
 from vggtrain.safeio import file_kind, quiet_decoding
 
 IMAGE_BYTES = 3 * 32 * 32
@@ -167,7 +167,7 @@ def load_folder(root: str | Path) -> tuple[Pair, Pair, list[str]]:
         try:
             atomic_write(cache, lambda f: torch.save(cached, f))
         except OSError as e:  # a read-only dataset still trains, decoding each time
-            warnings.warn(f"{shown(cache)}: cannot write the decoded-image cache ({e.strerror or e}); "
+            warnings.warn(f"{shown(cache)}: cannot write the decoded-image cache ({os_reason(e)}); "
                           f"the images will be decoded again next time", stacklevel=2)
     return ((cached["train_images"], cached["train_labels"]), (cached["test_images"], cached["test_labels"]),
             classes)

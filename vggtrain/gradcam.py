@@ -20,7 +20,7 @@ from torch import nn
 
 from vggtrain.data import CIFAR10_STATS, Stats, norm_stats, normalize
 from vggtrain.draw import JET, apply_colormap, font, save_png, text_size, to_pil
-from vggtrain.errors import DataError, UserError, shown
+from vggtrain.errors import DataError, UserError, os_reason, shown
 from vggtrain.inference import LoadedModel
 from vggtrain.model import blocks
 
@@ -177,7 +177,7 @@ def explain_files(loaded: LoadedModel, paths: list[str], out_dir: Path, layer: s
         try:
             save_png(out, overlay_image(original, res.cams[0], title, caption))
         except OSError as e:  # an unwritable --out: said once, not once per image
-            errors.append(shown(f"--out {out.parent}: cannot write {out.name} ({e.strerror or e})"))
+            errors.append(shown(f"--out {out.parent}: cannot write {out.name} ({os_reason(e)})"))
             break
         done.append(shown(f"{path}: predicted {names[pred]} {probs[pred].item():.1%}; Grad-CAM for "
                           f"{names[cls]} at {layer_name} ({h}x{w}) -> {out}"))

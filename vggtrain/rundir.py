@@ -15,7 +15,7 @@ from pathlib import Path
 from vggtrain.atomic import atomic_write_text
 from vggtrain.checkpoint import load_checkpoint
 from vggtrain.config import config_from_dict
-from vggtrain.errors import STORAGE_ERRNOS, UserError, WriteError
+from vggtrain.errors import STORAGE_ERRNOS, UserError, WriteError, os_reason
 from vggtrain.safeio import read_yaml
 
 
@@ -59,7 +59,7 @@ class RunDir:
         except OSError as e:
             if e.errno in STORAGE_ERRNOS:
                 raise write_error(e, self.path) from None
-            raise UserError(f"run directory {self.path}: cannot write it ({e.strerror or e})") from None
+            raise UserError(f"run directory {self.path}: cannot write it ({os_reason(e)})") from None
 
 
 def write_error(e: OSError, run_dir: Path) -> WriteError:
@@ -79,7 +79,7 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     try:
         used = any(run_dir.iterdir())
     except OSError as e:
-        raise UserError(f"run directory {run_dir}: cannot read it ({e.strerror or e})") from None
+        raise UserError(f"run directory {run_dir}: cannot read it ({os_reason(e)})") from None
     if used and not force:
         raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it "
                         f"or --force to delete it and start over")
@@ -110,12 +110,12 @@ def delete_run_dir(run_dir: Path) -> None:
     except OSError as e:
         if aside is not None:
             aside.rmdir()
-        raise UserError(f"--force: cannot delete {run_dir} ({e.strerror or e})") from None
+        raise UserError(f"--force: cannot delete {run_dir} ({os_reason(e)})") from None
     try:
         shutil.rmtree(aside)
     except OSError as e:
         warnings.warn(f"--force: {run_dir} is gone, but deleting its files in {aside} failed "
-                      f"({e.strerror or e}); remove that directory by hand", stacklevel=2)
+                      f"({os_reason(e)}); remove that directory by hand", stacklevel=2)
 
 
 def lock_run_dir(run_dir: Path, held: ExitStack) -> bool:
@@ -132,7 +132,7 @@ def lock_run_dir(run_dir: Path, held: ExitStack) -> bool:
     try:
         fd = os.open(run_dir, os.O_RDONLY)
     except OSError as e:
-        raise UserError(f"run directory {run_dir}: cannot read it ({e.strerror or e})") from None
+        raise UserError(f"run directory {run_dir}: cannot read it ({os_reason(e)})") from None
     try:
         for wait in (0.05, 0.2, 0):  # `vggtrain runs` probes the lock for an instant: outwait it
             try:
