@@ -21,6 +21,7 @@ from torch import nn
 from vggtrain.data import CIFAR10_STATS, Stats, norm_stats, normalize
 from vggtrain.draw import JET, apply_colormap, font, save_png, text_size, to_pil
 from vggtrain.errors import DataError, UserError, os_reason, shown
+from vggtrain.images import image_paths, read_image, to_model_size
 from vggtrain.inference import LoadedModel
 from vggtrain.model import blocks
 
@@ -149,8 +150,6 @@ def explain_files(loaded: LoadedModel, paths: list[str], out_dir: Path, layer: s
                   class_name: str | None = None) -> tuple[list[str], list[str]]:
     """Write one overlay PNG per readable image (a directory stands for the images under it);
     (a line per PNG written, an error per image not), escaped for the terminal."""
-    from vggtrain.predict import image_paths, read_image, to_model_size
-
     names = loaded.class_names
     layer_name, module = find_layer(loaded.model, layer)
     target = None

@@ -1,6 +1,6 @@
 """The one boundary for files that someone else may have written: configs and `--set` values,
 sweep spaces, a run's status.json, report.json and config.yaml, earlier seeds' reports, label-name
-files, images (predict.read_image opens them here) and the folder cache (file_kind before
+files, images (images.read_image opens them here) and the folder cache (file_kind before
 torch.load maps it).
 
 Every reader here opens regular files only, and without blocking: a FIFO would hang the reader
