@@ -24,8 +24,7 @@ from vggtrain.errors import STORAGE_ERRNOS, UserError, shown
 from vggtrain.evaluate import Evaluation, eval_settings, evaluate_split
 from vggtrain.model import count_parameters
 from vggtrain.run import Run, build_run, refuse_finished_run, steps_per_epoch
-from vggtrain.rundir import RunDir, write_error
-from vggtrain.runs import write_status
+from vggtrain.rundir import RunDir, write_error, write_status
 from vggtrain.tb import NullWriter, open_summary_writer
 from vggtrain.train import EpochHook, train_epochs
 

@@ -29,7 +29,7 @@ from vggtrain.device import autocast
 from vggtrain.errors import RunStopped
 from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.run import EpochProgress, Run, steps_per_epoch
-from vggtrain.runs import STATUS_FILE, status_text, write_status
+from vggtrain.rundir import STATUS_FILE, status_text, write_status
 from vggtrain.schedule import rate_at
 from vggtrain.tb import NullWriter
 
