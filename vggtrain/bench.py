@@ -32,11 +32,12 @@ from torch import nn
 
 from vggtrain import allocator
 from vggtrain.config import TrainConfig
-from vggtrain.data import Augmentation, Split, train_batches
+from vggtrain.data import Augmentation, Split, random_split, train_batches
 from vggtrain.device import channels_last_for, select_device, set_deterministic, synchronize
 from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.model import build_model, count_parameters
 from vggtrain.run import EpochProgress, build_run
+from vggtrain.stepcount import count_step
 from vggtrain.train import step_function, train_one_epoch
 
 
@@ -50,12 +51,6 @@ def _rate(fn: Callable[[], int], device: torch.device, warmup: int, steps: int) 
         images += fn()
     synchronize(device)
     return images / (time.perf_counter() - t0)
-
-
-def random_split(n: int, device: torch.device, seed: int = 0) -> Split:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    return Split(images, torch.randint(0, 10, (n,), generator=g)).to(device)
 
 
 def _bench_run(cfg: TrainConfig, run_dir: Path, train_size: int) -> Any:
@@ -283,8 +278,6 @@ def run_bench(cfg: TrainConfig, config_arg: str, overrides: list[str], parts: li
         if "real" in parts:
             res["real_fit"] = bench_real_fit(cfg, Path(tmp), steps)
         if "ops" in parts:
-            from vggtrain.stepcount import count_step
-
             counted = count_step(cfg)
             res["ops_per_step"], res["syncs_per_step"] = counted.ops, counted.syncs
         if "eval" in parts:

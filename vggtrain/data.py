@@ -333,6 +333,14 @@ def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Spli
     return Split(train.images[rest], train.labels[rest]), Split(train.images[val], train.labels[val])
 
 
+def random_split(n: int, device: torch.device, seed: int = 0) -> Split:
+    """n random images (uint8 noise, labels 0-9) on device, the same for a seed: for benchmarks
+    and step counts, whose timings and operator counts do not depend on what the images show."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return Split(images, torch.randint(0, 10, (n,), generator=g)).to(device)
+
+
 # --- batches on the device -----------------------------------------------------------------
 
 def norm_stats(data: DataConfig) -> Stats:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
@@ -26,10 +26,8 @@ from vggtrain.config import TrainConfig, tta_mode
 from vggtrain.data import Split
 from vggtrain.draw import BLUES, apply_colormap, font, save_png, text_rotated, text_size, to_pil, to_tensor
 from vggtrain.errors import shown
+from vggtrain.evaluate import Evaluation
 from vggtrain.model import count_parameters
-
-if TYPE_CHECKING:
-    from vggtrain.evaluate import Evaluation
 
 SCHEMA = "vggtrain.report/1"  # bump when a key changes meaning or goes away; adding keys is fine
 MISTAKES_SHOWN = 32

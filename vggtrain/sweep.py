@@ -340,7 +340,7 @@ def run_trial(study: Any, trial: Any, config: str, overrides: list[str], study_d
 def study_report(study: Any, study_dir: Path, base: TrainConfig, optuna: Any) -> dict[str, Any] | None:
     """Once no trial runs any more: the best trial measured on the test set (the only time the
     test set is touched), and the study's facts; written to <study_dir>/report.{json,md}."""
-    from vggtrain.evaluate import evaluate_checkpoint
+    from vggtrain.eval import evaluate_checkpoint
 
     requeued = {k for k in study.user_attrs if k.startswith("requeued.")}
     all_trials = [t for t in study.get_trials(deepcopy=False) if f"requeued.{t.number}" not in requeued]
