@@ -32,6 +32,7 @@ from vggtrain.run import EpochProgress, Run, steps_per_epoch
 from vggtrain.rundir import STATUS_FILE, status_text, write_status
 from vggtrain.schedule import rate_at
 from vggtrain.tb import NullWriter
+from vggtrain.trainable import optimizer_step
 
 EpochHook = Callable[[Run], bool]
 
@@ -73,14 +74,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module,
     with autocast(run.device, run.cfg.train.precision, cache=cast_cache):
         logits = run.forward(x)
         loss = criterion(logits.float(), y)
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    norm = None
-    if run.cfg.optim.clip_grad_norm is not None:
-        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not fp16's scaled ones
-        norm = nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip_grad_norm)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    norm = optimizer_step(run.model, run.optimizer, run.scaler, loss, run.cfg.optim.clip_grad_norm)
     return loss.detach(), logits.detach(), norm
 
 
