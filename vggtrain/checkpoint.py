@@ -17,6 +17,8 @@ import torch
 from vggtrain.atomic import atomic_write
 from vggtrain.config import ModelConfig
 from vggtrain.errors import CheckpointError, first_line, os_reason
+from vggtrain.model import build_model
+from vggtrain.safeio import file_kind
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -128,8 +130,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     """Load a checkpoint written by save_checkpoint. Raises CheckpointError on anything else.
 
     mmap: map the tensors from the file instead of reading them (a look at a few keys)."""
-    from vggtrain.safeio import file_kind
-
     path = Path(path)
     if not path.is_file():  # a FIFO would hang torch.load, a device would never end
         kind = file_kind(os.stat(path).st_mode) if path.exists() else None
@@ -172,8 +172,6 @@ def check_weights_fit(model_cfg: ModelConfig, weights: Any, path: str | Path) ->
     """Refuse, before anything is allocated, a stored config whose model the checkpoint's weights
     do not fit: the model is built on the meta device (shapes only, no memory), so a config that
     declares a giant network costs nothing to check."""
-    from vggtrain.model import build_model
-
     try:
         with torch.device("meta"):
             shell = build_model(model_cfg)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from vggtrain.config import DataConfig
 from vggtrain.errors import DataError, first_line, os_reason, shown
+from vggtrain.safeio import TEXT_LIMIT, read_bytes
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -163,8 +164,6 @@ def _read_bin_batch(path: Path, label_bytes: int = 1, label_index: int = 0,
 
 def _label_text(path: Path) -> str:
     """A label-names file (one name a line, a few KB), bounded: no FIFO, no device, no huge file."""
-    from vggtrain.safeio import TEXT_LIMIT, read_bytes
-
     return read_bytes(path, TEXT_LIMIT, DataError).decode("utf-8", "replace")
 
 
@@ -240,7 +239,7 @@ def load_dataset(data: DataConfig) -> tuple[Split, Split, list[str]]:
     if data.dataset == "cifar100":
         return load_cifar100(data.root, data.download, data.labels)
     if data.dataset == "folder":
-        from vggtrain.folder import load_folder
+        from vggtrain.folder import load_folder  # Pillow and its plugins: loaded for a folder only
 
         with _os_errors(data.root):
             train, test, names = load_folder(data.root)

@@ -26,6 +26,7 @@ from torch import nn
 
 from vggtrain import __version__
 from vggtrain.atomic import replace_together
+from vggtrain.data import load_dataset, norm_stats
 from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line, os_reason
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
 
@@ -54,8 +55,6 @@ class ImagesToLogits(nn.Module):
 
 
 def deployable(loaded: LoadedModel) -> ImagesToLogits:
-    from vggtrain.data import norm_stats
-
     model = loaded.model.to("cpu", memory_format=torch.contiguous_format).float()
     return ImagesToLogits(model, *norm_stats(loaded.cfg.data)).eval()
 
@@ -167,8 +166,6 @@ def parity_images(loaded: LoadedModel, data_root: str | None) -> tuple[torch.Ten
     --data-root given, missing data is an error)."""
     from dataclasses import replace
 
-    from vggtrain.data import load_dataset
-
     data = replace(loaded.cfg.data, download=False)
     if data_root is not None:
         data = replace(data, root=data_root)
@@ -208,8 +205,6 @@ def check_parity(reference: nn.Module, exported: Any, images: torch.Tensor, batc
 
 def sidecar_for(loaded: LoadedModel, ckpt: Path, fmt: str, out: Path, parity: dict[str, Any]
                 ) -> dict[str, Any]:
-    from vggtrain.data import norm_stats
-
     mean, std = norm_stats(loaded.cfg.data)
     return {
         "file": out.name, "format": fmt, "vggtrain_version": __version__,

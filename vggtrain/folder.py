@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from vggtrain.atomic import atomic_write
 from vggtrain.errors import DataError, os_reason, shown
 from vggtrain.images import image_extensions, read_image, to_model_size, walk_images
 from vggtrain.safeio import file_kind, quiet_decoding
@@ -134,8 +135,6 @@ Pair = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, 3, 32, 32), int64 l
 def load_folder(root: str | Path) -> tuple[Pair, Pair, list[str]]:
     """((train images, labels), (test images, labels), class names) of an image folder, from its
     cache when the files have not changed since it was written."""
-    from vggtrain.atomic import atomic_write
-
     root = Path(root)
     classes, found = _scan(root)
     key = _cache_key(root, classes, found)

@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vggtrain.errors import shown
+from vggtrain.errors import UserError, shown
 from vggtrain.rundir import STATUS_FILE
+from vggtrain.safeio import REPORT_LIMIT, TEXT_LIMIT, read_json, read_yaml
 
 COLUMNS = ("name", "arch", "params", "epochs", "best_val", "test_top1", "time_s", "precision",
            "device", "status")
@@ -21,9 +22,6 @@ STATES = ("finished", "stopped", "running", "diverged")
 
 
 def _read_json(path: Path, limit: int) -> dict[str, Any] | None:
-    from vggtrain.errors import UserError
-    from vggtrain.safeio import read_json
-
     if not os.path.lexists(path):
         return None
     try:
@@ -34,9 +32,6 @@ def _read_json(path: Path, limit: int) -> dict[str, Any] | None:
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
-    from vggtrain.errors import UserError
-    from vggtrain.safeio import read_yaml
-
     if not os.path.lexists(path):
         return None
     try:
@@ -96,8 +91,6 @@ def _text(value: Any) -> str | None:
 
 def run_row(path: Path, name: str) -> dict[str, Any] | None:
     """The table row of one run directory, or None when it is not one."""
-    from vggtrain.safeio import REPORT_LIMIT, TEXT_LIMIT
-
     status = _read_json(path / STATUS_FILE, TEXT_LIMIT)
     report = _read_json(path / "report.json", REPORT_LIMIT)
     if (_text(_get(report, "schema")) or "").startswith("vggtrain.sweep"):
