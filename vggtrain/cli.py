@@ -1,9 +1,10 @@
 """Command line: ``vggtrain fit ...``. Exit codes: 0 ok, 2 bad input, 1 unexpected, 74 a write
 the filesystem refused (full disk), 130 Ctrl-C, 143 SIGTERM.
 
-Each command is a pair in COMMANDS: the function that declares its parser and the one that runs
-it. Options that several commands take (--config and --set, --device, --ckpt, --json) are
-declared once, by the helpers below them.
+Each command is one entry in COMMANDS (at the end): its help texts, the function that declares
+its options and the one that runs it. An option several commands take (--config with --set,
+--device, --ckpt, and --json from vggtrain.program, which the scripts share) is declared once, by
+one helper.
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from vggtrain import __version__
 from vggtrain.config import DEVICE_RE, DEVICE_RULE, RUN_NAME_RE, RUN_NAME_RULE, TTA_MODES
 from vggtrain.errors import UserError, shown
-from vggtrain.program import (  # noqa: F401 - run_reporting_errors and the exit codes: the CLI's API
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
+from vggtrain.program import (
     EXIT_OK,
     EXIT_USAGE,
-    EXIT_WRITE,
     add_json_option,
     check_output_writable,
     json_only,
@@ -36,7 +35,14 @@ from vggtrain.program import (  # noqa: F401 - run_reporting_errors and the exit
 ALLOCATOR_COMMANDS = {"fit", "eval", "bench", "info", "sweep", "seeds"}  # the ones that train or evaluate
 BENCH_PARTS = ("bare", "data", "reference", "fit", "real", "ops", "eval", "allocator")
 BENCH_JSON = "bench/results.json"  # where bench writes without --json
-Sub = Any  # argparse's subparsers action (a private type)
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str  # its line in `vggtrain --help`
+    options: Callable[[argparse.ArgumentParser], None]  # declares them
+    run: Callable[[argparse.Namespace], int]  # returns the exit code
+    description: str  # the top of `vggtrain NAME --help`
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 
 # --- options several commands share ---------------------------------------------------------------
 
-def _config_options(p: argparse.ArgumentParser, required: bool = True, default: str | None = None,
+def _config_and_set(p: argparse.ArgumentParser, required: bool = True, default: str | None = None,
                     what: str = "") -> None:
     """--config and --set."""
     where = f" (default: {default})" if default else " (e.g. vgg16_cifar.yaml)"
@@ -80,12 +86,10 @@ def _run_name(text: str) -> str:
     return text
 
 
-# --- the commands' parsers ------------------------------------------------------------------------
+# --- each command's options -----------------------------------------------------------------------
 
-def _fit_parser(sub: Sub) -> None:
-    p = sub.add_parser("fit", help="train a model from a YAML config",
-                       description="Train from a YAML config; writes runs/<name>/.")
-    _config_options(p, required=False)
+def _fit_options(p: argparse.ArgumentParser) -> None:
+    _config_and_set(p, required=False)
     p.add_argument("--name", type=_run_name,
                    help="run name (default: the config's name, else the file's stem)")
     _device_option(p, None, "train.device")
@@ -96,10 +100,7 @@ def _fit_parser(sub: Sub) -> None:
                    help="delete an existing run directory of the same name and start over")
 
 
-def _eval_parser(sub: Sub) -> None:
-    p = sub.add_parser("eval", help="measure a checkpoint: top-1/top-5, loss, per class, confusion",
-                       description="Evaluate a checkpoint on CIFAR-10's test split (or its run's "
-                                   "validation split); needs nothing but the checkpoint and the data.")
+def _eval_options(p: argparse.ArgumentParser) -> None:
     _ckpt_option(p)
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="test (default) or the validation images the run held out")
@@ -114,9 +115,7 @@ def _eval_parser(sub: Sub) -> None:
                         "adds one-pixel shifts (airbench's level 2); none turns it off")
 
 
-def _predict_parser(sub: Sub) -> None:
-    p = sub.add_parser("predict", help="top-k classes for image files",
-                       description="Classify PNG/JPEG images (converted to RGB, resized to 32x32).")
+def _predict_options(p: argparse.ArgumentParser) -> None:
     _ckpt_option(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--topk", type=positive_int, default=3, metavar="K", help="classes per image (3)")
@@ -124,9 +123,7 @@ def _predict_parser(sub: Sub) -> None:
     _device_option(p)
 
 
-def _gradcam_parser(sub: Sub) -> None:
-    p = sub.add_parser("gradcam", help="Grad-CAM heat maps: where the model looks",
-                       description="Write a Grad-CAM overlay PNG per image into --out.")
+def _gradcam_options(p: argparse.ArgumentParser) -> None:
     _ckpt_option(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for <image>.gradcam.png")
@@ -137,17 +134,12 @@ def _gradcam_parser(sub: Sub) -> None:
     _device_option(p)
 
 
-def _summary_parser(sub: Sub) -> None:
-    p = sub.add_parser("summary", help="per-layer shapes, parameters and multiply-accumulates",
-                       description="Summarise the model a config builds (no data, no weights).")
-    _config_options(p)
+def _summary_options(p: argparse.ArgumentParser) -> None:
+    _config_and_set(p)
 
 
-def _bench_parser(sub: Sub) -> None:
-    p = sub.add_parser("bench", help="measure training speed: step, data path, loop, eval, allocator",
-                       description="Measure where the time goes for one config (random images, "
-                                   "no dataset needed) and write JSON.")
-    _config_options(p, required=False, default="vgg16_cifar.yaml")
+def _bench_options(p: argparse.ArgumentParser) -> None:
+    _config_and_set(p, required=False, default="vgg16_cifar.yaml")
     p.add_argument("--steps", type=positive_int, default=20, metavar="N",
                    help="timed steps per measurement (20)")
     p.add_argument("--warmup", type=positive_int, default=3, metavar="N", help="untimed steps first (3)")
@@ -159,13 +151,7 @@ def _bench_parser(sub: Sub) -> None:
     p.add_argument("--quiet", action="store_true", help="write the JSON only, print nothing")
 
 
-def _export_parser(sub: Sub) -> None:
-    p = sub.add_parser("export", help="the model for ONNX Runtime, torch.export or TorchScript",
-                       description="Export a checkpoint's eval-mode model (its weight EMA where the run "
-                                   "kept one) with the run's normalisation inside: float RGB images "
-                                   "in [0, 1], (N, 3, 32, 32), in; logits out. Written only after it "
-                                   "agrees with the checkpoint on the test set (random images when "
-                                   "the data is not at hand); FILE.json describes it.")
+def _export_options(p: argparse.ArgumentParser) -> None:
     _ckpt_option(p)
     p.add_argument("--format", required=True, choices=["onnx", "exported", "torchscript"],
                    help="onnx (needs vggtrain[export]), exported (a torch.export .pt2), torchscript")
@@ -174,10 +160,7 @@ def _export_parser(sub: Sub) -> None:
                    help="the test data for the parity check (default: data.root of the stored config)")
 
 
-def _runs_parser(sub: Sub) -> None:
-    p = sub.add_parser("runs", help="one row per run directory: progress, accuracy, time, status",
-                       description="List the runs under DIR (and one level of subdirectories, "
-                                   "where sweeps put their trials) from the files they wrote.")
+def _runs_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", nargs="?", default=None, metavar="DIR", help="default: runs")
     p.add_argument("--sort", default="name", metavar="COLUMN",
                    help="name (default), arch, params, epochs, best_val, test_top1, time_s, "
@@ -186,13 +169,8 @@ def _runs_parser(sub: Sub) -> None:
     add_json_option(p, "the rows")
 
 
-def _sweep_parser(sub: Sub) -> None:
-    p = sub.add_parser("sweep", help="an Optuna study over config keys, each trial a normal fit",
-                       description="Search config values on the validation split with Optuna (needs "
-                                   "vggtrain[sweep]); trials run in <train.out_dir>/<study>/trial-N, the "
-                                   "best trial is tested once at the end. Several processes (or "
-                                   "machines, with --storage) may work on one study.")
-    _config_options(p, what="the base config")
+def _sweep_options(p: argparse.ArgumentParser) -> None:
+    _config_and_set(p, what="the base config")
     p.add_argument("--space", required=True, metavar="YAML",
                    help="dotted config keys -> {type: float|int|categorical, low, high, log, step, choices}")
     p.add_argument("--trials", required=True, type=positive_int, metavar="N",
@@ -206,12 +184,8 @@ def _sweep_parser(sub: Sub) -> None:
                         "sqlite:///<train.out_dir>/<study>/study.db)")
 
 
-def _seeds_parser(sub: Sub) -> None:
-    p = sub.add_parser("seeds", help="one config over several seeds: median, mean and spread",
-                       description="Run a config with seeds 0..N-1 (each a normal fit in "
-                                   "<train.out_dir>/<name>-seeds/seed-K) and summarise the test "
-                                   "accuracy and times; finished seeds are reused.")
-    _config_options(p)
+def _seeds_options(p: argparse.ArgumentParser) -> None:
+    _config_and_set(p)
     p.add_argument("--seeds", required=True, type=positive_int, metavar="N", help="how many seeds")
     p.add_argument("--first-seed", type=int, default=0, metavar="K", help="the first seed (0)")
     p.add_argument("--target", type=float, metavar="ACC",
@@ -220,16 +194,11 @@ def _seeds_parser(sub: Sub) -> None:
     add_json_option(p, "the summary")
 
 
-def _info_parser(sub: Sub) -> None:
-    p = sub.add_parser("info", help="versions, devices and the memory allocator in effect",
-                       description="What a bug report needs: versions, devices, allocator.")
+def _info_options(p: argparse.ArgumentParser) -> None:
     add_json_option(p, "these facts")
 
 
-def _config_parser(sub: Sub) -> None:
-    p = sub.add_parser("config", help="the config keys: type, default, range and meaning",
-                       description="Print the reference of the YAML config's keys (docs/config.md): "
-                                   "each key's type, default, allowed values and meaning.")
+def _config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", required=True, nargs="?", const="", metavar="SECTION",
                    help="every key, or those of one section (e.g. optim)")
 
@@ -238,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vggtrain", description="Train VGG networks on CIFAR-10.")
     parser.add_argument("--version", action="version", version=f"vggtrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for declare, _ in COMMANDS.values():
-        declare(sub)
+    for name, command in COMMANDS.items():
+        command.options(sub.add_parser(name, help=command.help, description=command.description))
     return parser
 
 
@@ -267,8 +236,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, extra)
     if not args.resume:
         check_run_name(cfg, args.config)
-    # --resume with --config: a run that already has this name goes on under it
-    fit(cfg, resume=args.resume, force=args.force)
+    fit(cfg, resume=args.resume, force=args.force)  # --resume alone: the run of this name goes on
     return EXIT_OK
 
 
@@ -438,14 +406,54 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# name -> (declares its parser, runs it); in --help's order
-COMMANDS: dict[str, tuple[Callable[[Sub], None], Callable[[argparse.Namespace], int]]] = {
-    "fit": (_fit_parser, _cmd_fit), "eval": (_eval_parser, _cmd_eval),
-    "predict": (_predict_parser, _cmd_predict), "gradcam": (_gradcam_parser, _cmd_gradcam),
-    "summary": (_summary_parser, _cmd_summary), "bench": (_bench_parser, _cmd_bench),
-    "export": (_export_parser, _cmd_export), "runs": (_runs_parser, _cmd_runs),
-    "sweep": (_sweep_parser, _cmd_sweep), "seeds": (_seeds_parser, _cmd_seeds),
-    "info": (_info_parser, _cmd_info), "config": (_config_parser, _cmd_config),
+# name -> the command: --help's line and page, the function that declares its options, the one
+# that runs it; in --help's order
+COMMANDS: dict[str, Command] = {
+    "fit": Command(
+        "train a model from a YAML config", _fit_options, _cmd_fit,
+        "Train from a YAML config; writes runs/<name>/."),
+    "eval": Command(
+        "measure a checkpoint: top-1/top-5, loss, per class, confusion", _eval_options, _cmd_eval,
+        "Evaluate a checkpoint on CIFAR-10's test split (or its run's validation split); needs nothing "
+        "but the checkpoint and the data."),
+    "predict": Command(
+        "top-k classes for image files", _predict_options, _cmd_predict,
+        "Classify PNG/JPEG images (converted to RGB, resized to 32x32)."),
+    "gradcam": Command(
+        "Grad-CAM heat maps: where the model looks", _gradcam_options, _cmd_gradcam,
+        "Write a Grad-CAM overlay PNG per image into --out."),
+    "summary": Command(
+        "per-layer shapes, parameters and multiply-accumulates", _summary_options, _cmd_summary,
+        "Summarise the model a config builds (no data, no weights)."),
+    "bench": Command(
+        "measure training speed: step, data path, loop, eval, allocator", _bench_options, _cmd_bench,
+        "Measure where the time goes for one config (random images, no dataset needed) and write JSON."),
+    "export": Command(
+        "the model for ONNX Runtime, torch.export or TorchScript", _export_options, _cmd_export,
+        "Export a checkpoint's eval-mode model (its weight EMA where the run kept one) with the run's "
+        "normalisation inside: float RGB images in [0, 1], (N, 3, 32, 32), in; logits out. Written only "
+        "after it agrees with the checkpoint on the test set (random images when the data is not at "
+        "hand); FILE.json describes it."),
+    "runs": Command(
+        "one row per run directory: progress, accuracy, time, status", _runs_options, _cmd_runs,
+        "List the runs under DIR (and one level of subdirectories, where sweeps put their trials) from "
+        "the files they wrote."),
+    "sweep": Command(
+        "an Optuna study over config keys, each trial a normal fit", _sweep_options, _cmd_sweep,
+        "Search config values on the validation split with Optuna (needs vggtrain[sweep]); trials run in "
+        "<train.out_dir>/<study>/trial-N, the best trial is tested once at the end. Several processes (or "
+        "machines, with --storage) may work on one study."),
+    "seeds": Command(
+        "one config over several seeds: median, mean and spread", _seeds_options, _cmd_seeds,
+        "Run a config with seeds 0..N-1 (each a normal fit in <train.out_dir>/<name>-seeds/seed-K) and "
+        "summarise the test accuracy and times; finished seeds are reused."),
+    "info": Command(
+        "versions, devices and the memory allocator in effect", _info_options, _cmd_info,
+        "What a bug report needs: versions, devices, allocator."),
+    "config": Command(
+        "the config keys: type, default, range and meaning", _config_options, _cmd_config,
+        "Print the reference of the YAML config's keys (docs/config.md): each key's type, default, "
+        "allowed values and meaning."),
 }
 
 
@@ -456,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vggtrain.allocator import reexec_with_fast_allocator
 
         reexec_with_fast_allocator()
-    command = COMMANDS[args.command][1]
+    command = COMMANDS[args.command].run
     code = run_reporting_errors("vggtrain", lambda: command(args))
     if argv is None and os.environ.get("WORLD_SIZE", "1") != "1":
         _exit_without_finalizing(code)

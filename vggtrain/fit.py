@@ -43,7 +43,7 @@ def fit(cfg: TrainConfig | None = None, run_dir: str | Path | None = None, resum
     resume: True continues <run_dir>/last.pt; a run directory or a checkpoint continues that one
     (`vggtrain fit --resume RUN_DIR_OR_CKPT`): with cfg None under its stored config and overrides
     ("key=value", as --set), else under cfg, which may change only what config.RESUMABLE_KEYS
-    allows. A (path, state) pair is used as it is, unchecked.
+    allows (and the name, to the run directory's). A (path, state) pair is used as it is, unchecked.
     on_epoch_end: see train.train_epochs.
     test: False leaves the test set alone (a sweep's trial: selection sees validation only) and
     returns {best_val_acc, best_epoch, epochs, train_time_s} instead of the report.
