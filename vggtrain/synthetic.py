@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from vggtrain.checkpoint import atomic_write, atomic_write_text
-from vggtrain.cli import positive_int, run_reporting_errors
 from vggtrain.data import BIN_DIR, PY_DIR, TEST_BATCHES, TRAIN_BATCHES
 from vggtrain.errors import UserError
+from vggtrain.program import positive_int, run_reporting_errors
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
                "dog", "frog", "horse", "ship", "truck"]
