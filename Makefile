@@ -48,9 +48,9 @@ bench: install
 	$(BIN)/vggtrain bench --config vgg16_cifar.yaml --json bench/vgg16_shipped.json $(ARGS)
 	$(BIN)/vggtrain bench --config vgg16_cifar.yaml $(PLAIN) $(SMALL_NET) --json bench/small_bf16_b512.json $(ARGS)
 
-# Time to accuracy (README, "Recipes and time to accuracy"): train TTA_CONFIG, measure the test
+# Time to accuracy (docs/recipes.md, "Time to accuracy"): train TTA_CONFIG, measure the test
 # set along the way, print when it first reached TARGET; curve and result in bench/tta_*.json.
-# The defaults are the README's measurement: make tta SEED=1
+# The defaults are docs/results/fast_cpu.md's measurement: make tta SEED=1
 TTA_CONFIG ?= fast_cpu.yaml
 TARGET     ?= 0.90
 BUDGET_MIN ?= 30

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Which test-time views help a trained run? Accuracy on its validation split for sets of views.
 
-    python scripts/tta_views.py runs/NAME/best.pt [--data-root DIR] [--split val|test] [--json OUT]
+    python scripts/tta_views.py runs/NAME/best.pt [--data-root DIR] [--split val|test] [--json [PATH]]
 
 Every view (the image and its mirror, each shifted by -2..2 pixels with reflect padding) is run
 once over the split; the view sets are then scored from those log-probabilities, averaging
@@ -79,21 +79,24 @@ def measure(ckpt: str, data_root: str | None, split: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vggtrain.errors import UserError
+    from vggtrain.program import add_json_option, json_only, write_output
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="a checkpoint, or a run directory (its best.pt)")
     p.add_argument("--data-root", help="where the data is, if not at the run's data.root")
     p.add_argument("--split", choices=("val", "test"), default="val")
-    p.add_argument("--json", metavar="OUT", help="also write the table as JSON to OUT")
+    add_json_option(p, "the table")
     args = p.parse_args(argv)
-    from vggtrain.errors import UserError
-
     try:
         result = measure(args.ckpt, args.data_root, args.split)
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            write_output(args.json, json.dumps(result, indent=2) + "\n")
     except (UserError, OSError) as e:
         print(f"tta_views: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 74: the filesystem refused the JSON
+    if json_only(args.json):
+        return 0
     print(f"{result['checkpoint']}: {result['images']} {result['split']} images")
     for row in result["rows"]:
         print(f"{row['views']:<22} {row['count']:>3} views  {row['top1']:.2%}")

@@ -25,7 +25,7 @@ from vggtrain.evaluate import EvalSettings, evaluate_split, log_probs
 from vggtrain.model import build_model
 from vggtrain.report import SCHEMA, build_report, confusion_image, format_text
 
-# The documented schema (README.md, "Evaluating a model"): eval writes exactly these keys ...
+# The documented schema (docs/evaluation.md, "The report"): eval writes exactly these keys ...
 EVAL_KEYS = {"schema", "split", "metrics", "tta", "tta_mode", "per_class", "class_names", "confusion_matrix",
              "checkpoint", "checkpoint_epoch", "weights", "parameters", "device", "precision", "images_per_s",
              "eval_time_s", "torch_version", "vggtrain_version", "config_digest", "config"}

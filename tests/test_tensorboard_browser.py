@@ -1,6 +1,6 @@
 """TensorBoard in a real browser (issue 24): `tensorboard --logdir` on a finished tiny run, read by
 headless Chromium, shows the scalar tags, the report's images and the run's hparams that the
-README's TensorBoard section names. Screenshots go to build/test-artifacts/ (VGGTRAIN_ARTIFACTS).
+TensorBoard section of docs/evaluation.md names. Screenshots go to build/test-artifacts/ (VGGTRAIN_ARTIFACTS).
 
 Needs Debian's chromium and chromium-driver (.ci/run installs them where it may) and selenium (the
 dev extra); skipped, with the reason, without them."""

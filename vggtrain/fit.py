@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from vggtrain import allocator, distributed, graphs
 from vggtrain.atomic import atomic_write_text
 from vggtrain.checkpoint import check_weights_fit, load_checkpoint, model_weights
-from vggtrain.config import TrainConfig, dump_config
+from vggtrain.config import TrainConfig, check_resume_changes, config_with_overrides, dump_config
 from vggtrain.curves import learning_curves
 from vggtrain.data import Split, load_dataset, measure_stats, split_train_val
 from vggtrain.device import set_deterministic
@@ -28,17 +28,27 @@ from vggtrain.rundir import RunDir, write_error, write_status
 from vggtrain.tb import NullWriter, open_summary_writer
 from vggtrain.train import EpochHook, train_epochs
 
+# What fit(resume=...) continues from: True (the config's own run), a run directory (its last.pt)
+# or a checkpoint, or the (path, state) load_checkpoint read; None starts a new run.
+Resume = bool | str | Path | tuple[Path, dict] | None
 
-def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None,
-        force: bool = False, on_epoch_end: EpochHook | None = None, test: bool = True) -> dict | None:
+
+def fit(cfg: TrainConfig | None = None, run_dir: str | Path | None = None, resume: Resume = None,
+        force: bool = False, on_epoch_end: EpochHook | None = None, test: bool = True,
+        overrides: Sequence[str] = ()) -> dict | None:
     """Train, checkpoint every epoch, then test the best checkpoint. Returns the report (None on
     ranks other than 0 of a torchrun job).
 
-    resume: (path, state) of the checkpoint to continue from, as load_checkpoint read it.
+    run_dir: default <train.out_dir>/<name>, or the resumed checkpoint's directory.
+    resume: True continues <run_dir>/last.pt; a run directory or a checkpoint continues that one
+    (`vggtrain fit --resume RUN_DIR_OR_CKPT`): with cfg None under its stored config and overrides
+    ("key=value", as --set), else under cfg, which may change only what config.RESUMABLE_KEYS
+    allows (and the name, to the run directory's). A (path, state) pair is used as it is, unchecked.
     on_epoch_end: see train.train_epochs.
     test: False leaves the test set alone (a sweep's trial: selection sees validation only) and
     returns {best_val_acc, best_epoch, epochs, train_time_s} instead of the report.
     """
+    cfg, run_dir, resume = resume_point(cfg, run_dir, resume, overrides)
     d = distributed.from_env()
     device_spec = distributed.init(d, cfg.train.device)
     try:
@@ -52,6 +62,42 @@ def fit(cfg: TrainConfig, run_dir: Path, resume: tuple[Path, dict] | None = None
         raise write_error(e, run_dir) from None
     finally:
         distributed.shutdown()
+
+
+def resume_point(cfg: TrainConfig | None, run_dir: str | Path | None, resume: Resume,
+                 overrides: Sequence[str] = ()) -> tuple[TrainConfig, Path, tuple[Path, dict] | None]:
+    """(config, run directory, (checkpoint, state) or None) of a fit() call's arguments: the
+    checkpoint loaded and the config checked against it before anything else starts."""
+    if overrides and cfg is not None:
+        raise ValueError("overrides apply to a resumed run's stored config: pass cfg=None with them")
+    if resume is True:
+        if cfg is None:
+            raise UserError("usage error: resuming a config's own run needs the config")
+        run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+        ckpt = run_dir / "last.pt"
+        if not ckpt.is_file():
+            raise UserError(f"nothing to resume: {ckpt} does not exist")
+    elif isinstance(resume, (str, Path)):
+        ckpt = Path(resume)
+        ckpt = ckpt / "last.pt" if ckpt.is_dir() else ckpt
+    elif cfg is None:
+        raise UserError("usage error: fit needs a config (or a run directory or checkpoint to resume)")
+    else:  # a new run, or a checkpoint its caller has loaded
+        return cfg, Path(run_dir) if run_dir is not None else default_run_dir(cfg), resume or None
+    state = load_checkpoint(ckpt)
+    if cfg is None:
+        cfg = config_with_overrides(state["config"], str(ckpt), overrides)
+    run_dir = Path(run_dir) if run_dir is not None else ckpt.parent
+    stored = state["config"]
+    if cfg.name == run_dir.name:
+        # A run directory renamed (a sweep's requeued trial takes the next trial's) takes its name.
+        stored = {**stored, "name": cfg.name}
+    check_resume_changes(stored, cfg, "--resume")
+    return cfg, run_dir, (ckpt, state)
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.train.out_dir) / str(cfg.name)
 
 
 def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: EpochHook | None,

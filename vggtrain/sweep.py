@@ -24,7 +24,7 @@ from typing import Any
 
 from vggtrain.atomic import atomic_write_text
 from vggtrain.config import TrainConfig, _show, load_config
-from vggtrain.errors import ConfigError, RunStopped, UserError, first_line, shown
+from vggtrain.errors import ConfigError, RunStopped, UserError, first_line, os_reason, shown
 from vggtrain.safeio import finite_number, read_yaml
 
 SWEEP_EXTRA = "vggtrain sweep needs optuna: pip install 'vggtrain[sweep]'"
@@ -147,7 +147,7 @@ def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, s
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{study_dir}: cannot create it ({e.strerror or e})") from None
+        raise UserError(f"{study_dir}: cannot create it ({os_reason(e)})") from None
     url = storage or f"sqlite:///{study_dir / 'study.db'}"
     shown_url = _without_password(url)
     try:
@@ -270,7 +270,6 @@ def run_trial(study: Any, trial: Any, config: str, overrides: list[str], study_d
               ) -> None:
     """One trial: a normal fit in <study_dir>/trial-<n>, validation accuracy reported after every
     epoch, pruned when the pruner says so; its result told to the study."""
-    from vggtrain.checkpoint import load_checkpoint
     from vggtrain.fit import fit
 
     t0 = time.perf_counter()
@@ -281,14 +280,12 @@ def run_trial(study: Any, trial: Any, config: str, overrides: list[str], study_d
         cfg = load_config(config, [*overrides, *(f"{k}={json.dumps(v)}" for k, v in params.items()),
                                    f"name={name}", f"train.out_dir={json.dumps(str(study_dir))}"])
     except UserError as e:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        print(f"trial {trial.number}: failed ({e})", flush=True)
-        return
+        return _trial_failed(study, trial, optuna, e)
     resume = None
     earlier = trial.user_attrs.get("resume_from")
     if earlier and (Path(earlier) / "last.pt").is_file() and not run_dir.exists():
         os.replace(earlier, run_dir)  # the killed trial's directory becomes this one's
-        resume = (run_dir / "last.pt", load_checkpoint(run_dir / "last.pt"))
+        resume = run_dir
     trial.set_user_attr("run_dir", str(run_dir))
     pruned = False
 
@@ -298,31 +295,23 @@ def run_trial(study: Any, trial: Any, config: str, overrides: list[str], study_d
         pruned = run.epoch < math.ceil(cfg.train.epochs) and trial.should_prune()  # a finished one is not
         return pruned
 
-    shown = _params_text(params)
-    print(f"trial {trial.number}: {shown}{' (resumed)' if resume else ''}", flush=True)
-    fit_s = 0.0
+    print(f"trial {trial.number}: {_params_text(params)}{' (resumed)' if resume else ''}", flush=True)
+    t_fit = time.perf_counter()
     try:
-        t_fit = time.perf_counter()
-        try:
-            result = fit(cfg, run_dir, resume=resume, force=resume is None, on_epoch_end=report_epoch,
-                         test=False)
-        finally:
-            fit_s = time.perf_counter() - t_fit
+        result = fit(cfg, run_dir, resume=resume, force=resume is None, on_epoch_end=report_epoch,
+                     test=False)
     except RunStopped as e:
-        if e.exit_code == 1:  # diverged: a result of these parameters, not of the sweep
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            print(f"trial {trial.number}: failed ({e})", flush=True)
-            return
-        raise  # Ctrl-C / SIGTERM: the trial stays running in the study, resumable
+        if e.exit_code != 1:  # Ctrl-C / SIGTERM: the trial stays running in the study, resumable
+            raise
+        return _trial_failed(study, trial, optuna, e)  # diverged: a result of these parameters
     except UserError as e:  # e.g. two values each valid alone but not together: the next trial
         if e.exit_code == 74:  # a full disk is the machine's, not the parameters'
             raise
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        print(f"trial {trial.number}: failed ({e})", flush=True)
-        return
+        return _trial_failed(study, trial, optuna, e)
     except Exception:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)  # recorded; not retried forever
         raise
+    fit_s = time.perf_counter() - t_fit
     assert result is not None
     trial.set_user_attr("epochs", result["epochs"])
     trial.set_user_attr("train_time_s", result["train_time_s"])
@@ -335,6 +324,13 @@ def run_trial(study: Any, trial: Any, config: str, overrides: list[str], study_d
     study.set_user_attr(f"overhead_s.{trial.number}", round(trial_s - fit_s, 3))
     print(f"trial {trial.number}: {'pruned' if pruned else 'complete'} after {result['epochs']} epochs, "
           f"best val {result['best_val_acc']:.2%} ({trial_s - fit_s:.2f} s outside fit)", flush=True)
+
+
+def _trial_failed(study: Any, trial: Any, optuna: Any, e: Exception) -> None:
+    """A trial these parameters made fail (a config they break, a diverged loss): told to the
+    study as failed, and the sweep goes on."""
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    print(f"trial {trial.number}: failed ({e})", flush=True)
 
 
 def study_report(study: Any, study_dir: Path, base: TrainConfig, optuna: Any) -> dict[str, Any] | None:
