@@ -186,7 +186,7 @@ def test_fractional_epochs_end_at_their_step_and_resume_inside_the_last_one(cifa
 
 @pytest.mark.parametrize("section, values, message", [
     ("model", {"whiten_bias_epochs": 3}, "model.whiten_bias_epochs needs model.whiten"),
-    ("model", {"whiten": "4x4"}, "model.whiten must be true, false or one of 3x3, 2x2"),
+    ("model", {"whiten": "4x4"}, "model.whiten must be true, false or one of none, 3x3, 2x2"),
     ("model", {"block_order": "pool_first"}, "model.block_order must be one of"),
     ("schedule", {"kind": "exponential"}, "schedule.kind must be one of step, multistep, linear"),
     ("train", {"epochs": 0}, "train.epochs must be > 0"),

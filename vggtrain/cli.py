@@ -288,7 +288,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         ckpt = Path(args.resume)
         ckpt = ckpt / "last.pt" if ckpt.is_dir() else ckpt
         resume = (ckpt, load_checkpoint(ckpt))
-        cfg = config_with_overrides(resume[1]["config"], str(ckpt), extra)
+        cfg = config_with_overrides(resume[1]["config"], str(ckpt), extra, stored=True)
         run_dir = ckpt.parent
     else:
         if args.config is None:
