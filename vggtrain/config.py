@@ -194,7 +194,8 @@ class DataConfig:
     """What the model trains and is measured on, and how training images are augmented."""
 
     dataset: str = _opt("cifar10", "cifar10; cifar100 (its 100 fine classes, or its 20 superclasses with "
-                        "labels: coarse); folder: root/train/<class>/* and root/test/<class>/* (folder.py)",
+                        "labels: coarse); folder: the images in root/train/CLASS/ and root/test/CLASS/ "
+                        "(folder.py)",
                         _one_of("cifar10", "cifar100", "folder"))
     labels: str = _opt("fine", "CIFAR-100's 100 fine classes, or its 20 coarse superclasses",
                        _one_of("fine", "coarse"), applies=_when(
@@ -415,15 +416,16 @@ class ScheduleConfig:
     step_size: int = _opt(30, "step: epochs between the rate's cuts by gamma, counted from the end of the "
                           "warm-up", _between(1, 1_000_000),
                           applies=_when("schedule.kind: step", lambda c: c.schedule.kind == "step"))
-    gamma: float = _opt(0.1, "The factor of each cut", _between(0, 1, lo_open=True),
+    gamma: float = _opt(0.1, "The rate is multiplied by this at each cut", _between(0, 1, lo_open=True),
                         applies=_when("schedule.kind: step or multistep",
                                       lambda c: c.schedule.kind in ("step", "multistep")))
     milestones: list[int] = _opt([30, 60, 80], "multistep: the epochs (from the run's start) at which the "
                                  "rate is cut by gamma", _ruled("increasing epochs >= 1", _check_milestones),
                                  applies=_when("schedule.kind: multistep",
                                                lambda c: c.schedule.kind == "multistep"))
-    warmup_epochs: int | float = _opt(0, "A warm-up of the rate, step by step, over the first N epochs "
-                                      "(fractions of an epoch allowed); 0: none", _between(0, 1_000_000))
+    warmup_epochs: int | float = _opt(0, "A linear warm-up of the rate, step by step, over the first N "
+                                      "epochs (fractions allowed): from lr x start_factor (step: from lr / "
+                                      "its steps); 0: none", _between(0, 1_000_000))
     start_factor: float = _opt(0.2, "The warm-up's first rate is lr x this", _between(0, 1),
                                applies=_when("schedule.warmup_epochs > 0 and schedule.kind: multistep, "
                                              "linear, cosine or onecycle",
@@ -444,7 +446,8 @@ class LoopConfig:
     batch_size: int = _opt(128, "Training images per step (per rank under torchrun); an epoch's last partial "
                            "batch is dropped", _between(1, 65_536))
     eval_batch_size: int = _opt(1000, "Images per batch of validation and testing", _between(1, 65_536))
-    device: str = _opt("auto", "auto: cuda, then mps, then cpu", _matches(DEVICE_RE, DEVICE_RULE))
+    device: str = _opt("auto", "Where to train; auto: cuda, then mps, then cpu",
+                       _matches(DEVICE_RE, DEVICE_RULE))
     precision: str = _opt("fp32", "fp32, or autocast to bf16 or fp16 (fp16 with a GradScaler)",
                           _one_of("fp32", "bf16", "fp16"))
     channels_last: bool | None = _opt(None, "The channels_last memory format; null: on where it is faster "
@@ -464,7 +467,7 @@ class LoopConfig:
     log_every: int = _opt(20, "Steps between reads of the loss from the device", _between(1, 1_000_000))
     checkpoint_every_steps: int = _opt(0, "Also write last.pt every N steps inside an epoch; 0: only at "
                                        "each epoch's end", _between(0, 1_000_000_000))
-    out_dir: str = _opt("runs", "Where run directories go: <out_dir>/<name>/")
+    out_dir: str = _opt("runs", "Where run directories go: out_dir/NAME/")
 
 
 @dataclass
