@@ -165,8 +165,7 @@ _STATS = _ruled("null, or three numbers (R, G, B) in [0, 1]", lambda v: _check_s
 _STD = _ruled("null, or three numbers (R, G, B) in (0, 1]", lambda v: _check_stats(v, 1e-6))
 
 
-def _when(when: str, test: Callable[[TrainConfig], bool], message: str | None = None) -> Applies:
-    return Applies(when, test, message)
+_when = Applies  # short beside the fields: _when("optim.name: muon", lambda c: c.optim.name == "muon")
 
 
 _AUGMENTED = _when("data.augment: true", lambda c: c.data.augment)
