@@ -197,7 +197,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
                         "each rank's proxy would choose from its own shard); set it to null")
     model = build_model(cfg.model)
     whitening = None  # the model's (and the proxy's) first-layer init images
-    if cfg.model.whiten and whiten_images is not None:  # the first 5,000 suffice, as in airbench
+    if cfg.model.whiten != "none" and whiten_images is not None:  # the first 5,000 suffice, as in airbench
         whitening = normalize(whiten_images[:5000].cpu(), stats=norm_stats(cfg.data))
         init_whitening(model, whitening)
     if d.enabled and cfg.train.sync_bn:

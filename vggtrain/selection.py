@@ -86,7 +86,7 @@ def build_selector(cfg: TrainConfig, device: torch.device, channels_last: bool, 
         return None
     pc = proxy_config(cfg)
     model = build_model(pc.model)
-    if pc.model.whiten and whitening is not None:
+    if pc.model.whiten != "none" and whitening is not None:
         init_whitening(model, whitening)
     model = model.to(device)
     if channels_last:
