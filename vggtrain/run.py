@@ -256,7 +256,7 @@ def compile_model(model: nn.Module, device: torch.device) -> Any:
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
     """Every generator a run may draw from. The data order and augmentation need none of these:
-    they come from a generator seeded by (seed, epoch), see train.train_one_epoch."""
+    they come from a generator seeded by (seed, epoch), see data.TrainLoader."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
             # The run's own GPU only (rank 0's, which every rank's matches: they are seeded alike
