@@ -60,6 +60,9 @@ def tiny_config(data_root: Path, out_dir: Path, **sections) -> dict:
         "train": {"epochs": 3, "batch_size": 50, "eval_batch_size": 200, "device": "cpu",
                   "log_every": 4, "out_dir": str(out_dir)},
     }
+    kind = sections["schedule"].get("kind", "step") if isinstance(sections.get("schedule"), dict) else "step"
+    if kind != "step":  # tiny's step_size (and gamma) are StepLR's: refused under a kind that ignores them
+        cfg["schedule"] = {"gamma": 0.5} if kind == "multistep" else {}
     for section, values in sections.items():
         if isinstance(values, dict) and isinstance(cfg.get(section), dict):
             cfg[section].update(values)

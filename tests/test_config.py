@@ -6,7 +6,16 @@ from pathlib import Path
 import pytest
 
 from vggtrain.cli import main
-from vggtrain.config import PROJECT_CONFIGS, TrainConfig, config_from_dict, dump_config, load_config
+from vggtrain.config import (
+    PROJECT_CONFIGS,
+    SECTIONS,
+    TrainConfig,
+    check_resume_changes,
+    config_from_dict,
+    config_with_overrides,
+    dump_config,
+    load_config,
+)
 from vggtrain.errors import ConfigError
 
 SHIPPED = sorted(p.name for p in PROJECT_CONFIGS.glob("*.yaml"))
@@ -202,3 +211,141 @@ def test_errors_show_huge_or_deep_values_briefly(tmp_path, capsys):
         assert main(["fit", "--config", str(bomb), "--set", "seed=" + value]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err and len(err) < 300, err[:300]
+
+
+# Each key that only some runs use: set away from its default where it does not apply (refused,
+# naming the key and what uses it), and the same value where it applies (loads).
+NOT_APPLYING = [
+    ("data.labels", "data: {labels: coarse}", "data: {labels: coarse, dataset: cifar100}",
+     "data.labels: coarse is CIFAR-100's 20 superclasses (data.dataset is cifar10)"),
+    ("data.download", "data: {dataset: folder, download: true}", "data: {download: true}",
+     "data.download applies only with data.dataset: cifar10 or cifar100"),
+    ("data.crop_padding", "data: {augment: false, crop_padding: 2}", "data: {crop_padding: 2}",
+     "data.crop_padding applies only with data.augment: true"),
+    ("data.crop_pad_mode", "data: {crop_padding: 0, crop_pad_mode: reflect}",
+     "data: {crop_pad_mode: reflect}",
+     "data.crop_pad_mode applies only with data.augment: true and data.crop_padding > 0"),
+    ("data.flip", "data: {augment: false, flip: alternating}", "data: {flip: alternating}",
+     "data.flip applies only with data.augment: true"),
+    ("data.cutout", "data: {augment: false, cutout: 8}", "data: {cutout: 8}",
+     "data.cutout applies only with data.augment: true"),
+    ("data.mix_prob", "data: {mix_prob: 0.5}", "data: {mix_prob: 0.5, cutmix_alpha: 1.0}",
+     "data.mix_prob applies only with data.mixup_alpha > 0 or data.cutmix_alpha > 0"),
+    ("data.mix_switch_prob", "data: {mix_switch_prob: 0.2, mixup_alpha: 0.2}",
+     "data: {mix_switch_prob: 0.2, mixup_alpha: 0.2, cutmix_alpha: 1.0}",
+     "data.mix_switch_prob applies only with data.mixup_alpha > 0 and data.cutmix_alpha > 0"),
+    ("data.select_layers", "data: {select_layers: [8, M]}", "data: {select_layers: [8, M], select_keep: 0.5}",
+     "data.select_layers applies only with data.select_keep set"),
+    ("data.select_every", "data: {select_every: 2}", "data: {select_every: 2, select_keep: 0.5}",
+     "data.select_every applies only with data.select_keep set"),
+    ("model.layers", "model: {layers: [8, M]}", "model: {layers: [8, M], arch: custom}",
+     "model.layers is only used with model.arch: custom (got arch 'vgg16')"),
+    ("model.hidden", "model: {hidden: 256}", "model: {hidden: 256, head: mlp}",
+     "model.hidden applies only with model.head: mlp"),
+    ("model.dropout", "model: {dropout: 0.1}", "model: {dropout: 0.1, head: mlp}",
+     "model.dropout applies only with model.head: mlp"),
+    ("model.whiten_bias_epochs", "model: {whiten_bias_epochs: 3}",
+     "model: {whiten_bias_epochs: 3, whiten: 2x2}",
+     "model.whiten_bias_epochs needs model.whiten (a whitening layer whose bias trains)"),
+    ("model.bn_momentum", "model: {batch_norm: false, bn_momentum: 0.4}", "model: {bn_momentum: 0.4}",
+     "model.bn_momentum applies only with model.batch_norm: true"),
+    ("model.bn_eps", "model: {batch_norm: false, bn_eps: 1.0e-12}", "model: {bn_eps: 1.0e-12}",
+     "model.bn_eps applies only with model.batch_norm: true"),
+    ("model.bn_weight", "model: {batch_norm: false, bn_weight: false}", "model: {bn_weight: false}",
+     "model.bn_weight applies only with model.batch_norm: true"),
+    ("optim.nesterov", "optim: {name: adamw, nesterov: true}", "optim: {name: muon, nesterov: true}",
+     "optim.nesterov applies only with optim.name: sgd or muon, and optim.momentum > 0"),
+    ("optim.bn_bias_lr_scale", "{model: {batch_norm: false}, optim: {bn_bias_lr_scale: 64}}",
+     "optim: {bn_bias_lr_scale: 64}", "optim.bn_bias_lr_scale applies only with model.batch_norm: true"),
+    ("optim.lookahead_final_full_sync", "optim: {lookahead_final_full_sync: true}",
+     "optim: {lookahead_final_full_sync: true, lookahead_every: 5}",
+     "optim.lookahead_final_full_sync applies only with optim.lookahead_every > 0"),
+    ("optim.whiten_bias_lr_scale", "optim: {whiten_bias_lr_scale: 64}",
+     "{optim: {whiten_bias_lr_scale: 64}, model: {whiten: 2x2, whiten_bias_epochs: 3}}",
+     "optim.whiten_bias_lr_scale applies to the whitening bias of model.whiten_bias_epochs, which is not "
+     "set"),
+    ("optim.muon_lr", "optim: {muon_lr: 0.3}", "optim: {muon_lr: 0.3, name: muon}",
+     "optim.muon_lr applies only with optim.name: muon"),
+    ("optim.muon_momentum", "optim: {name: adamw, muon_momentum: 0.9}",
+     "optim: {muon_momentum: 0.9, name: muon}", "optim.muon_momentum applies only with optim.name: muon"),
+    ("optim.adam_beta2", "optim: {adam_beta2: 0.99}", "optim: {adam_beta2: 0.99, name: adamw}",
+     "optim.adam_beta2 applies only with optim.name: adamw"),
+    ("schedule.step_size", "schedule: {kind: cosine, step_size: 10}", "schedule: {step_size: 10}",
+     "schedule.step_size applies only with schedule.kind: step"),
+    ("schedule.gamma", "schedule: {kind: linear, gamma: 0.5}", "schedule: {kind: multistep, gamma: 0.5}",
+     "schedule.gamma applies only with schedule.kind: step or multistep"),
+    ("schedule.milestones", "schedule: {milestones: [10, 20]}",
+     "schedule: {milestones: [10, 20], kind: multistep}",
+     "schedule.milestones applies only with schedule.kind: multistep"),
+    ("schedule.start_factor", "schedule: {kind: linear, start_factor: 1.0}",
+     "schedule: {kind: onecycle, start_factor: 1.0, warmup_epochs: 0.5}",
+     "schedule.start_factor applies only with schedule.warmup_epochs > 0 and schedule.kind: multistep, "
+     "linear, cosine or onecycle"),
+    ("schedule.end_factor", "schedule: {end_factor: 0.1}", "schedule: {end_factor: 0.1, kind: cosine}",
+     "schedule.end_factor applies only with schedule.kind: linear, cosine or onecycle"),
+    ("train.sync_bn", "{model: {batch_norm: false}, train: {sync_bn: true}}", "train: {sync_bn: true}",
+     "train.sync_bn applies only with model.batch_norm: true"),
+]
+
+
+@pytest.mark.parametrize("key, refused, loads, expected", NOT_APPLYING, ids=[c[0] for c in NOT_APPLYING])
+def test_a_key_set_where_it_does_not_apply_is_refused(tmp_path, key, refused, loads, expected):
+    assert _error(tmp_path, refused + "\n") == f"config error: {tmp_path / 'c.yaml'}: {expected}"
+    (tmp_path / "ok.yaml").write_text(loads + "\n")
+    load_config(str(tmp_path / "ok.yaml"))
+
+
+def test_every_applies_rule_has_its_case():
+    import dataclasses
+    import typing
+
+    declared = {f"{s}.{f.name}" for s in SECTIONS
+                for f in dataclasses.fields(typing.get_type_hints(TrainConfig)[s]) if f.metadata["applies"]}
+    assert declared == {key for key, *_ in NOT_APPLYING}
+
+
+def test_a_default_value_where_it_does_not_apply_is_no_change(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {muon_lr: 0.24, adam_beta2: 0.999}\n"
+                    "schedule: {kind: cosine, milestones: [30, 60, 80]}\n"
+                    "model: {hidden: 512, batch_norm: false, bn_eps: 1.0e-5}\n")
+    assert load_config(str(path)).schedule.kind == "cosine"
+    assert "--set optim.muon_lr=0.3: optim.muon_lr applies only with optim.name: muon" in \
+        _error(tmp_path, path.read_text(), ["optim.muon_lr=0.3"])
+    assert "c.yaml: optim.muon_lr applies only with optim.name: muon" in \
+        _error(tmp_path, "optim: {name: muon, muon_lr: 0.3}\n", ["optim.name=sgd"])
+
+
+def test_a_runs_own_config_with_a_key_that_did_not_apply_still_reads_back():
+    # A run from before the rule (the key then silently ignored) still evaluates and resumes ...
+    stored = TrainConfig().to_dict()
+    stored["optim"]["muon_lr"], stored["schedule"]["kind"] = 0.3, "cosine"
+    cfg = config_from_dict(stored, "last.pt", stored=True)
+    assert cfg.optim.muon_lr == 0.3
+    check_resume_changes(stored, config_with_overrides(stored, "last.pt", ["train.epochs=50"], stored=True),
+                         "last.pt")
+    # ... but a --set of such a key now is refused, and so is the same config as a new one.
+    with pytest.raises(ConfigError, match=r"--set schedule.step_size=5: schedule.step_size applies only"):
+        config_with_overrides(stored, "last.pt", ["schedule.step_size=5"], stored=True)
+    with pytest.raises(ConfigError, match="optim.muon_lr applies only with optim.name: muon"):
+        config_from_dict(stored, "new.yaml")
+
+
+@pytest.mark.parametrize("section, key, given, held", [
+    ("train", "tta", "true", "flip"), ("train", "tta", "false", "none"),
+    ("train", "tta", "multicrop", "multicrop"), ("model", "whiten", "true", "3x3"),
+    ("model", "whiten", "false", "none"), ("model", "whiten", "2x2", "2x2"),
+    ("model", "whiten", "none", "none"),
+])
+def test_tta_and_whiten_take_true_false_or_a_name_and_hold_the_name(tmp_path, section, key, given, held):
+    import yaml
+
+    raw = {"model": {"arch": "custom", "layers": [16, "M"]}}  # a first width 3x3 whitening takes
+    raw.setdefault(section, {})[key] = yaml.safe_load(given)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(str(path))
+    assert getattr(getattr(cfg, section), key) == held
+    assert config_from_dict(yaml.safe_load(dump_config(cfg)), "again") == cfg  # written as the name
+    assert f"{section}.{key} must be true or false or a string (got 3)" in \
+        _error(tmp_path, f"{section}: {{{key}: 3}}\n")

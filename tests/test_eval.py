@@ -185,8 +185,8 @@ def test_flip_tta_averages_probabilities():
     model = build_model(ModelConfig(arch="custom", layers=[4, "M", 8, "M"], global_pool="avg")).eval()
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
-        tta = log_probs(model, x, tta=True)
-        assert torch.allclose(tta, log_probs(model, x.flip(3), tta=True), atol=1e-6)  # flip-invariant
+        tta = log_probs(model, x, tta="flip")
+        assert torch.allclose(tta, log_probs(model, x.flip(3), tta="flip"), atol=1e-6)  # flip-invariant
         mean = (torch.softmax(model(x), 1) + torch.softmax(model(x.flip(3)), 1)) / 2
     assert torch.allclose(tta.exp(), mean, atol=1e-6)
 

@@ -167,7 +167,7 @@ def bench_real_fit(cfg: TrainConfig, tmp: Path, steps: int, epochs: int = 3) -> 
 
 def bench_eval(cfg: TrainConfig, run_dir: Path, split: Split) -> float:
     run = _bench_run(cfg, run_dir, len(split))
-    settings = eval_settings(cfg, run.device, tta=False)
+    settings = eval_settings(cfg, run.device, tta="none")
     evaluate_split(run.model, split, settings)  # warm-up
     return evaluate_split(run.model, split, settings).images_per_s  # timed inside, to its final host read
 

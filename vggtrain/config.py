@@ -1,8 +1,9 @@
 """The run's configuration: YAML in, typed and validated dataclasses out.
 
-Every rule lives next to its field (``check=``), so one loop validates a file, a ``--set``
-override and a config read back from a checkpoint the same way, and every error names the
-source and the dotted key on one line.
+Every field is declared once, with what it means, its rule (``check=``) and, where only some
+runs use it, when it applies (``applies=``); one loop validates a file, a ``--set`` override and
+a config read back from a checkpoint the same way, every error names the source and the dotted
+key on one line, and ``config_reference`` renders the same declarations as docs/config.md.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import re
 import reprlib
 import types
 import typing
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,25 @@ from vggtrain.safeio import BoundedLoader, read_yaml, yaml_problem
 Check = Callable[[Any], "str | None"]
 ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "custom")
 TTA_MODES = ("none", "flip", "multicrop")
-WHITEN_MODES = ("3x3", "2x2")
+WHITEN_MODES = ("none", "3x3", "2x2")
 BLOCK_ORDERS = ("conv_bn_act_pool", "conv_pool_bn_act")
 SCHEDULES = ("step", "multistep", "linear", "cosine", "onecycle")
 WHITEN_MAX_WIDTH = 2 * 3 * 3 * 3  # +/- each eigenvector of the 27-dimensional 3x3 RGB patches
 PROJECT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_RULE = "auto, cpu, cuda, cuda:N or mps"
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")  # one safe path component, never . or ..
+RUN_NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def _ruled(rule: str, check: Check) -> Check:
+    """check, carrying the rule it enforces as the reference shows it."""
+    check.rule = rule  # type: ignore[attr-defined]
+    return check
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 2**64 else f"{x:g}"
 
 
 def _between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Check:
@@ -47,20 +62,73 @@ def _between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False)
             return f"must be {'>' if lo_open else '>='} {lo:g}"
         return f"must be {'<' if hi_open else '<='} {hi:g}"
 
-    return check
+    if hi == math.inf:
+        return _ruled(f"{'>' if lo_open else '>='} {_num(lo)}", check)
+    return _ruled(f"{left}{_num(lo)}, {_num(hi)}{right}", check)
 
 
 def _one_of(*choices: str) -> Check:
     def check(v: str) -> str | None:
         return None if v in choices else f"must be one of {', '.join(choices)}"
 
-    return check
+    return _ruled(", ".join(choices), check)
 
 
-def _opt(default: Any, check: Check | None = None) -> Any:
+def _or_null(check: Check) -> Check:
+    def either(v: Any) -> str | None:
+        problem = None if v is None else check(v)
+        return f"{problem} or null" if problem else None
+
+    return _ruled(f"{check.rule}, or null", either)  # type: ignore[attr-defined]
+
+
+def _matches(pattern: re.Pattern, rule: str) -> Check:
+    return _ruled(rule, lambda v: None if v is None or pattern.match(v) else f"must be {rule}")
+
+
+@dataclass(frozen=True)
+class Applies:
+    """Which runs use a field: ``when`` says it (the reference's "applies only with" line, the
+    error's end), ``test`` decides it on the whole config. A value other than the field's default
+    where ``test`` is false is refused; ``message`` (formatted with ``cfg``) words a rule whose
+    older error text tests and users rely on."""
+
+    when: str
+    test: Callable[[TrainConfig], bool]
+    message: str | None = None
+
+    def refusal(self, key: str, cfg: TrainConfig) -> str:
+        return self.message.format(cfg=cfg) if self.message else f"{key} applies only with {self.when}"
+
+
+def _opt(default: Any, doc: str, check: Check | None = None, *, applies: Applies | None = None,
+         accepts: Any = None, canon: Callable[[Any], Any] | None = None) -> Any:
+    """A config field: its default, one line of meaning (doc), its rule (check), the runs that use
+    it (applies), and for a field read as a name but also given as true / false, the types it
+    accepts and the function that turns them into the name (canon)."""
+    meta = {"doc": doc, "check": check, "applies": applies, "accepts": accepts, "canon": canon}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"check": check})
-    return field(default=default, metadata={"check": check})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _as_mode(value: bool | str, true_mode: str) -> str:
+    if isinstance(value, bool):
+        return true_mode if value else "none"
+    return value
+
+
+def _mode(modes: tuple[str, ...], true_mode: str, doc: str) -> Any:
+    """A field that names one of modes ("none" the default); YAML's true means true_mode, false
+    none. The config holds the name, so every reader compares names, never truthiness."""
+    check = _ruled(f"{', '.join(modes)}; true ({true_mode}), false (none)",
+                   lambda v: None if v in modes else f"must be true, false or one of {', '.join(modes)}")
+    return _opt("none", doc, check, accepts=bool | str, canon=lambda v: _as_mode(v, true_mode))
+
+
+def default_of(f: Field) -> Any:
+    """A config field's default value."""
+    return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
 
 
 def _check_stats(v: list | None, low: float) -> str | None:
@@ -92,178 +160,323 @@ def _check_layers(layers: list | None) -> str | None:
     return None
 
 
+LAYERS_RULE = "widths in [1, 8192] (3x3 convolutions) and M (2x2 max-pools, at most 5), one width at least"
+_STATS = _ruled("null, or three numbers (R, G, B) in [0, 1]", lambda v: _check_stats(v, 0.0))
+_STD = _ruled("null, or three numbers (R, G, B) in (0, 1]", lambda v: _check_stats(v, 1e-6))
+
+
+_when = Applies  # short beside the fields: _when("optim.name: muon", lambda c: c.optim.name == "muon")
+
+
+_AUGMENTED = _when("data.augment: true", lambda c: c.data.augment)
+_MLP = _when("model.head: mlp", lambda c: c.model.head == "mlp")
+_BN = _when("model.batch_norm: true", lambda c: c.model.batch_norm)
+_MUON = _when("optim.name: muon", lambda c: c.optim.name == "muon")
+_SELECTING = _when("data.select_keep set", lambda c: c.data.select_keep is not None)
+
+# A section's rules that tie several keys together (not "applies when"): each returns its problem
+# (None: none) and names the key its error is reported against. Declared below each section.
+Rule = Callable[["TrainConfig"], "str | None"]
+SECTION_RULES: dict[str, list[tuple[str, Rule]]] = {}
+
+
+def _section_rule(section: str, key: str) -> Callable[[Rule], Rule]:
+    def register(rule: Rule) -> Rule:
+        SECTION_RULES.setdefault(section, []).append((key, rule))
+        return rule
+
+    return register
+
+
 @dataclass
 class DataConfig:
-    # cifar10; cifar100 (its 100 fine classes, or the 20 superclasses with labels: coarse);
-    # folder: root/train/<class>/* and root/test/<class>/* (folder.py)
-    dataset: str = _opt("cifar10", _one_of("cifar10", "cifar100", "folder"))
-    labels: str = _opt("fine", _one_of("fine", "coarse"))
-    root: str = _opt("data")
-    download: bool = _opt(False)
-    val_size: int = _opt(5000, _between(0, 50_000))
-    # Random crop (zero padding crop_padding) and horizontal flip, applied batched on the device.
-    augment: bool = _opt(True)
-    # How far a random crop may translate an image, in pixels each way (airbench uses 2).
-    crop_padding: int = _opt(4, _between(0, 16))
-    # What the crop pads with: zeros, or the image reflected at its border (airbench).
-    crop_pad_mode: str = _opt("zeros", _one_of("zeros", "reflect"))
-    # random: each image flipped with probability 1/2 every epoch; alternating: each image flipped
-    # at random once, then the whole set mirrored every other epoch (airbench).
-    flip: str = _opt("random", _one_of("random", "alternating"))
-    # Cutout: each training image gets one square of this side (pixels, 0 = off) set to the mean
-    # colour, placed at random wholly inside the image (as airbench's cutout).
-    cutout: int = _opt(0, _between(0, 32))
-    # MixUp / CutMix (torchvision.transforms.v2, on each training batch): Beta(alpha, alpha) mixing
-    # of each image with its neighbour in the shuffled batch, targets mixed alike; 0 turns one off.
-    # With both on, a batch gets CutMix with probability mix_switch_prob, else MixUp; mix_prob is
-    # the chance a batch is mixed at all.
-    # The per-channel mean and std (fractions of 255) images are normalised with, three each.
-    # null: CIFAR's published constants (cifar10, cifar100); a folder run measures them on its
-    # training split when it starts and writes them here, so its checkpoints carry them.
-    mean: list[float] | None = _opt(None, lambda v: _check_stats(v, 0.0))
-    std: list[float] | None = _opt(None, lambda v: _check_stats(v, 1e-6))
-    mixup_alpha: float = _opt(0.0, _between(0, 100))
-    cutmix_alpha: float = _opt(0.0, _between(0, 100))
-    mix_prob: float = _opt(1.0, _between(0, 1))
-    mix_switch_prob: float = _opt(0.5, _between(0, 1))
-    # Data selection by a proxy (airbench96_faster; selection.py): a small network with layers
-    # select_layers (the model's other settings) trains beside the model; each step the model trains
-    # only on the select_keep fraction of the batch with the proxy's highest losses, and every
-    # select_every steps the proxy takes a step on those. null: off, every example trains.
-    select_keep: float | None = _opt(None, lambda v: None if v is None or 0 < v <= 1
-                                     else "must be in (0, 1] or null")
-    select_layers: list[int | str] = _opt([32, "M", 32, 64, "M", 64, 64, "M", 64], _check_layers)
-    select_every: int = _opt(4, _between(1, 1_000_000))
+    """What the model trains and is measured on, and how training images are augmented."""
+
+    dataset: str = _opt("cifar10", "cifar10; cifar100 (its 100 fine classes, or its 20 superclasses with "
+                        "labels: coarse); folder: the images in root/train/CLASS/ and root/test/CLASS/ "
+                        "(folder.py)",
+                        _one_of("cifar10", "cifar100", "folder"))
+    labels: str = _opt("fine", "CIFAR-100's 100 fine classes, or its 20 coarse superclasses",
+                       _one_of("fine", "coarse"), applies=_when(
+                           "data.dataset: cifar100", lambda c: c.data.dataset == "cifar100",
+                           "data.labels: coarse is CIFAR-100's 20 superclasses (data.dataset is "
+                           "{cfg.data.dataset})"))
+    root: str = _opt("data", "The directory that holds the dataset (CIFAR's python or binary layout, or "
+                     "the folder dataset's train/ and test/)")
+    download: bool = _opt(False, "Fetch and verify CIFAR's python layout into root when it is missing",
+                          applies=_when("data.dataset: cifar10 or cifar100",
+                                        lambda c: c.data.dataset != "folder"))
+    val_size: int = _opt(5000, "Training images held out (at random, from the seed) for validation, which "
+                         "picks best.pt; 0: none, all train", _between(0, 50_000))
+    augment: bool = _opt(True, "Random crop and horizontal flip of the training images, batched on the "
+                         "device")
+    crop_padding: int = _opt(4, "How far a random crop may translate an image, in pixels each way "
+                             "(airbench: 2)", _between(0, 16), applies=_AUGMENTED)
+    crop_pad_mode: str = _opt("zeros", "What the crop pads with: zeros, or the image reflected at its "
+                              "border (airbench)", _one_of("zeros", "reflect"),
+                              applies=_when("data.augment: true and data.crop_padding > 0",
+                                            lambda c: c.data.augment and c.data.crop_padding > 0))
+    flip: str = _opt("random", "random: each image flipped with probability 1/2 every epoch; alternating: "
+                     "each flipped at random once, then the whole set mirrored every other epoch "
+                     "(airbench)", _one_of("random", "alternating"), applies=_AUGMENTED)
+    cutout: int = _opt(0, "The side in pixels (0: off) of a square of each training image set to the mean "
+                       "colour, placed at random wholly inside the image (airbench's cutout)",
+                       _between(0, 32), applies=_AUGMENTED)
+    mean: list[float] | None = _opt(None, "The per-channel mean (fractions of 255) images are normalised "
+                                    "with; null: CIFAR's published one, or what a folder run measures on "
+                                    "its training split when it starts (and writes here)", _STATS)
+    std: list[float] | None = _opt(None, "The per-channel std, set with mean (null: as mean)", _STD)
+    mixup_alpha: float = _opt(0.0, "MixUp (torchvision.transforms.v2) of each training batch: Beta(alpha, "
+                              "alpha) mixing of each image and its target with its neighbour; 0: off",
+                              _between(0, 100))
+    cutmix_alpha: float = _opt(0.0, "CutMix (torchvision.transforms.v2) of each training batch, likewise; "
+                               "0: off", _between(0, 100))
+    mix_prob: float = _opt(1.0, "The chance a training batch is mixed at all", _between(0, 1),
+                           applies=_when("data.mixup_alpha > 0 or data.cutmix_alpha > 0",
+                                         lambda c: c.data.mixup_alpha > 0 or c.data.cutmix_alpha > 0))
+    mix_switch_prob: float = _opt(0.5, "With both on, the chance a mixed batch gets CutMix rather than "
+                                  "MixUp", _between(0, 1),
+                                  applies=_when("data.mixup_alpha > 0 and data.cutmix_alpha > 0",
+                                                lambda c: c.data.mixup_alpha > 0 and c.data.cutmix_alpha > 0))
+    select_keep: float | None = _opt(None, "Data selection by a proxy (airbench96_faster; selection.py): "
+                                     "each step the model trains only on this fraction of the batch with "
+                                     "the proxy's highest losses; null: off, every example trains",
+                                     _or_null(_between(0, 1, lo_open=True)))
+    select_layers: list[int | str] = _opt([32, "M", 32, 64, "M", 64, 64, "M", 64], "The proxy's layers "
+                                          "(as model.layers; its other settings are the model's)",
+                                          _ruled(LAYERS_RULE, _check_layers), applies=_SELECTING)
+    select_every: int = _opt(4, "The proxy takes an optimizer step on its kept examples every N steps",
+                             _between(1, 1_000_000), applies=_SELECTING)
+
+
+@_section_rule("data", "data.mean")
+def _stats_together(c: TrainConfig) -> str | None:
+    """data.mean and data.std are set together, or both null."""
+    if (c.data.mean is None) != (c.data.std is None):
+        return "data.mean and data.std are set together (or both null)"
+    return None
 
 
 @dataclass
 class ModelConfig:
-    arch: str = _opt("vgg16", _one_of(*ARCHS))
-    layers: list[int | str] | None = _opt(None, _check_layers)  # only for arch: custom
-    batch_norm: bool = _opt(True)
-    width: float = _opt(1.0, _between(0, 16, lo_open=True))
-    num_classes: int = _opt(10, _between(2, 100_000))
-    head: str = _opt("linear", _one_of("linear", "mlp"))
-    hidden: int = _opt(512, _between(1, 65_536))
-    dropout: float = _opt(0.5, _between(0, 1, hi_open=True))
-    global_pool: str = _opt("none", _one_of("none", "max", "avg"))
-    # true or "3x3": the first convolution becomes a fixed whitening of 3x3 patches, computed from
-    # the training images before training (its width must be even, at most 54). "2x2": a fixed
-    # 24-wide whitening of 2x2 patches (padding 0, with a bias, then the activation) in front of the
-    # layers, as airbench's first layer.
-    whiten: bool | str = _opt(False, lambda v: None if v in (True, False) or v in WHITEN_MODES
-                              else f"must be true, false or one of {', '.join(WHITEN_MODES)}")
-    # Train the whitening layer's bias for the first N epochs only (null: throughout); airbench: 3.
-    whiten_bias_epochs: int | float | None = _opt(None, lambda v: None if v is None or v >= 0
-                                                  else "must be >= 0")
-    # conv_bn_act_pool: VGG's order; conv_pool_bn_act: a convolution followed by a pool is pooled
-    # first, so its BN and activation run on the 4x smaller map (airbench).
-    block_order: str = _opt("conv_bn_act_pool", _one_of(*BLOCK_ORDERS))
-    activation: str = _opt("relu", _one_of("relu", "gelu"))
-    conv_bias: bool = _opt(True)
-    # BatchNorm2d's momentum (PyTorch's sense: the weight of each new batch) and eps; airbench's
-    # "momentum 0.6" is 0.4 here, its eps 1e-12.
-    bn_momentum: float = _opt(0.1, _between(0, 1, lo_open=True))
-    bn_eps: float = _opt(1e-5, _between(0, 1, lo_open=True))
-    # Each later convolution starts as the identity on its first in-channels filters (plus the
-    # usual random init elsewhere), as airbench's Dirac init does.
-    identity_init: bool = _opt(False)
-    # false: batch-norm weights stay 1 and only their biases learn (airbench's BatchNorm).
-    bn_weight: bool = _opt(True)
-    # Logits = head output x this; airbench scales its logits by 1/9.
-    logit_scale: float = _opt(1.0, _between(0, 1000, lo_open=True))
+    """The network: a VGG of the paper's 3x3 convolutions, or a custom list of layers."""
+
+    arch: str = _opt("vgg16", "The paper's VGG-A/B/D/E convolution stacks, or custom: model.layers",
+                     _one_of(*ARCHS))
+    layers: list[int | str] | None = _opt(None, "The custom network's layers, e.g. [64, 64, M, 128, M]: "
+                                          "an integer is a 3x3 convolution of that width, M a 2x2 max-pool",
+                                          _ruled(LAYERS_RULE, _check_layers), applies=_when(
+                                              "model.arch: custom", lambda c: c.model.arch == "custom",
+                                              "model.layers is only used with model.arch: custom (got arch "
+                                              "{cfg.model.arch!r})"))
+    batch_norm: bool = _opt(True, "A BatchNorm2d after each convolution")
+    width: float = _opt(1.0, "Multiplies every convolution's width", _between(0, 16, lo_open=True))
+    num_classes: int = _opt(10, "Outputs of the head: the dataset's classes", _between(2, 100_000))
+    head: str = _opt("linear", "linear: features -> classes; mlp: features -> hidden -> hidden -> classes "
+                     "(the paper's head: ReLU and dropout)", _one_of("linear", "mlp"))
+    hidden: int = _opt(512, "The MLP head's hidden width", _between(1, 65_536), applies=_MLP)
+    dropout: float = _opt(0.5, "The MLP head's dropout", _between(0, 1, hi_open=True), applies=_MLP)
+    global_pool: str = _opt("none", "What the features pass through before the head: none (flattened), or "
+                            "a global max or average pool", _one_of("none", "max", "avg"))
+    whiten: str = _mode(WHITEN_MODES, "3x3", "3x3: the first convolution becomes a fixed whitening of the "
+                        "training images' 3x3 patches (its width even, at most 54); 2x2: a fixed 24-wide "
+                        "whitening of 2x2 patches (padding 0, bias, activation) in front of the layers, "
+                        "airbench's first layer")
+    whiten_bias_epochs: int | float | None = _opt(None, "Train the whitening layer's bias for the first N "
+                                                  "epochs only (airbench: 3); null: throughout",
+                                                  _or_null(_between(0, math.inf)), applies=_when(
+                                                      "model.whiten: 3x3 or 2x2",
+                                                      lambda c: c.model.whiten != "none",
+                                                      "model.whiten_bias_epochs needs model.whiten (a "
+                                                      "whitening layer whose bias trains)"))
+    block_order: str = _opt("conv_bn_act_pool", "conv_bn_act_pool: VGG's order; conv_pool_bn_act: a "
+                            "convolution followed by a pool is pooled first, so its BN and activation run on "
+                            "the 4x smaller map (airbench)", _one_of(*BLOCK_ORDERS))
+    activation: str = _opt("relu", "The activation after each convolution (the MLP head's is ReLU)",
+                           _one_of("relu", "gelu"))
+    conv_bias: bool = _opt(True, "The 3x3 convolutions have a bias (false: a BN that follows makes it "
+                           "redundant)")
+    bn_momentum: float = _opt(0.1, "BatchNorm2d's momentum in PyTorch's sense, the weight of each new batch "
+                              "(airbench's \"momentum 0.6\" is 0.4 here)", _between(0, 1, lo_open=True),
+                              applies=_BN)
+    bn_eps: float = _opt(1e-5, "BatchNorm2d's eps (airbench: 1e-12)", _between(0, 1, lo_open=True),
+                         applies=_BN)
+    identity_init: bool = _opt(False, "Each later convolution starts as the identity on its first "
+                               "in-channels filters, plus the usual random init elsewhere (airbench's Dirac "
+                               "init)")
+    bn_weight: bool = _opt(True, "false: batch-norm weights stay 1 and only their biases learn (airbench's "
+                           "BatchNorm)", applies=_BN)
+    logit_scale: float = _opt(1.0, "Logits = head output x this (airbench: 1/9)",
+                              _between(0, 1000, lo_open=True))
+
+
+def _first_width(layers: list) -> int:
+    return next(x for x in layers if x != "M")
+
+
+@_section_rule("model", "model.layers")
+def _custom_needs_layers(c: TrainConfig) -> str | None:
+    """model.layers is required when model.arch is custom."""
+    if c.model.arch == "custom" and c.model.layers is None:
+        return "model.layers is required when model.arch is custom"
+    return None
+
+
+@_section_rule("model", "model.whiten")
+def _whiten_width(c: TrainConfig) -> str | None:
+    """model.whiten: 3x3 needs an even first convolution width of at most 54 (at model.width)."""
+    m = c.model
+    if m.whiten != "3x3":
+        return None
+    first = max(1, round(int(_first_width(m.layers) if m.layers else 64) * m.width))  # the paper VGGs: 64
+    if first % 2 or first > WHITEN_MAX_WIDTH:
+        return (f"model.whiten needs an even first convolution width of at most {WHITEN_MAX_WIDTH} "
+                f"(got {first})")
+    return None
+
+
+@_section_rule("model", "data.select_layers")
+def _proxy_whiten_width(c: TrainConfig) -> str | None:
+    """model.whiten: 3x3 with data.select_keep needs the proxy's first width even and at most 54 too."""
+    first = _first_width(c.data.select_layers)  # the proxy's, at width 1
+    if c.model.whiten == "3x3" and c.data.select_keep is not None and (first % 2 or first > WHITEN_MAX_WIDTH):
+        return (f"model.whiten needs the proxy's first convolution to be even and at most "
+                f"{WHITEN_MAX_WIDTH} wide too (got {first})")
+    return None
+
+
+@_section_rule("model", "model.whiten_bias_epochs")
+def _whiten_bias_exists(c: TrainConfig) -> str | None:
+    """model.whiten_bias_epochs with model.whiten: 3x3 needs model.conv_bias (that layer's bias)."""
+    if c.model.whiten_bias_epochs is not None and c.model.whiten == "3x3" and not c.model.conv_bias:
+        return "the 3x3 whitening layer has no bias with model.conv_bias false"
+    return None
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _opt(0.05, _between(0, 100, lo_open=True))
-    momentum: float = _opt(0.9, _between(0, 1, hi_open=True))
-    nesterov: bool = _opt(False)
-    weight_decay: float = _opt(5e-4, _between(0, 1, hi_open=True))
-    label_smoothing: float = _opt(0.0, _between(0, 1, hi_open=True))
-    # No weight decay on batch-norm weights and on biases (every 1-D parameter).
-    exclude_bn_bias_from_decay: bool = _opt(False)
-    # Learning rate of batch-norm biases = lr x this (their weight decay / this, so the decay per
-    # step stays the same); airbench trains them 64x faster.
-    bn_bias_lr_scale: float = _opt(1.0, _between(0, 1000, lo_open=True))
-    # Lookahead: every N steps (and at each epoch end) the weights move back to slow weights that
-    # follow them with a decay growing as progress^3 up to 0.95^N (airbench's schedule); 0: off.
-    lookahead_every: int = _opt(0, _between(0, 1000))
-    # The last step ends on the slow weights themselves (airbench's final full sync), not on the
-    # usual interpolation.
-    lookahead_final_full_sync: bool = _opt(False)
-    # The whitening bias (when model.whiten_bias_epochs is set) at lr x this, weight decay / this.
-    whiten_bias_lr_scale: float = _opt(1.0, _between(0, 1000, lo_open=True))
-    # sgd; muon: the 3x3 filters get Muon's orthogonalised momentum updates (muon_lr,
-    # muon_momentum, nesterov, no weight decay), everything else SGD as above (airbench94_muon).
-    # adamw: torch's AdamW (decoupled weight decay) with betas (momentum, adam_beta2), the same
-    # parameter groups (decay exclusions, BN-bias and whitening-bias rates).
-    name: str = _opt("sgd", _one_of("sgd", "muon", "adamw"))
-    muon_lr: float = _opt(0.24, _between(0, 100, lo_open=True))
-    muon_momentum: float = _opt(0.6, _between(0, 1, hi_open=True))
-    adam_beta2: float = _opt(0.999, _between(0, 1, hi_open=True))
-    # Clip the gradients' global L2 norm to this before each step (null: no clipping); the norm
-    # before clipping is logged to TensorBoard as train/grad_norm either way it is set.
-    clip_grad_norm: float | None = _opt(None, lambda v: None if v is None or v > 0 else "must be > 0 or null")
-    # Weight EMA: an exponential moving average of the weights and BN statistics, updated after
-    # every step with this decay (null: off). It is validated beside the raw weights, chooses
-    # best.pt, and is what the test report, eval, predict and gradcam use.
-    ema_decay: float | None = _opt(None, lambda v: None if v is None or 0 < v < 1
-                                   else "must be in (0, 1) or null")
+    """The optimizer (SGD, Muon on the 3x3 filters, or AdamW), its parameter groups and the weight
+    averaging (lookahead, EMA) around it."""
+
+    lr: float = _opt(0.05, "The learning rate (of every group but Muon's filters, at its peak)",
+                     _between(0, 100, lo_open=True))
+    momentum: float = _opt(0.9, "SGD's momentum; AdamW's beta1", _between(0, 1, hi_open=True))
+    nesterov: bool = _opt(False, "Nesterov momentum for SGD (Muon's filters always use it)",
+                          applies=_when("optim.name: sgd or muon, and optim.momentum > 0",
+                                        lambda c: c.optim.name != "adamw" and c.optim.momentum > 0))
+    weight_decay: float = _opt(5e-4, "L2 weight decay (AdamW: decoupled); none on Muon's filters",
+                               _between(0, 1, hi_open=True))
+    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy loss",
+                                  _between(0, 1, hi_open=True))
+    exclude_bn_bias_from_decay: bool = _opt(False, "No weight decay on batch-norm weights and on biases "
+                                            "(every 1-D parameter)")
+    bn_bias_lr_scale: float = _opt(1.0, "Batch-norm biases train at lr x this, weight decay / this (the "
+                                   "same decay per step); airbench: 64", _between(0, 1000, lo_open=True),
+                                   applies=_BN)
+    lookahead_every: int = _opt(0, "Lookahead: every N steps (and at each epoch end) the weights move back "
+                                "to slow weights that follow them with a decay growing as progress^3 up to "
+                                "0.95^N (airbench's schedule); 0: off", _between(0, 1000))
+    lookahead_final_full_sync: bool = _opt(False, "The last step ends on the slow weights themselves "
+                                           "(airbench's final full sync), not on the usual interpolation",
+                                           applies=_when("optim.lookahead_every > 0",
+                                                         lambda c: c.optim.lookahead_every > 0))
+    whiten_bias_lr_scale: float = _opt(1.0, "The whitening bias (of model.whiten_bias_epochs) trains at lr "
+                                       "x this, weight decay / this", _between(0, 1000, lo_open=True),
+                                       applies=_when("model.whiten_bias_epochs set",
+                                                     lambda c: c.model.whiten_bias_epochs is not None,
+                                                     "optim.whiten_bias_lr_scale applies to the whitening "
+                                                     "bias of model.whiten_bias_epochs, which is not set"))
+    name: str = _opt("sgd", "sgd; muon: the 3x3 filters get Muon's orthogonalised momentum updates, the "
+                     "rest SGD (airbench94_muon); adamw: torch's AdamW with betas (momentum, adam_beta2), "
+                     "the same parameter groups", _one_of("sgd", "muon", "adamw"))
+    muon_lr: float = _opt(0.24, "Muon's learning rate (of the 3x3 filters)", _between(0, 100, lo_open=True),
+                          applies=_MUON)
+    muon_momentum: float = _opt(0.6, "Muon's (Nesterov) momentum", _between(0, 1, hi_open=True),
+                                applies=_MUON)
+    adam_beta2: float = _opt(0.999, "AdamW's beta2", _between(0, 1, hi_open=True),
+                             applies=_when("optim.name: adamw", lambda c: c.optim.name == "adamw"))
+    clip_grad_norm: float | None = _opt(None, "Clip the gradients' global L2 norm to this before each step "
+                                        "(the norm before clipping is logged as train/grad_norm); null: no "
+                                        "clipping", _or_null(_between(0, math.inf, lo_open=True)))
+    ema_decay: float | None = _opt(None, "Weight EMA of the weights and BN statistics, updated after every "
+                                   "step with this decay: validated beside the raw weights, it chooses "
+                                   "best.pt and is what the test report, eval, predict and gradcam use; "
+                                   "null: off", _or_null(_between(0, 1, lo_open=True, hi_open=True)))
 
 
 @dataclass
 class ScheduleConfig:
-    # step: StepLR (gamma every step_size epochs, counted from the end of the warm-up); multistep:
-    # gamma at each milestone epoch; linear / cosine: from start_factor up to 1 over the warm-up,
-    # then linearly / along a half cosine down to end_factor at the last step; onecycle: the same
-    # with a cosine warm-up. All applied per step (schedule.py).
-    kind: str = _opt("step", _one_of(*SCHEDULES))
-    step_size: int = _opt(30, _between(1, 1_000_000))
-    gamma: float = _opt(0.1, _between(0, 1, lo_open=True))
-    # multistep: the rate x gamma at each of these epochs (counted from the run's start)
-    milestones: list[int] = _opt([30, 60, 80], _check_milestones)
-    # Linear warm-up of the learning rate, step by step, over the first N epochs (fractions of an
-    # epoch allowed).
-    warmup_epochs: int | float = _opt(0, _between(0, 1_000_000))
-    start_factor: float = _opt(0.2, _between(0, 1))  # the warm-up's first rate x this (not step)
-    end_factor: float = _opt(0.0, _between(0, 1))  # linear, cosine, onecycle: the last step's rate x this
+    """The learning rate over the run, applied per step (schedule.py)."""
+
+    kind: str = _opt("step", "step: StepLR (gamma every step_size epochs after the warm-up); multistep: "
+                     "gamma at each milestone; linear / cosine: from start_factor up to 1 over the warm-up, "
+                     "then linearly / along a half cosine down to end_factor at the last step; onecycle: "
+                     "the same with a cosine warm-up", _one_of(*SCHEDULES))
+    step_size: int = _opt(30, "step: epochs between the rate's cuts by gamma, counted from the end of the "
+                          "warm-up", _between(1, 1_000_000),
+                          applies=_when("schedule.kind: step", lambda c: c.schedule.kind == "step"))
+    gamma: float = _opt(0.1, "The rate is multiplied by this at each cut", _between(0, 1, lo_open=True),
+                        applies=_when("schedule.kind: step or multistep",
+                                      lambda c: c.schedule.kind in ("step", "multistep")))
+    milestones: list[int] = _opt([30, 60, 80], "multistep: the epochs (from the run's start) at which the "
+                                 "rate is cut by gamma", _ruled("increasing epochs >= 1", _check_milestones),
+                                 applies=_when("schedule.kind: multistep",
+                                               lambda c: c.schedule.kind == "multistep"))
+    warmup_epochs: int | float = _opt(0, "A linear warm-up of the rate, step by step, over the first N "
+                                      "epochs (fractions allowed): from lr x start_factor (step: from lr / "
+                                      "its steps); 0: none", _between(0, 1_000_000))
+    start_factor: float = _opt(0.2, "The warm-up's first rate is lr x this", _between(0, 1),
+                               applies=_when("schedule.warmup_epochs > 0 and schedule.kind: multistep, "
+                                             "linear, cosine or onecycle",
+                                             lambda c: c.schedule.kind != "step"
+                                             and c.schedule.warmup_epochs > 0))
+    end_factor: float = _opt(0.0, "The last step's rate is lr x this", _between(0, 1),
+                             applies=_when("schedule.kind: linear, cosine or onecycle",
+                                           lambda c: c.schedule.kind in ("linear", "cosine", "onecycle")))
 
 
 @dataclass
 class LoopConfig:
     """The YAML's ``train:`` section: how the loop runs, not what it optimises."""
 
-    # A fraction ends the last epoch early, at ceil(epochs x steps per epoch) steps (airbench: 9.9).
-    epochs: int | float = _opt(30, _between(0, 1_000_000, lo_open=True))
-    batch_size: int = _opt(128, _between(1, 65_536))
-    eval_batch_size: int = _opt(1000, _between(1, 65_536))
-    device: str = _opt("auto")
-    precision: str = _opt("fp32", _one_of("fp32", "bf16", "fp16"))
-    channels_last: bool | None = _opt(None)  # null: on where faster (CUDA), off elsewhere
-    compile: bool = _opt(False)  # torch.compile the train step (falls back, with a warning)
-    # CUDA: capture the whole step (forward, backward, optimizer, weight EMA) as one CUDA graph and
-    # replay it (falls back to the eager step, with one warning line, where it cannot).
-    cuda_graphs: bool = _opt(False)
-    # Deterministic kernels (cuDNN, cuBLAS, torch.use_deterministic_algorithms): a resumed CUDA
-    # run ends bit-identical to an uninterrupted one, at some cost in speed. The CPU always is.
-    deterministic: bool = _opt(False)
-    sync_bn: bool = _opt(False)  # under torchrun: batch-norm statistics over all ranks (CUDA)
-    # Test-time augmentation for validation and the test report: none; flip (each image with its
-    # mirror); multicrop (flip, plus the image shifted one pixel up-left and down-right, airbench's
-    # level 2). true means flip, false none.
-    tta: bool | str = _opt(False, lambda v: None if v in (True, False) or v in TTA_MODES
-                           else f"must be true, false or one of {', '.join(TTA_MODES)}")
-    log_every: int = _opt(20, _between(1, 1_000_000))
-    # Also write last.pt every N steps inside an epoch (0: only at the end of each epoch).
-    checkpoint_every_steps: int = _opt(0, _between(0, 1_000_000_000))
-    out_dir: str = _opt("runs")
+    epochs: int | float = _opt(30, "How long to train; a fraction ends the last epoch early, at ceil(epochs "
+                               "x steps per epoch) steps (airbench: 9.9)",
+                               _between(0, 1_000_000, lo_open=True))
+    batch_size: int = _opt(128, "Training images per step (per rank under torchrun); an epoch's last partial "
+                           "batch is dropped", _between(1, 65_536))
+    eval_batch_size: int = _opt(1000, "Images per batch of validation and testing", _between(1, 65_536))
+    device: str = _opt("auto", "Where to train; auto: cuda, then mps, then cpu",
+                       _matches(DEVICE_RE, DEVICE_RULE))
+    precision: str = _opt("fp32", "fp32, or autocast to bf16 or fp16 (fp16 with a GradScaler)",
+                          _one_of("fp32", "bf16", "fp16"))
+    channels_last: bool | None = _opt(None, "The channels_last memory format; null: on where it is faster "
+                                      "(CUDA), off elsewhere")
+    compile: bool = _opt(False, "torch.compile the train step (falls back, with a warning)")
+    cuda_graphs: bool = _opt(False, "CUDA: capture the whole step (forward, backward, optimizer, weight EMA) "
+                             "as one CUDA graph and replay it (the eager step, with one warning line, where "
+                             "it cannot)")
+    deterministic: bool = _opt(False, "Deterministic kernels (cuDNN, cuBLAS): a resumed CUDA run ends "
+                               "bit-identical to an uninterrupted one, at some cost in speed (the CPU always "
+                               "does)")
+    sync_bn: bool = _opt(False, "Under torchrun on CUDA: batch-norm statistics over all ranks "
+                         "(SyncBatchNorm)", applies=_BN)
+    tta: str = _mode(TTA_MODES, "flip", "Test-time augmentation of validation and the test report: none; "
+                     "flip (each image with its mirror); multicrop (flip, plus the image shifted one pixel "
+                     "up-left and down-right: airbench's level 2)")
+    log_every: int = _opt(20, "Steps between reads of the loss from the device", _between(1, 1_000_000))
+    checkpoint_every_steps: int = _opt(0, "Also write last.pt every N steps inside an epoch; 0: only at "
+                                       "each epoch's end", _between(0, 1_000_000_000))
+    out_dir: str = _opt("runs", "Where run directories go: out_dir/NAME/")
 
 
 @dataclass
 class TrainConfig:
-    name: str | None = _opt(None)
-    seed: int = _opt(0, _between(0, 2**63 - 1))
+    """The top level: the run's name and seed, and the sections."""
+
+    name: str | None = _opt(None, "The run's name, its directory under train.out_dir; null: the config "
+                            "file's stem", _matches(RUN_NAME_RE, RUN_NAME_RULE))
+    seed: int = _opt(0, "Model init, data order and augmentation, the validation split",
+                     _between(0, 2**63 - 1))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -274,10 +487,7 @@ class TrainConfig:
         return asdict(self)
 
 
-DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-DEVICE_RULE = "auto, cpu, cuda, cuda:N or mps"
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")  # one safe path component, never . or ..
-RUN_NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+SECTIONS = ("data", "model", "optim", "schedule", "train")  # TrainConfig's sections, in the YAML's order
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -364,9 +574,12 @@ def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any
         if is_dataclass(hint):
             kwargs[f.name] = _build(hint, value, key + ".", where)
             continue
+        hint = f.metadata.get("accepts") or hint  # what YAML may give, where it differs from what is held
         ok, converted = _convert(hint, value)
         if not ok:
             raise ConfigError(f"{where(key)}: {key} must be {_type_name(hint)} (got {_show(value)})")
+        if f.metadata.get("canon"):
+            converted = f.metadata["canon"](converted)
         check = f.metadata.get("check")
         problem = check(converted) if check else None
         if problem:
@@ -375,53 +588,37 @@ def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any
     return cls(**kwargs)
 
 
-def _cross_check(cfg: TrainConfig, where: Callable[[str], str]) -> None:
-    m = cfg.model
-    if (cfg.data.mean is None) != (cfg.data.std is None):
-        raise ConfigError(f"{where('data.mean')}: data.mean and data.std are set together (or both null)")
-    if cfg.data.labels == "coarse" and cfg.data.dataset != "cifar100":
-        raise ConfigError(f"{where('data.labels')}: data.labels: coarse is CIFAR-100's 20 superclasses "
-                          f"(data.dataset is {cfg.data.dataset})")
-    if m.arch == "custom" and m.layers is None:
-        raise ConfigError(f"{where('model.layers')}: model.layers is required when model.arch is custom")
-    if m.arch != "custom" and m.layers is not None:
-        raise ConfigError(f"{where('model.layers')}: model.layers is only used with model.arch: custom "
-                          f"(got arch {m.arch!r})")
-    if m.whiten in (True, "3x3"):
-        first = next(x for x in m.layers if x != "M") if m.layers else 64  # the paper VGGs: 64
-        first = max(1, round(int(first) * m.width))
-        if first % 2 or first > WHITEN_MAX_WIDTH:
-            raise ConfigError(f"{where('model.whiten')}: model.whiten needs an even first convolution "
-                              f"width of at most {WHITEN_MAX_WIDTH} (got {first})")
-        first = next(x for x in cfg.data.select_layers if x != "M")  # the proxy's, at width 1
-        if cfg.data.select_keep is not None and (first % 2 or first > WHITEN_MAX_WIDTH):
-            raise ConfigError(f"{where('data.select_layers')}: model.whiten needs the proxy's first "
-                              f"convolution to be even and at most {WHITEN_MAX_WIDTH} wide too (got {first})")
-    if m.whiten_bias_epochs is not None and not m.whiten:
-        raise ConfigError(f"{where('model.whiten_bias_epochs')}: model.whiten_bias_epochs needs "
-                          f"model.whiten (a whitening layer whose bias trains)")
-    if m.whiten_bias_epochs is not None and m.whiten in (True, "3x3") and not m.conv_bias:
-        raise ConfigError(f"{where('model.whiten_bias_epochs')}: the 3x3 whitening layer has no bias "
-                          f"with model.conv_bias false")
-    if cfg.optim.whiten_bias_lr_scale != 1.0 and m.whiten_bias_epochs is None:
-        raise ConfigError(f"{where('optim.whiten_bias_lr_scale')}: optim.whiten_bias_lr_scale applies to "
-                          f"the whitening bias of model.whiten_bias_epochs, which is not set")
-    if not DEVICE_RE.match(cfg.train.device):
-        raise ConfigError(f"{where('train.device')}: train.device must be {DEVICE_RULE} "
-                          f"(got {_show(cfg.train.device)})")
-    if cfg.name is not None and not RUN_NAME_RE.match(cfg.name):
-        raise ConfigError(f"{where('name')}: name must be {RUN_NAME_RULE} (got {_show(cfg.name)})")
+def _check_rules(cfg: TrainConfig, where: Callable[[str], str], only: Collection[str] | None = None) -> None:
+    """Each section's keys set (away from their defaults) where they do not apply, then its rules
+    that tie keys together. only: the keys whose "applies" is checked (None: all)."""
+    for section in SECTIONS:
+        part = getattr(cfg, section)
+        for f in fields(part):
+            applies, key = f.metadata.get("applies"), f"{section}.{f.name}"
+            if applies is None or (only is not None and key not in only):
+                continue
+            if getattr(part, f.name) != default_of(f) and not applies.test(cfg):
+                raise ConfigError(f"{where(key)}: {applies.refusal(key, cfg)}")
+        for key, rule in SECTION_RULES.get(section, ()):
+            problem = rule(cfg)
+            if problem:
+                raise ConfigError(f"{where(key)}: {problem}")
 
 
-def config_from_dict(raw: Any, source: str, overridden: dict[str, str] | None = None) -> TrainConfig:
-    """Validate a plain mapping (a parsed YAML file, or one read back from a checkpoint)."""
+def config_from_dict(raw: Any, source: str, overridden: dict[str, str] | None = None, *,
+                     stored: bool = False) -> TrainConfig:
+    """Validate a plain mapping (a parsed YAML file, or one read back from a checkpoint).
+
+    stored: the config of a run that exists (a checkpoint's, a run directory's config.yaml). A key
+    it sets where it does not apply is not refused, unless a --set (overridden) sets it now: a run
+    from before a key's rule was declared ran without it and still evaluates and resumes."""
     overridden = overridden or {}
 
     def where(key: str) -> str:
         return f"--set {_clip(overridden[key])}" if key in overridden else source
 
     cfg = _build(TrainConfig, raw, "", where)
-    _cross_check(cfg, where)
+    _check_rules(cfg, where, overridden.keys() if stored else None)
     return cfg
 
 
@@ -483,13 +680,15 @@ def check_run_name(cfg: TrainConfig, source: str) -> None:
                           f"set name: in the file, or pass --name or --set name=...")
 
 
-def config_with_overrides(raw: dict, source: str, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a mapping, then validate."""
+def config_with_overrides(raw: dict, source: str, overrides: Sequence[str] = (), *,
+                          stored: bool = False) -> TrainConfig:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a mapping, then validate
+    (stored: a run's own config, as config_from_dict)."""
     raw = copy.deepcopy(raw)
     overridden = {}
     for item in overrides:
         overridden[_apply_override(raw, item)] = item
-    return config_from_dict(raw, source, overridden)
+    return config_from_dict(raw, source, overridden, stored=stored)
 
 
 # What may differ between a run and its resumption: where and how fast it runs, and how long.
@@ -508,7 +707,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def check_resume_changes(stored: dict, cfg: TrainConfig, source: str) -> None:
     """Refuse a resumed config that changes more than RESUMABLE_KEYS allows."""
     try:  # the stored config with today's defaults, so a key added since is not a "change"
-        stored = config_from_dict(stored, source).to_dict()
+        stored = config_from_dict(stored, source, stored=True).to_dict()
     except ConfigError:
         pass
     if cfg.data.mean is None and isinstance(stored.get("data"), dict):  # null: the run's measured ones
@@ -522,10 +721,9 @@ def check_resume_changes(stored: dict, cfg: TrainConfig, source: str) -> None:
 
 
 def tta_mode(tta: bool | str) -> str:
-    """train.tta (or eval's --tta) as one of TTA_MODES."""
-    if isinstance(tta, bool):
-        return "flip" if tta else "none"
-    return tta
+    """A tta value as YAML may give it (true, false or a mode) as one of TTA_MODES, as the config
+    holds train.tta."""
+    return _as_mode(tta, "flip")
 
 
 def dump_config(cfg: TrainConfig) -> str:
@@ -535,4 +733,5 @@ def dump_config(cfg: TrainConfig) -> str:
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
            "load_config", "config_from_dict", "config_with_overrides", "dump_config",
            "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "tta_mode",
-           "TTA_MODES", "DEVICE_RE", "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE"]
+           "TTA_MODES", "WHITEN_MODES", "SECTIONS", "SECTION_RULES", "Applies", "default_of", "DEVICE_RE",
+           "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE"]

@@ -406,7 +406,7 @@ def crop_flip(split: Split, idx: torch.Tensor, shifts: torch.Tensor, flips: torc
 @dataclass(frozen=True)
 class Augmentation:
     """How train_batches augments: a random crop from the image padded by `padding` pixels
-    (zeros or reflected), and flips: random, or alternating (the caller's alternating_flips)."""
+    (zeros or reflected), and flips: random, or alternating (TrainLoader's alternating_flips)."""
 
     padding: int = PAD
     pad_mode: str = "zeros"
@@ -456,12 +456,14 @@ def cutout_mask(corners: torch.Tensor, size: int, h: int = 32, w: int = 32) -> t
 def train_batches(split: Split, batch_size: int, generator: torch.Generator,
                   aug: Augmentation | None = Augmentation(), channels_last: bool = False, start: int = 0,
                   rank: int = 0, world: int = 1, flips: torch.Tensor | None = None,
-                  stats: Stats = CIFAR10_STATS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  stats: Stats = CIFAR10_STATS, stop: int | None = None
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled, augmented, normalised batches; the last partial batch is dropped
     (a BN net with a batch of one fails, and a ragged batch would recompile compiled models).
 
     All randomness is drawn up front on the CPU generator, so the epoch is the same on any device,
-    and a resumed epoch skips its first ``start`` batches without changing the rest. With
+    and a resumed epoch skips its first ``start`` batches without changing the rest (``stop``:
+    the batches from the stop-th on are left out, and never augmented). With
     ``world`` ranks, every rank draws the same permutation and takes every world-th image of it
     from the rank-th on: disjoint shards of equal size (the last n % world images sit out).
     aug None: the images as they are. flips: (N,) bool per image (alternating_flips); None draws
@@ -483,6 +485,8 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator,
     # a step then costs a few operator launches, not thirty, and a chunk's memory stays bounded.
     per_chunk = max(1, AUGMENT_CHUNK_IMAGES // batch_size) * batch_size
     end = len(perm) - len(perm) % batch_size
+    if stop is not None:
+        end = min(end, max(stop, 0) * batch_size)
     for chunk_start in range(start * batch_size, end, per_chunk):
         idx = perm[chunk_start:min(chunk_start + per_chunk, end)]
         images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last, pad, aug.pad_mode) if aug \
@@ -494,6 +498,33 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator,
             if cutout is not None:
                 x.masked_fill_(cutout[first:first + batch_size], 0.0)
             yield x, labels[first:first + batch_size]
+
+
+@dataclass(frozen=True)
+class TrainLoader:
+    """A run's training batches, epoch by epoch, as airbench's loader makes them: whatever changes
+    from one epoch to the next (the order, the crops, the flips, alternating ones mirrored on odd
+    epochs, cutout) follows from (seed, epoch) here rather than from state carried along, so a
+    resumed epoch draws the same batches as one that was never interrupted."""
+
+    split: Split
+    batch_size: int
+    seed: int
+    aug: Augmentation | None = Augmentation()
+    stats: Stats = CIFAR10_STATS
+    channels_last: bool = False
+    rank: int = 0
+    world: int = 1
+
+    def epoch(self, epoch: int, start: int = 0, stop: int | None = None
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches start..stop (default: to the end) of epoch (0-based), augmented
+        and normalised (train_batches)."""
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch + 1) % 2**63)
+        alternating = self.aug is not None and self.aug.flip == "alternating"
+        flips = alternating_flips(len(self.split), self.seed, epoch) if alternating else None
+        return train_batches(self.split, self.batch_size, generator, self.aug, self.channels_last, start,
+                             self.rank, self.world, flips, self.stats, stop)
 
 
 def eval_batches(split: Split, batch_size: int, channels_last: bool = False, stats: Stats = CIFAR10_STATS

@@ -17,7 +17,7 @@ from vggtrain.report import build_report
 
 def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | None = None,
                         batch_size: int | None = None, device: str = "auto",
-                        tta: bool | str | None = None) -> dict[str, Any]:
+                        tta: str | None = None) -> dict[str, Any]:
     """The report for a checkpoint on the test split, or on the validation split its run held out
     (rebuilt from the stored data.val_size and seed). Needs nothing but the checkpoint and data.
     tta None means the run's own train.tta, so that a re-test reproduces the run's report."""

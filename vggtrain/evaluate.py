@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vggtrain import distributed
-from vggtrain.config import TrainConfig, tta_mode
+from vggtrain.config import TrainConfig
 from vggtrain.data import CIFAR10_STATS, Split, Stats, eval_batches, norm_stats
 from vggtrain.device import autocast, channels_last_for, synchronize
 from vggtrain.distributed import Dist
@@ -29,11 +29,11 @@ class EvalSettings:
     device: torch.device
     precision: str = "fp32"
     channels_last: bool = False
-    tta: bool | str = False
+    tta: str = "none"  # one of TTA_MODES, as train.tta
     stats: Stats = CIFAR10_STATS  # the normalisation the model was trained with
 
 
-def eval_settings(cfg: TrainConfig, device: torch.device, tta: bool | str | None = None,
+def eval_settings(cfg: TrainConfig, device: torch.device, tta: str | None = None,
                   batch_size: int | None = None) -> EvalSettings:
     """The settings a run validates and tests with; tta and batch_size override its config's."""
     return EvalSettings(cfg.model.num_classes, batch_size or cfg.train.eval_batch_size, device,
@@ -63,17 +63,16 @@ class Evaluation:
         return list(zip(self.confusion.diag().tolist(), self.confusion.sum(1).tolist(), strict=True))
 
 
-def log_probs(model: nn.Module, x: torch.Tensor, tta: bool | str = False) -> torch.Tensor:
+def log_probs(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
     """Log-probabilities (B, C) in float32 of the probabilities averaged over the TTA views (an
     ensemble averages probabilities, not logits).
 
     flip: the image and its mirror. multicrop (airbench's level 2): weight 1/2 on that pair, 1/4
     each on the pairs of the image shifted one pixel up-left and down-right (reflect-padded).
     """
-    mode = tta_mode(tta)
-    if mode == "none":
+    if tta == "none":
         return torch.log_softmax(model(x).float(), dim=1)
-    if mode == "multicrop":
+    if tta == "multicrop":
         h, w = x.shape[-2:]
         padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
         views = [log_probs(model, v, "flip") for v in (x, padded[..., :h, :w], padded[..., 2:, 2:])]

@@ -217,7 +217,7 @@ def sidecar_for(loaded: LoadedModel, ckpt: Path, fmt: str, out: Path, parity: di
                    "meaning": "unnormalised scores; softmax gives probabilities"},
         "class_names": loaded.class_names,
         "test_time_augmentation": "none (one forward pass; the run's report used "
-                                  f"{loaded.cfg.train.tta or 'none'})",
+                                  f"{loaded.cfg.train.tta})",
         "source": {"checkpoint": str(ckpt), "sha256": sha256_of(ckpt), "epoch": loaded.epoch,
                    "weights": loaded.weights, "arch": loaded.cfg.model.arch},
         "parity": parity,

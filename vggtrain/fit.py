@@ -86,7 +86,7 @@ def resume_point(cfg: TrainConfig | None, run_dir: str | Path | None, resume: Re
         return cfg, Path(run_dir) if run_dir is not None else default_run_dir(cfg), resume or None
     state = load_checkpoint(ckpt)
     if cfg is None:
-        cfg = config_with_overrides(state["config"], str(ckpt), overrides)
+        cfg = config_with_overrides(state["config"], str(ckpt), overrides, stored=True)
     run_dir = Path(run_dir) if run_dir is not None else ckpt.parent
     stored = state["config"]
     if cfg.name == run_dir.name:

@@ -34,7 +34,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     """
     path = Path(path)
     state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"], f"{path} (its stored config)")
+    cfg = config_from_dict(state["config"], f"{path} (its stored config)", stored=True)
     check_weights_fit(cfg.model, state["model"], path)
     model = build_model(cfg.model)
     weights, which = model_weights(state)

@@ -46,12 +46,12 @@ class VGG(nn.Module):
     def __init__(self, layers: list[int | str], num_classes: int = 10, batch_norm: bool = True,
                  head: str = "linear", hidden: int = 512, dropout: float = 0.5,
                  global_pool: str = "none", identity_init: bool = False, bn_weight: bool = True,
-                 logit_scale: float = 1.0, whiten: bool | str = False,
+                 logit_scale: float = 1.0, whiten: str = "none",
                  block_order: str = "conv_bn_act_pool", activation: str = "relu", conv_bias: bool = True,
                  bn_momentum: float = 0.1, bn_eps: float = 1e-5) -> None:
         super().__init__()
         self.logit_scale = logit_scale
-        self.whiten_mode = "3x3" if whiten in (True, "3x3") else (whiten or None)
+        self.whiten_mode = None if whiten == "none" else whiten  # model.whiten: none, 3x3 or 2x2
         channels, size = 3, IMAGE_SIZE
         self.stem: nn.Module = nn.Identity()
         if self.whiten_mode == "2x2":  # airbench's first layer: no BN, padding 0 (31x31 out)
@@ -145,7 +145,7 @@ def init_whitening(model: VGG, images: torch.Tensor, eps: float = 5e-4) -> None:
 
     images: normalised float (N, 3, H, W). Its filters are the top width/2 eigenvectors of the
     patch covariance, each scaled by 1/sqrt(eigenvalue) and paired with its negation (so the
-    ReLU after it loses nothing). A model built with whiten=True keeps these weights fixed.
+    ReLU after it loses nothing). A model built with whiten="3x3" keeps these weights fixed.
     """
     conv = model.whitening() or model.convs()[0]  # a model without whiten: its first convolution
     c, k = conv.in_channels, conv.kernel_size[0]

@@ -22,7 +22,7 @@ from torch import nn
 
 import vggtrain
 from vggtrain.atomic import atomic_write_text
-from vggtrain.config import TrainConfig, tta_mode
+from vggtrain.config import TrainConfig
 from vggtrain.data import Split
 from vggtrain.draw import BLUES, apply_colormap, font, save_png, text_rotated, text_size, to_pil, to_tensor
 from vggtrain.errors import shown
@@ -46,7 +46,7 @@ def _finite(x: float | None) -> float | None:
 
 def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConfig,
                  class_names: list[str], checkpoint: str | Path, checkpoint_epoch: int,
-                 device: torch.device | str, precision: str, tta: bool | str = False,
+                 device: torch.device | str, precision: str, tta: str = "none",
                  weights: str = "raw") -> dict[str, Any]:
     """The report as plain data, in the documented schema (README.md, "Evaluating a model")."""
     per_class = [{"class": name, "correct": c, "total": t, "acc": c / t if t else None}
@@ -55,8 +55,8 @@ def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConf
         "schema": SCHEMA,
         "split": split,
         "metrics": {"top1": ev.top1, "top5": ev.top5, "loss": _finite(ev.loss), "images": ev.images},
-        "tta": tta_mode(tta) != "none",
-        "tta_mode": tta_mode(tta),
+        "tta": tta != "none",
+        "tta_mode": tta,
         "per_class": per_class,
         "class_names": list(class_names),
         "confusion_matrix": ev.confusion.tolist(),

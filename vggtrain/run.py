@@ -196,7 +196,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
         raise UserError("config error: data.select_keep trains in one process only (under torchrun "
                         "each rank's proxy would choose from its own shard); set it to null")
     whitening = None  # the model's (and the proxy's) first-layer init images
-    if cfg.model.whiten and whiten_images is not None:  # the first 5,000 suffice, as in airbench
+    if cfg.model.whiten != "none" and whiten_images is not None:  # the first 5,000 suffice, as in airbench
         whitening = normalize(whiten_images[:5000].cpu(), stats=norm_stats(cfg.data))
     model = new_model(cfg.model, whitening)
     if d.enabled and cfg.train.sync_bn:
@@ -251,7 +251,7 @@ def compile_model(model: nn.Module, device: torch.device) -> Any:
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
     """Every generator a run may draw from. The data order and augmentation need none of these:
-    they come from a generator seeded by (seed, epoch), see train.train_one_epoch."""
+    they come from a generator seeded by (seed, epoch), see data.TrainLoader."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
             # The run's own GPU only (rank 0's, which every rank's matches: they are seeded alike

@@ -101,7 +101,7 @@ def _is_run_dir(path: Path) -> bool:
     if (path / "last.pt").is_file() or (path / "best.pt").is_file():
         return True
     try:  # bounded: a FIFO or a device named config.yaml is no run's
-        config_from_dict(read_yaml(path / "config.yaml"), "config.yaml")
+        config_from_dict(read_yaml(path / "config.yaml"), "config.yaml", stored=True)
     except UserError:
         return False
     return True

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from vggtrain import distributed, graphs
 from vggtrain.atomic import atomic_write_text
 from vggtrain.averaging import float_tensors
 from vggtrain.checkpoint import save_checkpoint
-from vggtrain.data import Augmentation, Split, alternating_flips, batch_mixer, norm_stats, train_batches
+from vggtrain.data import Augmentation, Split, TrainLoader, batch_mixer, norm_stats
 from vggtrain.device import autocast
 from vggtrain.errors import RunStopped
 from vggtrain.evaluate import eval_settings, evaluate_split
@@ -35,6 +35,10 @@ from vggtrain.tb import NullWriter
 from vggtrain.trainable import optimizer_step
 
 EpochHook = Callable[[Run], bool]
+Prepared = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, the loss's targets, the labels
+# loss, logits, the labels train/acc counts against, the gradients' norm (None without clipping)
+StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+LoopStep = Callable[[torch.Tensor, torch.Tensor], StepResult]
 
 
 class StopSignals:
@@ -80,65 +84,100 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module,
 
 def train_one_epoch(run: Run, train: Split, writer: Any = None, stop: StopSignals | None = None,
                     bar: tqdm | None = None) -> dict[str, float]:
-    """One epoch (the rest of it, after a mid-epoch resume). Returns its loss, accuracy, speed and
+    """One epoch (the rest of it, after a mid-epoch resume): the loader's batches, each through
+    the run's step, the epoch's meter and the interval hook. Returns its loss, accuracy, speed and
     time. writer: TensorBoard's (default: none); stop: the signals to honour (default: none)."""
-    cfg, p, d = run.cfg, run.progress, run.dist
     writer, stop, bar = writer or NullWriter(), stop or StopSignals(), bar or tqdm(disable=True)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    # Derived from (seed, epoch) rather than carried along, so a resumed run draws the same batches.
-    generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + run.epoch + 1) % 2**63)
-    steps, every = steps_per_epoch(len(train), d, cfg.train.batch_size), cfg.train.checkpoint_every_steps
-    aug = Augmentation.of(cfg.data)
-    flips = alternating_flips(len(train), cfg.seed, run.epoch) if aug and aug.flip == "alternating" else None
-    mixer = batch_mixer(cfg.data, cfg.model.num_classes) if aug else None
+    step = loop_step(run, steps_per_epoch(len(train), run.dist, run.cfg.train.batch_size))
     meter = EpochMeter(run)
-    step = step_function(run, criterion)
-    bar.update(p.step)
+    bar.update(run.progress.step)
     run.model.train()
-    for x, y in train_batches(train, cfg.train.batch_size, generator, aug, run.channels_last,
-                              start=p.step, rank=d.rank, world=d.world, flips=flips,
-                              stats=norm_stats(cfg.data)):
-        if run.position >= run.total_steps:  # a fractional last epoch (train.epochs: 9.9) ends here
-            break
-        if run.selector is not None:  # before mixing: the proxy scores the images as they are
-            x, y = run.selector.select(x, y, run.position)
-        target = y
-        if mixer is not None:
-            x, target = mixer(x, y)
-            if run.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            # train/acc then counts a prediction right when it is the mixed target's larger share
-            y = target.argmax(1) if target.ndim == 2 else target
-        loss, logits, norm = step(x, target)
-        run.scheduler.step()
-        run.global_step += 1
-        p.step += 1
-        for averager in run.averagers:  # lookahead, weight EMA
-            averager.step(run.position, run.total_steps, epoch_end=p.step == steps)
+    for x, y in epoch_batches(run, train):
+        loss, logits, y, norm = step(x, y)
         meter.add(loss, logits, y, norm)
         bar.update(1)
-        due = bool(every) and run.global_step % every == 0
-        # One process stops at once; ranks of a job decide together at the next log interval.
-        signalled = stop.signum is not None and not d.enabled
-        if len(meter.pending) == cfg.train.log_every or due or signalled:
-            signum = end_interval(run, writer, stop, meter=meter, due=due,
-                                  where=f"epoch {run.epoch + 1}, step {p.step}")
-            meter.show(bar, run)
-            if signum:
-                stop_run(run, signum, f"at epoch {run.epoch + 1}, step {p.step}; saved "
-                                      f"{run.dir / 'last.pt'}. Resume with")
+        interval_hook(run, writer, stop, meter, bar)
     return meter.finish(run, writer)
 
 
+def epoch_batches(run: Run, train: Split) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The rest of the run's current epoch: from the step a resume starts at to the epoch's end,
+    or to the run's last step (a fractional last epoch, train.epochs: 9.9, ends early)."""
+    cfg, d = run.cfg, run.dist
+    loader = TrainLoader(train, cfg.train.batch_size, cfg.seed, Augmentation.of(cfg.data),
+                         norm_stats(cfg.data), run.channels_last, d.rank, d.world)
+    return loader.epoch(run.epoch, start=run.progress.step,
+                        stop=run.total_steps - run.epoch * run.steps_per_epoch)
+
+
+def loop_step(run: Run, epoch_steps: int) -> LoopStep:
+    """What the loop does with each batch, every per-run choice made here, once: the batch's
+    preparation (prepare_batch), the optimizer step (step_function: eager, or the captured graph),
+    then the schedule, the step counters and the weight averagers, in that order. The step returns
+    the loss, the logits, the labels train/acc counts them against and the gradients' norm."""
+    prepare = prepare_batch(run)
+    optimize = step_function(run, nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing))
+    averagers = run.averagers  # lookahead, then the weight EMA
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        x, target, y = prepare(x, y)
+        loss, logits, norm = optimize(x, target)
+        run.scheduler.step()
+        run.global_step += 1
+        run.progress.step += 1
+        for averager in averagers:
+            averager.step(run.position, run.total_steps, epoch_end=run.progress.step == epoch_steps)
+        return loss, logits, y, norm
+
+    return step
+
+
+def prepare_batch(run: Run) -> Callable[[torch.Tensor, torch.Tensor], Prepared]:
+    """A batch between the loader and the optimizer step: data.select_keep's proxy keeps part of
+    it, then MixUp/CutMix mix it (either only when the config asks). Returns the images, the
+    targets the loss is taken against, and the labels train/acc counts the predictions against."""
+    cfg, selector = run.cfg, run.selector
+    mixer = batch_mixer(cfg.data, cfg.model.num_classes) if cfg.data.augment else None
+    layout = torch.channels_last if run.channels_last else torch.contiguous_format  # the mix's output's
+
+    def prepare(x: torch.Tensor, y: torch.Tensor) -> Prepared:
+        if selector is not None:  # before mixing: the proxy scores the images as they are
+            x, y = selector.select(x, y, run.position)
+        if mixer is None:
+            return x, y, y
+        x, target = mixer(x, y)
+        # train/acc then counts a prediction right when it is the mixed target's larger share
+        return x.contiguous(memory_format=layout), target, target.argmax(1) if target.ndim == 2 else target
+
+    return prepare
+
+
 def step_function(run: Run, criterion: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], Any]:
-    """The step the loop calls: the captured CUDA graph's (train.cuda_graphs, made once per run
-    and kept across epochs), else train_step."""
+    """The optimizer step the loop calls: the captured CUDA graph's (train.cuda_graphs, made once
+    per run and kept across epochs), else train_step."""
     if run.cfg.train.cuda_graphs:
         if run.graphed is None:
             run.graphed = graphs.graphed_step(run, criterion, train_step) or False
         if run.graphed:
             return run.graphed
     return lambda x, y: train_step(run, x, y, criterion)
+
+
+def interval_hook(run: Run, writer: Any, stop: StopSignals, meter: EpochMeter, bar: tqdm) -> None:
+    """After each step: at a log interval's end (train.log_every), when a checkpoint is due
+    (train.checkpoint_every_steps) or on a stop signal, end the interval and show the epoch so far;
+    on a signal, stop the run there."""
+    every = run.cfg.train.checkpoint_every_steps
+    due = bool(every) and run.global_step % every == 0
+    # One process stops at once; ranks of a job decide together at the next log interval.
+    signalled = stop.signum is not None and not run.dist.enabled
+    if not (len(meter.pending) == run.cfg.train.log_every or due or signalled):
+        return
+    where = f"epoch {run.epoch + 1}, step {run.progress.step}"
+    signum = end_interval(run, writer, stop, meter=meter, due=due, where=where)
+    meter.show(bar, run)
+    if signum:
+        stop_run(run, signum, f"at {where}; saved {run.dir / 'last.pt'}. Resume with")
 
 
 def end_interval(run: Run, writer: Any, stop: StopSignals, *, due: bool, where: str,

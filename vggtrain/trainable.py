@@ -23,7 +23,7 @@ def new_model(model_cfg: ModelConfig, whitening: torch.Tensor | None = None) -> 
     whitening layer (model.whiten) from `whitening`, normalised images, when given (without them
     the fixed layer stays random, for benchmarks)."""
     model = build_model(model_cfg)
-    if model_cfg.whiten and whitening is not None:
+    if model_cfg.whiten != "none" and whitening is not None:
         init_whitening(model, whitening)
     return model
 
