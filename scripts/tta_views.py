@@ -48,7 +48,7 @@ def measure(ckpt: str, data_root: str | None, split: str) -> dict:
 
     from vggtrain.data import eval_batches, norm_stats
     from vggtrain.device import autocast
-    from vggtrain.evaluate import checkpoint_split
+    from vggtrain.eval import checkpoint_split
     from vggtrain.inference import load_model, resolve_checkpoint
 
     dev = torch.device("cpu")

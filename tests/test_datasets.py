@@ -148,7 +148,7 @@ def _write_folder(root, sizes=((32, 32), (64, 48), (20, 20))):
 
 def test_an_image_folder_decodes_once_into_a_cache(tmp_path, monkeypatch):
     from vggtrain import folder
-    from vggtrain.predict import read_image, to_model_size
+    from vggtrain.images import read_image, to_model_size
 
     _write_folder(tmp_path)
     data = DataConfig(dataset="folder", root=str(tmp_path))
@@ -243,8 +243,8 @@ def test_each_dataset_is_normalised_with_its_own_stats_everywhere(tmp_path, caps
         split_train_val,
     )
     from vggtrain.evaluate import eval_settings
+    from vggtrain.images import read_image, to_model_size
     from vggtrain.inference import load_model
-    from vggtrain.predict import read_image, to_model_size
 
     c100 = config_from_dict({"data": {"dataset": "cifar100"}}, "t")
     assert eval_settings(c100, torch.device("cpu")).stats == (CIFAR100_MEAN, CIFAR100_STD)

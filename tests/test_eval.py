@@ -302,7 +302,7 @@ def test_a_checkpoint_declaring_a_giant_model_is_refused_before_it_is_built(run,
         raise AssertionError("the model was built before its shapes were checked")
 
     monkeypatch.setattr("vggtrain.inference.build_model", never)
-    monkeypatch.setattr("vggtrain.run.build_model", never)
+    monkeypatch.setattr("vggtrain.trainable.build_model", never)
     code, out, err = _eval(capsys, "--ckpt", str(tmp_path / "giant.pt"))
     assert code == 2 and "giant.pt: weights do not fit this model" in err and err.count("\n") == 1
     resumed = tmp_path / "resumed"

@@ -1,5 +1,5 @@
 """Hostile input, round two (issue 40): every file someone else may have written is read through
-one boundary (vggtrain.safeio) and every image through one decoder (predict.read_image).
+one boundary (vggtrain.safeio) and every image through one decoder (images.read_image).
 
 Each refused case: exit 2 (74 for a full disk), at most three lines on stderr and no traceback,
 nothing escaped raw to the terminal, no payload run, no user file changed or removed, no run

@@ -16,8 +16,9 @@ from conftest import tiny_config, write_yaml
 from vggtrain.cli import main
 from vggtrain.data import load_cifar10, normalize
 from vggtrain.gradcam import PANEL, find_layer, grad_cam, output_paths, upsample
+from vggtrain.images import read_image
 from vggtrain.inference import load_model
-from vggtrain.predict import SCHEMA, read_image
+from vggtrain.predict import SCHEMA
 from vggtrain.synthetic import SIGNAL
 
 

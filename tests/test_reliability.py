@@ -18,7 +18,8 @@ import torch
 
 from conftest import tb_scalars, tiny_config, wait_for_line, write_yaml
 from vggtrain import fit as fit_module
-from vggtrain.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from vggtrain.atomic import atomic_write
+from vggtrain.checkpoint import load_checkpoint, save_checkpoint
 from vggtrain.cli import main
 from vggtrain.config import config_from_dict
 from vggtrain.errors import CheckpointError, UserError

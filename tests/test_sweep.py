@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import vggtrain.evaluate as evaluate_module
+import vggtrain.eval as eval_module
 from conftest import block_import, tiny_config, wait_for_line, write_yaml
 from vggtrain import sweep
 from vggtrain.cli import main
-from vggtrain.evaluate import evaluate_checkpoint
+from vggtrain.eval import evaluate_checkpoint
 from vggtrain.runs import list_runs
 
 optuna = pytest.importorskip("optuna", reason="the [sweep] extra is not installed")
@@ -50,13 +50,13 @@ def test_a_sweep_chooses_on_validation_and_tests_the_best_once(cifar_bin, tmp_pa
     cfg, space = _setup(cifar_bin, tmp_path)
     monkeypatch.setattr(sweep, "make_pruner", lambda optuna, prune_from: PruneTrialOne())
     tested = []
-    original = evaluate_module.evaluate_checkpoint
+    original = eval_module.evaluate_checkpoint
 
     def counting(ckpt, split="test", *args, **kwargs):
         tested.append((str(ckpt), split))
         return original(ckpt, split, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "evaluate_checkpoint", counting)
+    monkeypatch.setattr(eval_module, "evaluate_checkpoint", counting)
     assert _quiet(["sweep", "--config", str(cfg), "--space", str(space), "--trials", "3",
                    "--study", "s"]) == 0
     study_dir = tmp_path / "runs" / "s"

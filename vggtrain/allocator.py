@@ -24,6 +24,8 @@ import sys
 import sysconfig
 from collections.abc import Mapping
 
+from vggtrain.errors import os_reason
+
 SWITCH = "VGGTRAIN_ALLOCATOR"
 APPLIED = "VGGTRAIN_ALLOCATOR_APPLIED"  # set before the re-exec: its presence means "never again"
 MODES = ("auto", "jemalloc", "tcmalloc", "glibc", "system")
@@ -117,4 +119,4 @@ def reexec_with_fast_allocator() -> None:
     try:
         os.execve(sys.executable, argv, env)
     except OSError as e:  # should not happen; run on with the system allocator rather than fail
-        os.environ[APPLIED] = f"system (re-exec failed: {e.strerror})"
+        os.environ[APPLIED] = f"system (re-exec failed: {os_reason(e)})"

@@ -32,11 +32,15 @@ from torch import nn
 
 from vggtrain import allocator
 from vggtrain.config import TrainConfig
-from vggtrain.data import Augmentation, Split, train_batches
+from vggtrain.data import CIFAR10_MEAN, CIFAR10_STD, Augmentation, Split, random_split, train_batches
 from vggtrain.device import channels_last_for, select_device, set_deterministic, synchronize
 from vggtrain.evaluate import eval_settings, evaluate_split
+from vggtrain.fit import fit
+from vggtrain.graphs import WARMUP_STEPS
 from vggtrain.model import build_model, count_parameters
 from vggtrain.run import EpochProgress, build_run
+from vggtrain.stepcount import count_step
+from vggtrain.synthetic import write_synthetic_cifar10
 from vggtrain.train import step_function, train_one_epoch
 
 
@@ -52,12 +56,6 @@ def _rate(fn: Callable[[], int], device: torch.device, warmup: int, steps: int) 
     return images / (time.perf_counter() - t0)
 
 
-def random_split(n: int, device: torch.device, seed: int = 0) -> Split:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    return Split(images, torch.randint(0, 10, (n,), generator=g)).to(device)
-
-
 def _bench_run(cfg: TrainConfig, run_dir: Path, train_size: int) -> Any:
     return build_run(cfg, run_dir, [str(i) for i in range(cfg.model.num_classes)], train_size)
 
@@ -71,8 +69,6 @@ def bench_bare_step(cfg: TrainConfig, run_dir: Path, warmup: int, steps: int) ->
     run.model.train()
     train = step_function(run, criterion)  # the captured CUDA graph's under train.cuda_graphs
     if cfg.train.cuda_graphs:  # its eager warm-up and its capture happen before the clock starts
-        from vggtrain.graphs import WARMUP_STEPS
-
         warmup = max(warmup, WARMUP_STEPS + 2)
 
     def step() -> int:
@@ -114,8 +110,6 @@ class _PILDataset(torch.utils.data.Dataset):
 def bench_reference_data_path(cfg: TrainConfig, split: Split, steps: int, workers: int = 2) -> float:
     from torchvision import transforms as T
 
-    from vggtrain.data import CIFAR10_MEAN, CIFAR10_STD
-
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
     hwc = split.images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
@@ -150,9 +144,6 @@ def bench_real_fit(cfg: TrainConfig, tmp: Path, steps: int, epochs: int = 3) -> 
     import contextlib
     import copy
     import io
-
-    from vggtrain.fit import fit
-    from vggtrain.synthetic import write_synthetic_cifar10
 
     bs = cfg.train.batch_size
     val = min(2 * bs, 5000)
@@ -283,8 +274,6 @@ def run_bench(cfg: TrainConfig, config_arg: str, overrides: list[str], parts: li
         if "real" in parts:
             res["real_fit"] = bench_real_fit(cfg, Path(tmp), steps)
         if "ops" in parts:
-            from vggtrain.stepcount import count_step
-
             counted = count_step(cfg)
             res["ops_per_step"], res["syncs_per_step"] = counted.ops, counted.syncs
         if "eval" in parts:

@@ -1,107 +1,24 @@
 """Checkpoints: one dict (model, optimizer, scheduler, epoch, config, ...) written atomically
-and read back with ``weights_only=True``, so a checkpoint can never run code."""
+(atomic.py) and read back with ``weights_only=True``, so a checkpoint can never run code."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import tempfile
 import threading
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vggtrain.atomic import atomic_write
 from vggtrain.config import ModelConfig
-from vggtrain.errors import CheckpointError, first_line
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-NEW_FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file: mkstemp's 0600 is set to this
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call write(file) on a temp file beside path, fsync it, then rename it over path.
-
-    A crash at any instant leaves either the old file or the new one, never a torn one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, NEW_FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        os_error = _os_error_in(e)
-        if os_error is None:
-            raise
-        if os_error.filename is None and os_error.errno is not None:
-            os_error.filename = str(path)  # a failed write() names no file: name the one being written
-        if os_error is e:
-            raise
-        # torch.save's zip writer turns a full disk into "RuntimeError: unexpected pos" while it
-        # closes the archive: the OSError underneath is the cause to report.
-        raise os_error from None
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-@contextlib.contextmanager
-def replace_together(paths: list[Path]) -> Iterator[list[Path]]:
-    """Temp files beside paths (named like them, ending in the same suffix) for the block to
-    write; renamed over paths, in order, only once the whole block has succeeded, else deleted.
-    Files that belong together (an exported model and its description) are then never half
-    written, nor one new beside the other's old version, but by a failure between two renames
-    in one directory, moments apart."""
-    temps: list[Path] = []
-    try:
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-            os.close(fd)
-            temps.append(Path(name))
-        yield list(temps)
-        for tmp in temps:
-            os.chmod(tmp, NEW_FILE_MODE)
-            with tmp.open("rb+") as f:
-                os.fsync(f.fileno())
-        for tmp, path in zip(temps, paths, strict=True):
-            os.replace(tmp, path)
-        for parent in {path.parent for path in paths}:
-            dir_fd = os.open(parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # make the renames themselves durable
-            finally:
-                os.close(dir_fd)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-
-
-def _os_error_in(e: BaseException) -> OSError | None:
-    """e itself if it is an OSError, else the first OSError it was raised while handling."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+from vggtrain.errors import CheckpointError, first_line, os_reason
+from vggtrain.model import build_model
+from vggtrain.safeio import file_kind
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -213,8 +130,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     """Load a checkpoint written by save_checkpoint. Raises CheckpointError on anything else.
 
     mmap: map the tensors from the file instead of reading them (a look at a few keys)."""
-    from vggtrain.safeio import file_kind
-
     path = Path(path)
     if not path.is_file():  # a FIFO would hang torch.load, a device would never end
         kind = file_kind(os.stat(path).st_mode) if path.exists() else None
@@ -222,7 +137,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     try:
         _check_container(path)
     except OSError as e:  # unreadable: permissions, an I/O error
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+        raise CheckpointError(f"{path}: cannot read it ({os_reason(e)})") from None
     try:
         with warnings.catch_warnings():  # a refused file gets one line from us, not torch's noise
             warnings.simplefilter("ignore")
@@ -257,8 +172,6 @@ def check_weights_fit(model_cfg: ModelConfig, weights: Any, path: str | Path) ->
     """Refuse, before anything is allocated, a stored config whose model the checkpoint's weights
     do not fit: the model is built on the meta device (shapes only, no memory), so a config that
     declares a giant network costs nothing to check."""
-    from vggtrain.model import build_model
-
     try:
         with torch.device("meta"):
             shell = build_model(model_cfg)

@@ -241,7 +241,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from vggtrain.evaluate import evaluate_checkpoint
+    from vggtrain.eval import evaluate_checkpoint
     from vggtrain.report import format_text, report_json
 
     report = evaluate_checkpoint(args.ckpt, args.split, args.data_root, args.batch_size, args.device,

@@ -12,6 +12,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from vggtrain.config import DataConfig
-from vggtrain.errors import DataError, first_line, shown
+from vggtrain.errors import DataError, first_line, os_reason, shown
+from vggtrain.safeio import TEXT_LIMIT, read_bytes
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -160,41 +162,49 @@ def _read_bin_batch(path: Path, label_bytes: int = 1, label_index: int = 0,
     return rows[:, label_bytes:].reshape(-1, 3, 32, 32).clone(), rows[:, label_index].to(torch.int64)
 
 
-def _class_names(base: Path, layout: str) -> list[str]:
-    if layout == PY_DIR:
-        meta = _unpickle(base / "batches.meta").get("label_names")
-        names = None
-        if isinstance(meta, list):
-            names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in meta]
-    else:
-        lines = _label_text(base / "batches.meta.txt").splitlines()
-        names = [line.strip() for line in lines if line.strip()]
-    if not names or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{base}: batches.meta holds no class names")
-    return [shown(n) for n in names]  # as checkpoints' are read (inference.load_model)
-
-
 def _label_text(path: Path) -> str:
     """A label-names file (one name a line, a few KB), bounded: no FIFO, no device, no huge file."""
-    from vggtrain.safeio import TEXT_LIMIT, read_bytes
-
     return read_bytes(path, TEXT_LIMIT, DataError).decode("utf-8", "replace")
 
 
-def find_layout(root: Path) -> Path | None:
-    """The CIFAR-10 directory under root (python layout first), or root itself if it is one."""
-    for base in (root / PY_DIR, root / BIN_DIR, root):
-        if (base / "batches.meta").is_file() or (base / "batches.meta.txt").is_file():
-            return base
-    return None
+@dataclass(frozen=True)
+class Cifar:
+    """What tells one published CIFAR dataset's files from the other's: one reader reads both.
+
+    A "{labels}" in a name stands for the label set read (CIFAR-100's fine or coarse labels;
+    CIFAR-10 has one set, and no name of its needs it)."""
+
+    name: str  # as messages say it
+    py_dir: str  # the python layout's directory
+    bin_dir: str  # the binary layout's
+    py_meta: str  # the python layout's pickled metadata: its presence says which layout this is
+    bin_meta: str  # a file only the binary layout has
+    meta_images: int  # the pickled metadata is bounded as a python batch of this many images
+    names_key: str  # the class names' key in the pickled metadata
+    names_file: str  # the binary layout's class names, one a line
+    no_names: str  # what the message says of metadata without class names
+    splits: tuple[tuple[tuple[str, ...], int], ...]  # (train, test): (file names, most images a file holds)
+    label_key: str  # the labels' key in a python batch
+    label_order: tuple[str, ...]  # the label sets whose bytes start each binary record, in order
+
+    def find(self, root: Path) -> Path | None:
+        """The dataset's directory under root (python layout first), or root itself if it is one."""
+        for base in (root / self.py_dir, root / self.bin_dir, root):
+            if (base / self.py_meta).is_file() or (base / self.bin_meta).is_file():
+                return base
+        return None
 
 
-def find_cifar100(root: Path) -> Path | None:
-    """The CIFAR-100 directory under root (python layout first), or root itself if it is one."""
-    for base in (root / C100_PY_DIR, root / C100_BIN_DIR, root):
-        if (base / "meta").is_file() or (base / "fine_label_names.txt").is_file():
-            return base
-    return None
+CIFAR10 = Cifar(name="CIFAR-10", py_dir=PY_DIR, bin_dir=BIN_DIR, py_meta="batches.meta",
+                bin_meta="batches.meta.txt", meta_images=MAX_PER_BATCH, names_key="label_names",
+                names_file="batches.meta.txt", no_names="batches.meta holds no class names",
+                splits=((tuple(TRAIN_BATCHES), MAX_PER_BATCH), (tuple(TEST_BATCHES), MAX_PER_BATCH)),
+                label_key="labels", label_order=("fine",))
+CIFAR100 = Cifar(name="CIFAR-100", py_dir=C100_PY_DIR, bin_dir=C100_BIN_DIR, py_meta="meta",
+                 bin_meta="fine_label_names.txt", meta_images=1, names_key="{labels}_label_names",
+                 names_file="{labels}_label_names.txt", no_names="its meta holds no {labels} class names",
+                 splits=((("train",), C100_TRAIN), (("test",), C100_TEST)),
+                 label_key="{labels}_labels", label_order=("coarse", "fine"))
 
 
 def download_cifar10(root: Path, cifar100: bool = False) -> None:
@@ -220,7 +230,7 @@ def download_cifar10(root: Path, cifar100: bool = False) -> None:
         try:
             os.replace(base, root / spec.base_folder)
         except OSError:
-            if (find_cifar100 if cifar100 else find_layout)(root) is None:  # not another process's
+            if (CIFAR100 if cifar100 else CIFAR10).find(root) is None:  # not another process's
                 raise DataError(f"could not move the downloaded {name} into {root}") from None
 
 
@@ -229,98 +239,86 @@ def load_dataset(data: DataConfig) -> tuple[Split, Split, list[str]]:
     if data.dataset == "cifar100":
         return load_cifar100(data.root, data.download, data.labels)
     if data.dataset == "folder":
-        from vggtrain.folder import load_folder
+        from vggtrain.folder import load_folder  # Pillow and its plugins: loaded for a folder only
 
-        try:
+        with _os_errors(data.root):
             train, test, names = load_folder(data.root)
-        except OSError as e:
-            raise DataError(f"{e.filename or data.root}: {e.strerror or e}") from None
         return Split(*train), Split(*test), names
     return load_cifar10(data.root, data.download)
 
 
 def load_cifar10(root: str | Path, download: bool = False) -> tuple[Split, Split, list[str]]:
     """(train, test, class names) from either published layout under root."""
-    try:
-        return _load_cifar10(Path(root), download)
-    except OSError as e:  # unreadable or unwritable files and folders: the user's to fix
-        where = e.filename or root
-        raise DataError(f"{where}: {e.strerror or e}") from None
+    with _os_errors(root):
+        return _load_cifar(CIFAR10, Path(root), download)
 
 
 def load_cifar100(root: str | Path, download: bool = False, labels: str = "fine"
                   ) -> tuple[Split, Split, list[str]]:
     """(train, test, class names) of CIFAR-100 from either published layout under root: its 100
     fine classes, or its 20 superclasses with labels="coarse"."""
+    with _os_errors(root):
+        return _load_cifar(CIFAR100, Path(root), download, labels)
+
+
+@contextmanager
+def _os_errors(root: str | Path) -> Iterator[None]:
+    """Unreadable or unwritable files and folders, as the user's to fix: one line naming the file."""
     try:
-        return _load_cifar100(Path(root), download, labels)
+        yield
     except OSError as e:
-        where = e.filename or root
-        raise DataError(f"{where}: {e.strerror or e}") from None
+        raise DataError(f"{e.filename or root}: {os_reason(e)}") from None
 
 
-def _load_cifar100(root: Path, download: bool, labels: str) -> tuple[Split, Split, list[str]]:
-    base = find_cifar100(root)
+def _load_cifar(spec: Cifar, root: Path, download: bool, labels: str = "fine"
+                ) -> tuple[Split, Split, list[str]]:
+    base = spec.find(root)
     if base is None and download:
-        download_cifar10(root, cifar100=True)
-        base = find_cifar100(root)
+        download_cifar10(root, cifar100=spec is CIFAR100)
+        base = spec.find(root)
     if base is None:
-        raise DataError(f"{root}: no CIFAR-100 found (expected {C100_PY_DIR}/ or {C100_BIN_DIR}/ inside "
+        raise DataError(f"{root}: no {spec.name} found (expected {spec.py_dir}/ or {spec.bin_dir}/ inside "
                         f"it; set data.root, or data.download: true to fetch it)")
-    python = (base / "meta").is_file()
+    python = (base / spec.py_meta).is_file()
+    names = _cifar_names(spec, base, python, labels)
+    suffix = "" if python else ".bin"
+
+    def read(files: tuple[str, ...], most: int) -> Split:
+        parts = []
+        for file in files:
+            path = base / (file + suffix)
+            if not path.is_file():
+                expected = path.name if len(files) == 1 else \
+                    f"{len(files)} batch files {', '.join(f + suffix for f in files)}"
+                raise DataError(f"{path}: missing (expected {expected} in {base})")
+            images, y = _read_py_batch(path, spec.label_key.format(labels=labels), most) if python else \
+                _read_bin_batch(path, len(spec.label_order), spec.label_order.index(labels), most)
+            _check_labels(path, y, len(names))
+            parts.append((images, y))
+        if len(parts) == 1:
+            return Split(*parts[0])
+        return Split(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+    train, test = (read(files, most) for files, most in spec.splits)
+    return train, test, names
+
+
+def _cifar_names(spec: Cifar, base: Path, python: bool, labels: str) -> list[str]:
     if python:
-        meta = _unpickle(base / "meta", 1).get(f"{labels}_label_names")
+        meta = _unpickle(base / spec.py_meta, spec.meta_images).get(spec.names_key.format(labels=labels))
         names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in meta] \
             if isinstance(meta, list) else None
     else:
-        text = _label_text(base / f"{labels}_label_names.txt")
+        text = _label_text(base / spec.names_file.format(labels=labels))
         names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{base}: its meta holds no {labels} class names")
-    names = [shown(n) for n in names]
-
-    def read(file: str, most: int) -> Split:
-        path = base / (file if python else f"{file}.bin")
-        if not path.is_file():
-            raise DataError(f"{path}: missing (expected {path.name} in {base})")
-        images, y = _read_py_batch(path, f"{labels}_labels", most) if python else \
-            _read_bin_batch(path, 2, 1 if labels == "fine" else 0, most)
-        _check_labels(path, y, len(names))
-        return Split(images, y)
-
-    return read("train", C100_TRAIN), read("test", C100_TEST), names
+        raise DataError(f"{base}: {spec.no_names.format(labels=labels)}")
+    return [shown(n) for n in names]  # as checkpoints' are read (inference.load_model)
 
 
 def _check_labels(path: Path, labels: torch.Tensor, classes: int) -> None:
     if len(labels) and (labels.min() < 0 or labels.max() >= classes):
         raise DataError(f"{path}: label {int(labels.max())} out of range for {classes} classes")
-
-
-def _load_cifar10(root: Path, download: bool) -> tuple[Split, Split, list[str]]:
-    base = find_layout(root)
-    if base is None and download:
-        download_cifar10(root)
-        base = find_layout(root)
-    if base is None:
-        raise DataError(f"{root}: no CIFAR-10 found (expected {PY_DIR}/ or {BIN_DIR}/ inside it; "
-                        f"set data.root, or data.download: true to fetch it)")
-    layout = PY_DIR if (base / "batches.meta").is_file() else BIN_DIR
-    names = _class_names(base, layout)
-    read, suffix = (_read_py_batch, "") if layout == PY_DIR else (_read_bin_batch, ".bin")
-
-    def read_all(batches: list[str]) -> Split:
-        parts = []
-        for b in batches:
-            path = base / (b + suffix)
-            if not path.is_file():
-                raise DataError(f"{path}: missing (expected {len(batches)} batch files "
-                                f"{', '.join(x + suffix for x in batches)} in {base})")
-            images, labels = read(path)
-            _check_labels(path, labels, len(names))
-            parts.append((images, labels))
-        return Split(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-
-    return read_all(TRAIN_BATCHES), read_all(TEST_BATCHES), names
 
 
 def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
@@ -331,6 +329,14 @@ def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Spli
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     val, rest = perm[:val_size], perm[val_size:]
     return Split(train.images[rest], train.labels[rest]), Split(train.images[val], train.labels[val])
+
+
+def random_split(n: int, device: torch.device, seed: int = 0) -> Split:
+    """n random images (uint8 noise, labels 0-9) on device, the same for a seed: for benchmarks
+    and step counts, whose timings and operator counts do not depend on what the images show."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return Split(images, torch.randint(0, 10, (n,), generator=g)).to(device)
 
 
 # --- batches on the device -----------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from vggtrain.checkpoint import atomic_write
+from vggtrain.atomic import atomic_write
 
 # A white-to-blue ramp (ColorBrewer "Blues") for rates, and "jet" for Grad-CAM heat maps.
 BLUES = [(0.0, (247, 251, 255)), (0.25, (198, 219, 239)), (0.5, (107, 174, 214)),

@@ -31,6 +31,13 @@ def _one_line(message: str) -> str:
     return shown(message)
 
 
+def os_reason(e: BaseException) -> str:
+    """Why an OSError failed, for a one-line message that names the file itself: its strerror
+    ("Permission denied") without the "[Errno 13]" and the path str(e) adds; str(e) when it has
+    none (an OSError raised with a message only)."""
+    return getattr(e, "strerror", None) or str(e)
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (or its type's name), for a one-line report."""
     text = str(e).strip()
@@ -82,4 +89,4 @@ class WriteError(UserError):
     @classmethod
     def of(cls, e: OSError, fallback: object, hint: str = "") -> "WriteError":
         where = e.filename if e.filename is not None else fallback
-        return cls(f"cannot write {where}: {e.strerror or e}{hint}")
+        return cls(f"cannot write {where}: {os_reason(e)}{hint}")

@@ -1,13 +1,12 @@
-"""Measure a model on a split: top-1, top-5, loss, per-class accuracy, confusion matrix; and
-`vggtrain eval`, which measures a checkpoint (its report's schema is report.py's)."""
+"""Measure a model on a split: top-1, top-5, loss, per-class accuracy, confusion matrix. The
+loop validates with it, `fit` and `vggtrain eval` (eval.py) test with it, and report.py turns
+its Evaluation into the report."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -15,9 +14,8 @@ from torch import nn
 from vggtrain import distributed
 from vggtrain.config import TrainConfig
 from vggtrain.data import CIFAR10_STATS, Split, Stats, eval_batches, norm_stats
-from vggtrain.device import autocast, channels_last_for, select_device, synchronize
+from vggtrain.device import autocast, channels_last_for, synchronize
 from vggtrain.distributed import Dist
-from vggtrain.errors import DataError, UserError
 
 TOPK = 5
 
@@ -131,53 +129,3 @@ def evaluate_split(model: nn.Module, split: Split, settings: EvalSettings,
     return Evaluation(loss=loss / d, top1=c1 / d, top5=ck / d, images=n,
                       confusion=confusion.view(num_classes, num_classes).cpu(),
                       predictions=predictions, confidence=confidence, seconds=seconds)
-
-
-# --- `vggtrain eval` ---------------------------------------------------------------------------
-
-def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | None = None,
-                        batch_size: int | None = None, device: str = "auto",
-                        tta: str | None = None) -> dict[str, Any]:
-    """The report for a checkpoint on the test split, or on the validation split its run held out
-    (rebuilt from the stored data.val_size and seed). Needs nothing but the checkpoint and data.
-    tta None means the run's own train.tta, so that a re-test reproduces the run's report."""
-    from vggtrain.inference import load_model, resolve_checkpoint
-    from vggtrain.report import build_report
-
-    dev = select_device(device)
-    loaded = load_model(resolve_checkpoint(ckpt), dev)
-    cfg = loaded.cfg
-    if tta is None:
-        tta = cfg.train.tta
-    data, names = checkpoint_split(loaded, split, data_root)
-    ev = evaluate_split(loaded.model, data.to(dev), eval_settings(cfg, dev, tta, batch_size))
-    return build_report(ev, split=split, model=loaded.model, cfg=cfg, class_names=names,
-                        checkpoint=loaded.path, checkpoint_epoch=loaded.epoch, device=dev,
-                        precision=cfg.train.precision, tta=tta, weights=loaded.weights)
-
-
-def checkpoint_split(loaded: Any, split: str, data_root: str | None = None) -> tuple[Split, list[str]]:
-    """The split a loaded checkpoint (inference.LoadedModel) is measured on, with the data's class
-    names: the test set, or the validation images its run held out (rebuilt from the stored
-    data.val_size and seed). The data must have the checkpoint's classes."""
-    from dataclasses import replace
-
-    from vggtrain.data import load_dataset, split_train_val
-
-    cfg = loaded.cfg
-    root = data_root if data_root is not None else cfg.data.root
-    train, test, names = load_dataset(replace(cfg.data, root=str(root),
-                                              download=cfg.data.download and data_root is None))
-    if len(names) != cfg.model.num_classes:
-        raise DataError(f"{root}: the data has {len(names)} classes but the checkpoint's model "
-                        f"predicts {cfg.model.num_classes}")
-    if names != loaded.class_names and loaded.class_names != [str(i) for i in range(len(names))]:
-        raise DataError(f"{root}: the data's classes ({', '.join(names)}) are not the checkpoint's "
-                        f"({', '.join(loaded.class_names)})")
-    if split == "val":
-        if cfg.data.val_size == 0:
-            raise UserError(f"{loaded.path}: its run held out no validation images (data.val_size 0)")
-        _, data = split_train_val(train, cfg.data.val_size, cfg.seed)
-    else:
-        data = test
-    return data, names

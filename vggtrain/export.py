@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from vggtrain import __version__
-from vggtrain.checkpoint import replace_together
-from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line
+from vggtrain.atomic import replace_together
+from vggtrain.data import load_dataset, norm_stats
+from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line, os_reason
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
 
 FORMATS = ("onnx", "exported", "torchscript")
@@ -54,8 +55,6 @@ class ImagesToLogits(nn.Module):
 
 
 def deployable(loaded: LoadedModel) -> ImagesToLogits:
-    from vggtrain.data import norm_stats
-
     model = loaded.model.to("cpu", memory_format=torch.contiguous_format).float()
     return ImagesToLogits(model, *norm_stats(loaded.cfg.data)).eval()
 
@@ -85,7 +84,7 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, data_root: st
     except OSError as e:  # the output directory or the disk refused a write
         if e.errno in STORAGE_ERRNOS:
             raise WriteError.of(e, out) from None
-        raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+        raise UserError(f"--out {out}: cannot write it ({os_reason(e)})") from None
 
 
 def _export_checked(loaded: LoadedModel, path: Path, net: ImagesToLogits, fmt: str, out: Path,
@@ -143,7 +142,7 @@ def _export(net: ImagesToLogits, fmt: str, path: Path) -> None:
     except OSError as e:
         if e.errno in STORAGE_ERRNOS:
             raise
-        raise UserError(f"export to {fmt} failed: {e.strerror or e}") from None
+        raise UserError(f"export to {fmt} failed: {os_reason(e)}") from None
     except Exception as e:  # an exporter's limit is the export's failure, not a traceback
         raise UserError(f"export to {fmt} failed: {type(e).__name__}: {first_line(e)}") from None
 
@@ -166,8 +165,6 @@ def parity_images(loaded: LoadedModel, data_root: str | None) -> tuple[torch.Ten
     """uint8 test images of the run's dataset, or random ones when the data is not at hand (with
     --data-root given, missing data is an error)."""
     from dataclasses import replace
-
-    from vggtrain.data import load_dataset
 
     data = replace(loaded.cfg.data, download=False)
     if data_root is not None:
@@ -208,8 +205,6 @@ def check_parity(reference: nn.Module, exported: Any, images: torch.Tensor, batc
 
 def sidecar_for(loaded: LoadedModel, ckpt: Path, fmt: str, out: Path, parity: dict[str, Any]
                 ) -> dict[str, Any]:
-    from vggtrain.data import norm_stats
-
     mean, std = norm_stats(loaded.cfg.data)
     return {
         "file": out.name, "format": fmt, "vggtrain_version": __version__,

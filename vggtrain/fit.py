@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from vggtrain import allocator, distributed, graphs
-from vggtrain.checkpoint import atomic_write_text, check_weights_fit, load_checkpoint, model_weights
+from vggtrain.atomic import atomic_write_text
+from vggtrain.checkpoint import check_weights_fit, load_checkpoint, model_weights
 from vggtrain.config import TrainConfig, check_resume_changes, config_with_overrides, dump_config
 from vggtrain.curves import learning_curves
 from vggtrain.data import Split, load_dataset, measure_stats, split_train_val
@@ -23,8 +24,7 @@ from vggtrain.errors import STORAGE_ERRNOS, UserError, shown
 from vggtrain.evaluate import Evaluation, eval_settings, evaluate_split
 from vggtrain.model import count_parameters
 from vggtrain.run import Run, build_run, refuse_finished_run, steps_per_epoch
-from vggtrain.rundir import RunDir, write_error
-from vggtrain.runs import write_status
+from vggtrain.rundir import RunDir, write_error, write_status
 from vggtrain.tb import NullWriter, open_summary_writer
 from vggtrain.train import EpochHook, train_epochs
 

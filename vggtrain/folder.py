@@ -1,7 +1,7 @@
 """Your own images as a dataset: ``root/train/<class>/*`` and ``root/test/<class>/*``.
 
-Every file whose extension Pillow reads is decoded once (as `vggtrain predict` decodes an image:
-RGB, EXIF orientation applied, resized as a whole to 32x32 when it is another size) into one uint8
+Every file whose extension Pillow reads is decoded once (by images.py, as `vggtrain predict` decodes
+an image: RGB, EXIF orientation applied, resized as a whole to 32x32 when it is another size) into one uint8
 tensor per split, cached beside the data in ``root/.vggtrain-folder-cache.pt``. The cache is
 keyed by every image's path, size and modification time, so any change to the files decodes them
 again; it is written atomically and read with ``weights_only=True``. Classes are the train
@@ -13,34 +13,19 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from vggtrain.errors import DataError, shown
+from vggtrain.atomic import atomic_write
+from vggtrain.errors import DataError, os_reason, shown
+from vggtrain.images import image_extensions, read_image, to_model_size, walk_images
 from vggtrain.safeio import file_kind, quiet_decoding
 
 IMAGE_BYTES = 3 * 32 * 32
 
 CACHE_NAME = ".vggtrain-folder-cache.pt"
 CACHE_VERSION = 1
-
-
-def image_extensions() -> set[str]:
-    from PIL import Image
-
-    return {ext.lower() for ext in Image.registered_extensions()}
-
-
-def walk_images(top: str | Path, extensions: set[str]) -> Iterator[str]:
-    """The files under top whose extension Pillow reads, hidden files and folders left out, in
-    os.walk's order (unsorted)."""
-    for dirpath, dirs, names in os.walk(top):
-        dirs[:] = [x for x in dirs if not x.startswith(".")]
-        for n in names:
-            if not n.startswith(".") and os.path.splitext(n)[1].lower() in extensions:
-                yield os.path.join(dirpath, n)
 
 
 def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int, str]]]]:
@@ -99,8 +84,6 @@ def _cache_key(root: Path, classes: list[str], found: dict[str, list[tuple[str, 
 
 
 def _decode(files: list[tuple[Path, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    from vggtrain.predict import read_image, to_model_size
-
     images = torch.empty((len(files), 3, 32, 32), dtype=torch.uint8)
     bad: list[str] = []
     with quiet_decoding():  # once for all the images (read_image's own is then free)
@@ -152,8 +135,6 @@ Pair = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, 3, 32, 32), int64 l
 def load_folder(root: str | Path) -> tuple[Pair, Pair, list[str]]:
     """((train images, labels), (test images, labels), class names) of an image folder, from its
     cache when the files have not changed since it was written."""
-    from vggtrain.checkpoint import atomic_write
-
     root = Path(root)
     classes, found = _scan(root)
     key = _cache_key(root, classes, found)
@@ -167,7 +148,7 @@ def load_folder(root: str | Path) -> tuple[Pair, Pair, list[str]]:
         try:
             atomic_write(cache, lambda f: torch.save(cached, f))
         except OSError as e:  # a read-only dataset still trains, decoding each time
-            warnings.warn(f"{shown(cache)}: cannot write the decoded-image cache ({e.strerror or e}); "
+            warnings.warn(f"{shown(cache)}: cannot write the decoded-image cache ({os_reason(e)}); "
                           f"the images will be decoded again next time", stacklevel=2)
     return ((cached["train_images"], cached["train_labels"]), (cached["test_images"], cached["test_labels"]),
             classes)

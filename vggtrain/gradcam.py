@@ -20,7 +20,8 @@ from torch import nn
 
 from vggtrain.data import CIFAR10_STATS, Stats, norm_stats, normalize
 from vggtrain.draw import JET, apply_colormap, font, save_png, text_size, to_pil
-from vggtrain.errors import DataError, UserError, shown
+from vggtrain.errors import DataError, UserError, os_reason, shown
+from vggtrain.images import image_paths, read_image, to_model_size
 from vggtrain.inference import LoadedModel
 from vggtrain.model import blocks
 
@@ -149,8 +150,6 @@ def explain_files(loaded: LoadedModel, paths: list[str], out_dir: Path, layer: s
                   class_name: str | None = None) -> tuple[list[str], list[str]]:
     """Write one overlay PNG per readable image (a directory stands for the images under it);
     (a line per PNG written, an error per image not), escaped for the terminal."""
-    from vggtrain.predict import image_paths, read_image, to_model_size
-
     names = loaded.class_names
     layer_name, module = find_layer(loaded.model, layer)
     target = None
@@ -177,7 +176,7 @@ def explain_files(loaded: LoadedModel, paths: list[str], out_dir: Path, layer: s
         try:
             save_png(out, overlay_image(original, res.cams[0], title, caption))
         except OSError as e:  # an unwritable --out: said once, not once per image
-            errors.append(shown(f"--out {out.parent}: cannot write {out.name} ({e.strerror or e})"))
+            errors.append(shown(f"--out {out.parent}: cannot write {out.name} ({os_reason(e)})"))
             break
         done.append(shown(f"{path}: predicted {names[pred]} {probs[pred].item():.1%}; Grad-CAM for "
                           f"{names[cls]} at {layer_name} ({h}x{w}) -> {out}"))

@@ -14,7 +14,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from vggtrain.errors import STORAGE_ERRNOS, RunStopped, UserError, WriteError
+from vggtrain.atomic import atomic_write_text
+from vggtrain.errors import STORAGE_ERRNOS, RunStopped, UserError, WriteError, os_reason
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_WRITE = 0, 1, 2, 130, 74
 STDOUT = "-"  # --json's PATH for standard output
@@ -83,13 +84,11 @@ def check_output_writable(out: str) -> None:
         with tempfile.TemporaryFile(dir=path.parent):
             pass
     except OSError as e:
-        raise UserError(f"--json {out}: cannot write it ({e.strerror or e})") from None
+        raise UserError(f"--json {out}: cannot write it ({os_reason(e)})") from None
 
 
 def write_output(out: str, text: str) -> None:
     """Write a command's --json file atomically ('-' means stdout); a failure is a UserError."""
-    from vggtrain.checkpoint import atomic_write_text
-
     if json_only(out):
         sys.stdout.write(text)
         return
@@ -98,4 +97,4 @@ def write_output(out: str, text: str) -> None:
     except OSError as e:
         if e.errno in STORAGE_ERRNOS:
             raise WriteError.of(e, out) from None
-        raise UserError(f"--json {out}: cannot write it ({e.strerror or e})") from None
+        raise UserError(f"--json {out}: cannot write it ({os_reason(e)})") from None

@@ -14,22 +14,20 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
 import vggtrain
-from vggtrain.checkpoint import atomic_write_text
+from vggtrain.atomic import atomic_write_text
 from vggtrain.config import TrainConfig
 from vggtrain.data import Split
 from vggtrain.draw import BLUES, apply_colormap, font, save_png, text_rotated, text_size, to_pil, to_tensor
 from vggtrain.errors import shown
+from vggtrain.evaluate import Evaluation
 from vggtrain.model import count_parameters
-
-if TYPE_CHECKING:
-    from vggtrain.evaluate import Evaluation
 
 SCHEMA = "vggtrain.report/1"  # bump when a key changes meaning or goes away; adding keys is fine
 MISTAKES_SHOWN = 32
@@ -144,34 +142,44 @@ def confusion_image(confusion: list[list[int]] | torch.Tensor, class_names: list
     tw, th = text_size(draw, "true class", label_f)
     text_rotated(img, (pad, y0 + (c * cell - tw) // 2), "true class", label_f, black)
 
-    colours = apply_colormap(rates, BLUES)  # (3, C, C)
-    # Counts in every cell or in none: a matrix with only the small ones written in misleads.
-    widest = text_size(draw, str(int(cm.max())) if c else "0", count_f)
-    show_counts = widest[0] <= cell - 4 and widest[1] <= cell - 4
     for i in range(c):
         name_w, name_h = text_size(draw, class_names[i], label_f)
         draw.text((x0 - 6 - name_w, y0 + i * cell + (cell - name_h) // 2 - 2), class_names[i],
                   font=label_f, fill=black)
         text_rotated(img, (x0 + i * cell + (cell - name_h) // 2 - 2, y0 - 6 - name_w), class_names[i],
-                      label_f, black)
+                     label_f, black)
+        recall = f"{rates[i, i].item():.1%}" if totals[i] else "-"
+        draw.text((x0 + c * cell + 8, y0 + i * cell + (cell - name_h) // 2 - 2), recall,
+                  font=label_f, fill=black)
+    draw.text((x0 + c * cell + 8, y0 - axis_h), "acc", font=label_f, fill=black)
+    _draw_cells(draw, cm, rates, (x0, y0), cell, count_f)
+    return to_tensor(img)
+
+
+def _draw_cells(draw: ImageDraw.ImageDraw, cm: torch.Tensor, rates: torch.Tensor, origin: tuple[int, int],
+                cell: int, count_f: Any) -> None:
+    """The matrix's cells from origin (its top-left corner), each coloured by its rate with its
+    count written in, and the diagonal framed."""
+    x0, y0 = origin
+    c = len(cm)
+    colours = apply_colormap(rates, BLUES)  # (3, C, C)
+    # Counts in every cell or in none: a matrix with only the small ones written in misleads.
+    widest = text_size(draw, str(int(cm.max())) if c else "0", count_f)
+    show_counts = widest[0] <= cell - 4 and widest[1] <= cell - 4
+    for i in range(c):
         for j in range(c):
             box = (x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1)
             draw.rectangle(box, fill=tuple(colours[:, i, j].tolist()), outline=(225, 225, 225))
             count = int(cm[i, j])
             if show_counts and count:
                 cw, ch = text_size(draw, str(count), count_f)
-                ink = "white" if rates[i, j] > 0.5 else black
+                ink = "white" if rates[i, j] > 0.5 else (20, 20, 20)
                 draw.text((box[0] + (cell - cw) // 2, box[1] + (cell - ch) // 2 - 2), str(count),
                           font=count_f, fill=ink)
-        recall = f"{rates[i, i].item():.1%}" if totals[i] else "-"
-        draw.text((x0 + c * cell + 8, y0 + i * cell + (cell - name_h) // 2 - 2), recall,
-                  font=label_f, fill=black)
-    draw.text((x0 + c * cell + 8, y0 - axis_h), "acc", font=label_f, fill=black)
     # The diagonal is the story: frame it so it reads at a glance whatever the colours.
     for i in range(c):
         draw.rectangle((x0 + i * cell, y0 + i * cell, x0 + (i + 1) * cell - 1, y0 + (i + 1) * cell - 1),
                        outline=(230, 120, 0))
-    return to_tensor(img)
 
 
 # --- the mistakes picture -----------------------------------------------------------------------

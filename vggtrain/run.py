@@ -24,10 +24,10 @@ from vggtrain.data import norm_stats, normalize
 from vggtrain.device import channels_last_for, select_device
 from vggtrain.distributed import Dist
 from vggtrain.errors import CheckpointError, UserError, first_line
-from vggtrain.model import build_model, init_whitening
-from vggtrain.optim import build_optimizer, use_multi_tensor_kernels
+from vggtrain.optim import use_multi_tensor_kernels
 from vggtrain.schedule import build_scheduler
 from vggtrain.selection import Selector, build_selector
+from vggtrain.trainable import new_model, optimization, place
 
 
 @dataclass
@@ -195,25 +195,20 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
     if d.enabled and cfg.data.select_keep is not None:
         raise UserError("config error: data.select_keep trains in one process only (under torchrun "
                         "each rank's proxy would choose from its own shard); set it to null")
-    model = build_model(cfg.model)
     whitening = None  # the model's (and the proxy's) first-layer init images
     if cfg.model.whiten != "none" and whiten_images is not None:  # the first 5,000 suffice, as in airbench
         whitening = normalize(whiten_images[:5000].cpu(), stats=norm_stats(cfg.data))
-        init_whitening(model, whitening)
+    model = new_model(cfg.model, whitening)
     if d.enabled and cfg.train.sync_bn:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif d.is_main:
             warnings.warn("train.sync_bn: SyncBatchNorm needs CUDA; each rank keeps its own BN "
                           "statistics", stacklevel=2)
-    model = model.to(device)
     channels_last = channels_last_for(cfg.train.channels_last, device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place(model, device, channels_last)
     steps = steps_per_epoch(train_size, d, cfg.train.batch_size)
-    optimizer = build_optimizer(model, cfg.optim, cfg.model.whiten_bias_epochs)
-    scheduler = build_scheduler(optimizer, cfg.schedule, steps, math.ceil(cfg.train.epochs * steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    optimizer, scheduler, scaler = optimization(model, cfg, device, steps)
     # Checkpoints keep saving `model` itself: unwrapped, loadable by a single process.
     forward: Any = model
     if d.enabled:

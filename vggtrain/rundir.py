@@ -1,9 +1,10 @@
 """The run directory: never trained into by accident, deleted only on --force and only if it is a
 run, and trained in by one process at a time. `RunDir` holds the order; the functions below it
-are the steps."""
+are the steps. The run's status.json (its progress, for `vggtrain runs`) is written here too."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -11,11 +12,19 @@ import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vggtrain.checkpoint import atomic_write_text, load_checkpoint
+from vggtrain.atomic import atomic_write_text
 from vggtrain.config import config_from_dict
-from vggtrain.errors import STORAGE_ERRNOS, UserError, WriteError
+from vggtrain.errors import STORAGE_ERRNOS, UserError, WriteError, os_reason
 from vggtrain.safeio import read_yaml
+
+if TYPE_CHECKING:
+    from vggtrain.run import Run
+
+# Torch is imported only inside the functions that need it: `vggtrain runs` imports this module
+# for STATUS_FILE, and listing a hundred runs must not wait for torch to load.
+STATUS_FILE = "status.json"  # the run's progress, rewritten at every checkpoint; runs.py reads it
 
 
 class RunDir:
@@ -58,7 +67,7 @@ class RunDir:
         except OSError as e:
             if e.errno in STORAGE_ERRNOS:
                 raise write_error(e, self.path) from None
-            raise UserError(f"run directory {self.path}: cannot write it ({e.strerror or e})") from None
+            raise UserError(f"run directory {self.path}: cannot write it ({os_reason(e)})") from None
 
 
 def write_error(e: OSError, run_dir: Path) -> WriteError:
@@ -78,7 +87,7 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     try:
         used = any(run_dir.iterdir())
     except OSError as e:
-        raise UserError(f"run directory {run_dir}: cannot read it ({e.strerror or e})") from None
+        raise UserError(f"run directory {run_dir}: cannot read it ({os_reason(e)})") from None
     if used and not force:
         raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it "
                         f"or --force to delete it and start over")
@@ -109,12 +118,12 @@ def delete_run_dir(run_dir: Path) -> None:
     except OSError as e:
         if aside is not None:
             aside.rmdir()
-        raise UserError(f"--force: cannot delete {run_dir} ({e.strerror or e})") from None
+        raise UserError(f"--force: cannot delete {run_dir} ({os_reason(e)})") from None
     try:
         shutil.rmtree(aside)
     except OSError as e:
         warnings.warn(f"--force: {run_dir} is gone, but deleting its files in {aside} failed "
-                      f"({e.strerror or e}); remove that directory by hand", stacklevel=2)
+                      f"({os_reason(e)}); remove that directory by hand", stacklevel=2)
 
 
 def lock_run_dir(run_dir: Path, held: ExitStack) -> bool:
@@ -131,7 +140,7 @@ def lock_run_dir(run_dir: Path, held: ExitStack) -> bool:
     try:
         fd = os.open(run_dir, os.O_RDONLY)
     except OSError as e:
-        raise UserError(f"run directory {run_dir}: cannot read it ({e.strerror or e})") from None
+        raise UserError(f"run directory {run_dir}: cannot read it ({os_reason(e)})") from None
     try:
         for wait in (0.05, 0.2, 0):  # `vggtrain runs` probes the lock for an instant: outwait it
             try:
@@ -156,6 +165,8 @@ def check_resume_point_unchanged(path: Path, state: dict) -> None:
     """Refuse a resume whose checkpoint was saved again after it was read: the run's previous
     process was still finishing its last save when this one started, and training on from the
     older state would overwrite the newer one."""
+    from vggtrain.checkpoint import load_checkpoint
+
     now = load_checkpoint(path, mmap=True)  # its counters only: no need to read the tensors
     if (now.get("epoch"), now.get("global_step")) != (state.get("epoch"), state.get("global_step")):
         raise UserError(f"{path} was saved again while this resume read it (its previous process "
@@ -171,3 +182,24 @@ def remove_stale_temp_files(run_dir: Path) -> None:
                 path.unlink(missing_ok=True)
             except OSError:
                 pass  # only a cleanup: a file it may not delete does not stop the run
+
+
+def write_status(run: Run, state: str) -> None:
+    """The run's progress beside its checkpoints, for `vggtrain runs` (rank 0 only); state:
+    running, stopped, diverged or finished."""
+    atomic_write_text(run.dir / STATUS_FILE, status_text(run, state))
+
+
+def status_text(run: Run, state: str) -> str:
+    """status.json's content for the run as it is now."""
+    from vggtrain.model import count_parameters
+
+    cfg = run.cfg
+    status = {"name": cfg.name, "arch": cfg.model.arch, "params": count_parameters(run.model),
+              "epoch": run.epoch, "epochs": cfg.train.epochs, "global_step": run.global_step,
+              "best_val_acc": run.best_acc if cfg.data.val_size and run.best_acc >= 0 else None,
+              "best_epoch": run.best_epoch, "train_time_s": round(run.train_time_s, 1),
+              "precision": cfg.train.precision, "device": str(run.device),
+              "world_size": run.dist.world, "state": state, "pid": os.getpid(),
+              "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return json.dumps(status, indent=1) + "\n"

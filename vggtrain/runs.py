@@ -1,53 +1,27 @@
 """`vggtrain runs`: one row per run directory, from the small files runs write (status.json at
-every checkpoint, report.json at the end, config.yaml for runs older than status.json); no
-checkpoint is opened, so a hundred runs list in well under a second. A directory that is not a
-run is passed over; a run whose files are half-written or foreign shows what could be read."""
+every checkpoint, by rundir.write_status; report.json at the end; config.yaml for runs older than
+status.json); no checkpoint is opened, so a hundred runs list in well under a second. A directory
+that is not a run is passed over; a run whose files are half-written or foreign shows what could
+be read."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-from vggtrain.errors import shown
+from vggtrain.errors import UserError, shown
+from vggtrain.rundir import STATUS_FILE
+from vggtrain.safeio import REPORT_LIMIT, TEXT_LIMIT, read_json, read_yaml
 
-STATUS_FILE = "status.json"
 COLUMNS = ("name", "arch", "params", "epochs", "best_val", "test_top1", "time_s", "precision",
            "device", "status")
 SORT_KEYS = COLUMNS
 STATES = ("finished", "stopped", "running", "diverged")
 
 
-def write_status(run: Any, state: str) -> None:
-    """The run's progress beside its checkpoints, for `vggtrain runs` (rank 0 only)."""
-    # Imported here: listing runs must not wait for torch to load (a hundred runs in well under 1 s).
-    from vggtrain.checkpoint import atomic_write_text
-
-    atomic_write_text(run.dir / STATUS_FILE, status_text(run, state))
-
-
-def status_text(run: Any, state: str) -> str:
-    """status.json's content for the run as it is now."""
-    from vggtrain.model import count_parameters
-
-    cfg = run.cfg
-    status = {"name": cfg.name, "arch": cfg.model.arch, "params": count_parameters(run.model),
-              "epoch": run.epoch, "epochs": cfg.train.epochs, "global_step": run.global_step,
-              "best_val_acc": run.best_acc if cfg.data.val_size and run.best_acc >= 0 else None,
-              "best_epoch": run.best_epoch, "train_time_s": round(run.train_time_s, 1),
-              "precision": cfg.train.precision, "device": str(run.device),
-              "world_size": run.dist.world, "state": state, "pid": os.getpid(),
-              "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return json.dumps(status, indent=1) + "\n"
-
-
 def _read_json(path: Path, limit: int) -> dict[str, Any] | None:
-    from vggtrain.errors import UserError
-    from vggtrain.safeio import read_json
-
     if not os.path.lexists(path):
         return None
     try:
@@ -58,9 +32,6 @@ def _read_json(path: Path, limit: int) -> dict[str, Any] | None:
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
-    from vggtrain.errors import UserError
-    from vggtrain.safeio import read_yaml
-
     if not os.path.lexists(path):
         return None
     try:
@@ -120,8 +91,6 @@ def _text(value: Any) -> str | None:
 
 def run_row(path: Path, name: str) -> dict[str, Any] | None:
     """The table row of one run directory, or None when it is not one."""
-    from vggtrain.safeio import REPORT_LIMIT, TEXT_LIMIT
-
     status = _read_json(path / STATUS_FILE, TEXT_LIMIT)
     report = _read_json(path / "report.json", REPORT_LIMIT)
     if (_text(_get(report, "schema")) or "").startswith("vggtrain.sweep"):

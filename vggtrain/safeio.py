@@ -1,6 +1,6 @@
 """The one boundary for files that someone else may have written: configs and `--set` values,
 sweep spaces, a run's status.json, report.json and config.yaml, earlier seeds' reports, label-name
-files, images (predict.read_image opens them here) and the folder cache (file_kind before
+files, images (images.read_image opens them here) and the folder cache (file_kind before
 torch.load maps it).
 
 Every reader here opens regular files only, and without blocking: a FIFO would hang the reader
@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import yaml
 
-from vggtrain.errors import UserError, first_line
+from vggtrain.errors import UserError, first_line, os_reason
 
 MiB = 1 << 20
 TEXT_LIMIT = 1 * MiB  # a config, a sweep space, status.json: a few KB each
@@ -75,7 +75,7 @@ def open_regular(path: str | os.PathLike, error: ErrorType = UserError, label: o
     except FileNotFoundError:
         raise error(f"{label}: no such file") from None
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
-        raise error(f"{label}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        raise error(f"{label}: cannot read it ({os_reason(e)})") from None
     if kind is not None:
         raise error(f"{label}: {kind}, not a regular file")
     if limit is not None and st.st_size > limit:
@@ -95,7 +95,7 @@ def read_bytes(path: str | os.PathLike, limit: int, error: ErrorType = UserError
             if len(data) > size:  # it grew since, or it is one of /proc's files, which say size 0
                 data += f.read(limit + 1 - len(data))
         except OSError as e:
-            raise error(f"{label}: cannot read it ({e.strerror or e})") from None
+            raise error(f"{label}: cannot read it ({os_reason(e)})") from None
     if len(data) > limit:
         raise error(f"{label}: more than {limit:,} bytes, more than such a file may hold")
     return data

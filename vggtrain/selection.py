@@ -14,7 +14,6 @@ same examples and needs nothing stored but the proxy's state (checkpointed with 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +23,9 @@ from torch import nn
 
 from vggtrain.config import TrainConfig
 from vggtrain.device import autocast
-from vggtrain.model import build_model, init_whitening
-from vggtrain.optim import build_optimizer, use_multi_tensor_kernels
+from vggtrain.optim import use_multi_tensor_kernels
 from vggtrain.schedule import build_scheduler
+from vggtrain.trainable import new_model, optimization, optimizer_step, place
 
 
 @dataclass
@@ -49,10 +48,7 @@ class Selector:
                                      label_smoothing=self.label_smoothing)
         kept = losses.detach().topk(max(1, round(self.keep * len(y)))).indices.sort().values
         if learn:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(losses[kept].mean()).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            optimizer_step(self.model, self.optimizer, self.scaler, losses[kept].mean())
         self.scheduler.step()
         return x[kept], y[kept]
 
@@ -79,22 +75,14 @@ def proxy_config(cfg: TrainConfig) -> TrainConfig:
 
 def build_selector(cfg: TrainConfig, device: torch.device, channels_last: bool, steps_per_epoch: int,
                    whitening: torch.Tensor | None = None) -> Selector | None:
-    """The proxy for data.select_keep (None when it is off), initialised as the model is: from the
-    torch generator's state at the call, and its whitening layer (model.whiten) from `whitening`,
-    the normalised images the model's was computed from."""
+    """The proxy for data.select_keep (None when it is off), built from the same parts as the
+    run's model (trainable.py) and initialised as it is: from the torch generator's state at the
+    call, and its whitening layer (model.whiten) from `whitening`, the normalised images the
+    model's was computed from."""
     if cfg.data.select_keep is None:
         return None
     pc = proxy_config(cfg)
-    model = build_model(pc.model)
-    if pc.model.whiten != "none" and whitening is not None:
-        init_whitening(model, whitening)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place(new_model(pc.model, whitening), device, channels_last)
     model.train()
-    optimizer = build_optimizer(model, pc.optim, pc.model.whiten_bias_epochs)
-    total = math.ceil(cfg.train.epochs * steps_per_epoch)
-    return Selector(model, optimizer, build_scheduler(optimizer, cfg.schedule, steps_per_epoch, total),
-                    torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"),
-                    cfg.data.select_keep, cfg.data.select_every, cfg.optim.label_smoothing,
-                    cfg.train.precision)
+    return Selector(model, *optimization(model, pc, device, steps_per_epoch), cfg.data.select_keep,
+                    cfg.data.select_every, cfg.optim.label_smoothing, cfg.train.precision)

@@ -21,6 +21,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vggtrain.config import TrainConfig
+from vggtrain.data import random_split
+from vggtrain.run import EpochProgress, build_run
+from vggtrain.train import train_one_epoch
 
 aten = torch.ops.aten
 
@@ -68,10 +71,6 @@ class StepCount:
 def count_step(cfg: TrainConfig, device: str | None = None, top: int = 12) -> StepCount:
     """Operators and host syncs per steady-state training step of cfg's loop (random images;
     the counts do not depend on content), measured on `device` (default: the config's)."""
-    from vggtrain.bench import random_split
-    from vggtrain.run import EpochProgress, build_run
-    from vggtrain.train import train_one_epoch
-
     cfg = copy.deepcopy(cfg)
     # A far log interval: no mid-epoch log read inside the counted epochs (an interval's read is per
     # interval, not per step). The eager step: what a CUDA graph of train.cuda_graphs would hold.

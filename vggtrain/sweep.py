@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vggtrain.checkpoint import atomic_write_text
+from vggtrain.atomic import atomic_write_text
 from vggtrain.config import TrainConfig, _show, load_config
-from vggtrain.errors import ConfigError, RunStopped, UserError, first_line, shown
+from vggtrain.errors import ConfigError, RunStopped, UserError, first_line, os_reason, shown
 from vggtrain.safeio import finite_number, read_yaml
 
 SWEEP_EXTRA = "vggtrain sweep needs optuna: pip install 'vggtrain[sweep]'"
@@ -147,7 +147,7 @@ def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, s
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{study_dir}: cannot create it ({e.strerror or e})") from None
+        raise UserError(f"{study_dir}: cannot create it ({os_reason(e)})") from None
     url = storage or f"sqlite:///{study_dir / 'study.db'}"
     shown_url = _without_password(url)
     try:
@@ -336,7 +336,7 @@ def _trial_failed(study: Any, trial: Any, optuna: Any, e: Exception) -> None:
 def study_report(study: Any, study_dir: Path, base: TrainConfig, optuna: Any) -> dict[str, Any] | None:
     """Once no trial runs any more: the best trial measured on the test set (the only time the
     test set is touched), and the study's facts; written to <study_dir>/report.{json,md}."""
-    from vggtrain.evaluate import evaluate_checkpoint
+    from vggtrain.eval import evaluate_checkpoint
 
     requeued = {k for k in study.user_attrs if k.startswith("requeued.")}
     all_trials = [t for t in study.get_trials(deepcopy=False) if f"requeued.{t.number}" not in requeued]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from vggtrain.checkpoint import atomic_write, atomic_write_text
+from vggtrain.atomic import atomic_write, atomic_write_text
 from vggtrain.data import BIN_DIR, PY_DIR, TEST_BATCHES, TRAIN_BATCHES
-from vggtrain.errors import UserError
+from vggtrain.errors import UserError, os_reason
 from vggtrain.program import positive_int, run_reporting_errors
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(write_synthetic_cifar10(a.root, a.layout, a.per_batch, a.test_size, a.seed))
         except OSError as e:
-            raise UserError(f"{a.root}: cannot write the dataset there ({e.strerror or e})") from None
+            raise UserError(f"{a.root}: cannot write the dataset there ({os_reason(e)})") from None
         return 0
 
     return run_reporting_errors("vggtrain.synthetic", write)

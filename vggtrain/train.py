@@ -21,16 +21,18 @@ from torch import nn
 from tqdm import tqdm
 
 from vggtrain import distributed, graphs
+from vggtrain.atomic import atomic_write_text
 from vggtrain.averaging import float_tensors
-from vggtrain.checkpoint import atomic_write_text, save_checkpoint
+from vggtrain.checkpoint import save_checkpoint
 from vggtrain.data import Augmentation, Split, TrainLoader, batch_mixer, norm_stats
 from vggtrain.device import autocast
 from vggtrain.errors import RunStopped
 from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.run import EpochProgress, Run, steps_per_epoch
-from vggtrain.runs import STATUS_FILE, status_text, write_status
+from vggtrain.rundir import STATUS_FILE, status_text, write_status
 from vggtrain.schedule import rate_at
 from vggtrain.tb import NullWriter
+from vggtrain.trainable import optimizer_step
 
 EpochHook = Callable[[Run], bool]
 Prepared = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, the loss's targets, the labels
@@ -76,14 +78,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module,
     with autocast(run.device, run.cfg.train.precision, cache=cast_cache):
         logits = run.forward(x)
         loss = criterion(logits.float(), y)
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    norm = None
-    if run.cfg.optim.clip_grad_norm is not None:
-        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not fp16's scaled ones
-        norm = nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip_grad_norm)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    norm = optimizer_step(run.model, run.optimizer, run.scaler, loss, run.cfg.optim.clip_grad_norm)
     return loss.detach(), logits.detach(), norm
 
 
