@@ -51,7 +51,7 @@ def set_deterministic(on: bool) -> None:
 def channels_last_for(setting: bool | None, device: torch.device) -> bool:
     """train.channels_last, with null meaning: where it is faster. On CUDA, convolutions in
     channels_last use tensor cores without layout transposes; on CPUs (oneDNN) it measured the
-    same as NCHW for these VGGs (README, Performance), so NCHW stays the default there."""
+    same as NCHW for these VGGs (docs/performance.md), so NCHW stays the default there."""
     return (device.type == "cuda") if setting is None else setting
 
 

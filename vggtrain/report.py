@@ -1,5 +1,5 @@
 """The report: its JSON schema (shared by `vggtrain eval` and the report at the end of `fit`;
-documented in README.md, "Evaluating a model"), and its presentations: terminal text, report.md,
+documented in docs/evaluation.md, "The report"), and its presentations: terminal text, report.md,
 the confusion-matrix and mistakes pictures, and TensorBoard (images, and the run's hparams with
 its final metrics).
 
@@ -48,7 +48,7 @@ def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConf
                  class_names: list[str], checkpoint: str | Path, checkpoint_epoch: int,
                  device: torch.device | str, precision: str, tta: str = "none",
                  weights: str = "raw") -> dict[str, Any]:
-    """The report as plain data, in the documented schema (README.md, "Evaluating a model")."""
+    """The report as plain data, in the documented schema (docs/evaluation.md, "The report")."""
     per_class = [{"class": name, "correct": c, "total": t, "acc": c / t if t else None}
                  for name, (c, t) in zip(class_names, ev.per_class(), strict=True)]
     return {

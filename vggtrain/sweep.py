@@ -122,7 +122,7 @@ def default_prune_from(epochs: float) -> int:
     """Half the planned epochs. Optuna's default (prune from the first step) suits curves that keep
     their order; a schedule that anneals to the end (linear, cosine, one-cycle) ranks trials late:
     in the fast recipe's study the second-best trial sat below the others' median at every epoch
-    before its last (README)."""
+    before its last (docs/sweeps-and-seeds.md)."""
     return max(1, math.ceil(math.ceil(epochs) / 2))
 
 
