@@ -107,6 +107,17 @@ def test_a_rule_across_files_names_the_base_of_the_refused_key(tmp_path):
         f"s.yaml (set in {tmp_path / '_bad.yaml'}): data must be a mapping (got 3)")
 
 
+def test_a_section_replaced_whole_forgets_the_files_of_its_keys(tmp_path):
+    _write(tmp_path / "_one.yaml", "data:\n  mean: [0.5, 0.5, 0.5]\n")
+    _write(tmp_path / "_two.yaml", "data: null\n")
+    top = _write(tmp_path / "t.yaml", "base: [_one.yaml, _two.yaml]\ndata:\n  std: [0.2, 0.2, 0.2]\n")
+    # data.mean is absent in the end (_two.yaml dropped it): the rule's key is t.yaml's, not _one.yaml's
+    assert _error(top) == f"config error: {top}: data.mean and data.std are set together (or both null)"
+    top.write_text("base: [_one.yaml]\ndata:\n  std: [0.2, 0.2, 0.2]\n")
+    cfg = load_config(str(top))  # merged key by key: both set
+    assert (cfg.data.mean, cfg.data.std) == ([0.5] * 3, [0.2] * 3)
+
+
 @pytest.mark.parametrize("files, top, expected", [
     ({"a.yaml": "base: a.yaml\n"}, "a.yaml", "a.yaml: base a.yaml: a cycle (A/a.yaml -> A/a.yaml)"),
     ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: [c.yaml, a.yaml]\n", "c.yaml": "seed: 1\n"}, "a.yaml",

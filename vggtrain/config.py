@@ -692,9 +692,10 @@ def _merge(dst: dict, origins: dict[str, str], src: dict, src_origin: Callable[[
         if section and isinstance(dst.get(key), dict):
             dst[key] = {**dst[key], **value}
         else:
+            if key in SECTIONS and isinstance(dst.get(key), dict):  # the replaced keys' files go too
+                for k in dst[key]:
+                    origins.pop(f"{key}.{k}", None)
             dst[key] = value
-            for stale in [k for k in origins if k.startswith(f"{key}.")]:
-                del origins[stale]
             origins[str(key)] = src_origin(str(key))
         if section:
             origins.update({f"{key}.{k}": src_origin(f"{key}.{k}") for k in value})
