@@ -52,14 +52,15 @@ def test_every_key_of_every_section_has_its_type_default_and_meaning():
             applies = f.metadata["applies"]
             shown = f"*Applies only with {applies.when}.*" if applies else "*Applies only with"
             assert (shown in meaning) == (applies is not None), key
-    assert sorted(rows) == sorted(keys)  # nothing else
+    assert rows["base"][:2] == ["str or list[str] or null", "`null`"]  # a file's key, no field
+    assert sorted(rows) == sorted([*keys, "base"])  # nothing else
 
 
 def test_one_section_and_an_unknown_one():
     optim = render("optim")
     assert optim.startswith("## `optim:`") and "optim.muon_lr" in optim and "schedule.kind" not in optim
     assert optim in render()
-    assert set(_rows(render("top"))) == {"name", "seed"}
+    assert set(_rows(render("top"))) == {"base", "name", "seed"}
     with pytest.raises(ConfigError, match=r"unknown config section 'optimizer' \(expected one of: top, "
                                           r"data, model, optim, schedule, train\)"):
         render("optimizer")

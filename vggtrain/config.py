@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import reprlib
 import types
@@ -473,8 +474,8 @@ class LoopConfig:
 class TrainConfig:
     """The top level: the run's name and seed, and the sections."""
 
-    name: str | None = _opt(None, "The run's name, its directory under train.out_dir; null: the config "
-                            "file's stem", _matches(RUN_NAME_RE, RUN_NAME_RULE))
+    name: str | None = _opt(None, "The run's name, its directory under train.out_dir; null: the stem of "
+                            "the file that is run (never a base's)", _matches(RUN_NAME_RE, RUN_NAME_RULE))
     seed: int = _opt(0, "Model init, data order and augmentation, the validation split",
                      _between(0, 2**63 - 1))
     data: DataConfig = field(default_factory=DataConfig)
@@ -564,7 +565,8 @@ def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any
     for key in raw:
         if key not in names:
             shown = key if isinstance(key, str) and key.isidentifier() else _show(key)
-            raise ConfigError(f"{where(prefix + _show(key))}: unknown key {prefix}{shown} "
+            dotted = prefix + (key if isinstance(key, str) else _show(key))  # as --set and origins hold it
+            raise ConfigError(f"{where(dotted)}: unknown key {prefix}{shown} "
                               f"(expected one of: {', '.join(names)})")
     kwargs = {}
     for f in fields(cls):
@@ -606,32 +608,149 @@ def _check_rules(cfg: TrainConfig, where: Callable[[str], str], only: Collection
 
 
 def config_from_dict(raw: Any, source: str, overridden: dict[str, str] | None = None, *,
-                     stored: bool = False) -> TrainConfig:
+                     stored: bool = False, origins: dict[str, str] | None = None) -> TrainConfig:
     """Validate a plain mapping (a parsed YAML file, or one read back from a checkpoint).
 
     stored: the config of a run that exists (a checkpoint's, a run directory's config.yaml). A key
     it sets where it does not apply is not refused, unless a --set (overridden) sets it now: a run
-    from before a key's rule was declared ran without it and still evaluates and resumes."""
+    from before a key's rule was declared ran without it and still evaluates and resumes.
+    origins: the file (a base) that set each key, where not source (see _compose)."""
     overridden = overridden or {}
 
     def where(key: str) -> str:
-        return f"--set {_clip(overridden[key])}" if key in overridden else source
+        if key in overridden:
+            return f"--set {_clip(overridden[key])}"
+        origin = _origin(origins or {}, key)
+        return f"{source} (set in {origin})" if origin not in (None, source) else source
 
     cfg = _build(TrainConfig, raw, "", where)
     _check_rules(cfg, where, overridden.keys() if stored else None)
     return cfg
 
 
+def _find_config(name: str, near: Path | None = None) -> Path | None:
+    """name as a path (near: relative to that directory); else, a bare name, in ./configs, then
+    in the project's configs/ (the .yaml suffix may be left off). None: not found."""
+    given = Path(name)
+    candidates = [given if near is None else near / given]
+    if not given.parent.parts:
+        for n in (name, name + ".yaml"):
+            candidates += [Path("configs") / n, PROJECT_CONFIGS / n]
+    for c in candidates:
+        try:  # a FIFO or a device too: read_text says what it is
+            if c.exists() and not c.is_dir():
+                return c
+        except (OSError, ValueError):  # a name too long, a NUL byte: no such file
+            continue
+    return None
+
+
 def resolve_config_path(path_or_name: str) -> Path:
     """A path as given; else a bare name looked up in ./configs, then in the project's configs/."""
-    candidates = [Path(path_or_name)]
-    if not Path(path_or_name).parent.parts:
-        for name in (path_or_name, path_or_name + ".yaml"):
-            candidates += [Path("configs") / name, PROJECT_CONFIGS / name]
-    for c in candidates:
-        if c.exists() and not c.is_dir():  # a FIFO or a device too: read_text says what it is
-            return c
+    found = _find_config(path_or_name)
+    if found is not None:
+        return found
     raise ConfigError(f"{path_or_name}: no such config file (also looked in configs/ and {PROJECT_CONFIGS})")
+
+
+# --- base: composition ------------------------------------------------------------------------------
+# A config names the files it builds on with base: (a name or a list of them, later wins). Each
+# base is composed first (its own bases under it), then the file on top: the top level and each
+# section merge key by key, any other value (a list too) replaces. Merging stops at the sections,
+# the schema's depth, so an alias-built value is never walked. origins remembers, for a top-level
+# key or a section.key, the file that set it (and all below it), for validation errors.
+
+BASE_KEY = "base"
+BASE_MAX_DEPTH = 16  # files in one chain of bases
+BASE_MAX_FILES = 64  # files read for one config, its bases' bases included
+BASE_DOC = ("Config files this one builds on: a name or a list of names (later wins), each looked up "
+            "beside this file, else like --config; their keys merge under this file's, a section key "
+            "by key, any other value (a list too) replaced. A base's name: is not inherited. Not "
+            "stored: a run's config.yaml is the whole resolved config")
+BASE_RULE = f"a config file name, a list of them, or null; no cycles, at most {BASE_MAX_DEPTH} files deep"
+
+
+def _read_mapping(path: Path, label: str) -> dict:
+    raw = read_yaml(path, error=ConfigError, label=label)  # bounded: regular file, size, depth
+    if raw is None:
+        raise ConfigError(f"{label}: file is empty (expected a mapping of config sections)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: the top level must be a mapping (got {_show(raw)})")
+    return raw
+
+
+def _origin(origins: dict[str, str], key: str) -> str | None:
+    """The file that set key, or the section holding it; None: no file did."""
+    return origins.get(key) or origins.get(key.split(".")[0])
+
+
+def _merge(dst: dict, origins: dict[str, str], src: dict, src_origin: Callable[[str], str]) -> None:
+    """src deep-merged into dst (in place; dst's own sections are copies, so no alias is written
+    through), origins following."""
+    for key, value in src.items():
+        section = key in SECTIONS and isinstance(value, dict)
+        if section and isinstance(dst.get(key), dict):
+            dst[key] = {**dst[key], **value}
+        else:
+            if key in SECTIONS and isinstance(dst.get(key), dict):  # the replaced keys' files go too
+                for k in dst[key]:
+                    origins.pop(f"{key}.{k}", None)
+            dst[key] = value
+            origins[str(key)] = src_origin(str(key))
+        if section:
+            origins.update({f"{key}.{k}": src_origin(f"{key}.{k}") for k in value})
+
+
+def _base_names(value: Any, label: str) -> list[str]:
+    names = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{label}: {BASE_KEY} must be a config file name or a list of them "
+                          f"(got {_show(value)})")
+    return names
+
+
+def _real(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):  # a symlink loop: reading it will say so
+        return str(path.absolute())
+
+
+def _locate_base(name: str, path: Path, label: str, chain: list[tuple[str, str]],
+                 budget: list[int]) -> tuple[Path, str, str]:
+    """(the file, its label, its real path) of base name in the file at path; refused where it is
+    missing, closes a cycle or goes past the limits."""
+    found = _find_config(name, path.parent)
+    shown = f"{label}: base {_clip(name)}"
+    if found is None:
+        where = f", in configs/ and {PROJECT_CONFIGS}" if not Path(name).parent.parts else ""
+        raise ConfigError(f"{shown}: no such config file (looked beside it{where})")
+    beside = found == path.parent / name  # labelled as a path from the including file's label
+    base_label = os.path.normpath(os.path.join(os.path.dirname(label), name)) if beside else name
+    real = _real(found)
+    if real in (r for r, _ in chain):
+        raise ConfigError(f"{shown}: a cycle ({' -> '.join([lbl for _, lbl in chain] + [base_label])})")
+    budget[0] += 1
+    if len(chain) >= BASE_MAX_DEPTH:
+        raise ConfigError(f"{shown}: bases nest more than {BASE_MAX_DEPTH} files deep")
+    if budget[0] > BASE_MAX_FILES:
+        raise ConfigError(f"{shown}: more than {BASE_MAX_FILES} files in all through base:")
+    return found, base_label, real
+
+
+def _compose(path: Path, label: str, chain: list[tuple[str, str]], budget: list[int]) -> tuple[dict, dict]:
+    """(the file's mapping with its bases merged under it, its origins). chain: the (real path,
+    label) of the files that led here, the first the one that is run; budget: [files read]."""
+    raw = _read_mapping(path, label)
+    merged: dict = {}
+    origins: dict[str, str] = {}
+    for name in _base_names(raw.pop(BASE_KEY, None), label):
+        found, base_label, real = _locate_base(name, path, label, chain, budget)
+        sub, sub_origins = _compose(found, base_label, [*chain, (real, base_label)], budget)
+        sub.pop("name", None)  # a run is named by the file that is run (name: or its stem)
+        _merge(merged, origins, sub, lambda k, o=sub_origins, b=base_label: _origin(o, k) or b)
+    _merge(merged, origins, raw, lambda k: label)
+    return merged, origins
 
 
 def _apply_override(raw: dict, item: str) -> str:
@@ -649,6 +768,9 @@ def _apply_override(raw: dict, item: str) -> str:
         raise ConfigError(f"--set {key}: value cannot be read ({str(e).split(';')[0]})") from None
     node = raw
     parts = key.split(".")
+    if parts[0] == BASE_KEY:
+        raise ConfigError(f"--set {_clip(item)}: {BASE_KEY}: is read from config files only (--set "
+                          f"applies after they merge)")
     for part in parts[:-1]:
         if not isinstance(node.get(part, {}), dict):
             raise ConfigError(f"--set {_clip(item)}: {part} is not a section")
@@ -658,15 +780,12 @@ def _apply_override(raw: dict, item: str) -> str:
 
 
 def load_config(path_or_name: str, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read, override and validate a YAML config. Raises ConfigError with a one-line message."""
+    """Read (its base: files merged under it), override and validate a YAML config. Raises
+    ConfigError with a one-line message."""
     path = resolve_config_path(path_or_name)
     source = str(path_or_name)
-    raw = read_yaml(path, error=ConfigError, label=source)  # bounded: regular file, size, depth
-    if raw is None:
-        raise ConfigError(f"{source}: file is empty (expected a mapping of config sections)")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping (got {_show(raw)})")
-    cfg = config_with_overrides(raw, source, overrides)
+    raw, origins = _compose(path, source, [(_real(path), source)], [1])  # base: files merged under it
+    cfg = config_with_overrides(raw, source, overrides, origins=origins)
     if cfg.name is None:
         cfg.name = path.stem  # not checked here: summary and bench name no run (see check_run_name)
     return cfg
@@ -681,14 +800,14 @@ def check_run_name(cfg: TrainConfig, source: str) -> None:
 
 
 def config_with_overrides(raw: dict, source: str, overrides: Sequence[str] = (), *,
-                          stored: bool = False) -> TrainConfig:
+                          stored: bool = False, origins: dict[str, str] | None = None) -> TrainConfig:
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to a mapping, then validate
-    (stored: a run's own config, as config_from_dict)."""
+    (stored, origins: as config_from_dict)."""
     raw = copy.deepcopy(raw)
     overridden = {}
     for item in overrides:
         overridden[_apply_override(raw, item)] = item
-    return config_from_dict(raw, source, overridden, stored=stored)
+    return config_from_dict(raw, source, overridden, stored=stored, origins=origins)
 
 
 # What may differ between a run and its resumption: where and how fast it runs, and how long.
