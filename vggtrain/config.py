@@ -173,6 +173,7 @@ _MLP = _when("model.head: mlp", lambda c: c.model.head == "mlp")
 _BN = _when("model.batch_norm: true", lambda c: c.model.batch_norm)
 _MUON = _when("optim.name: muon", lambda c: c.optim.name == "muon")
 _SELECTING = _when("data.select_keep set", lambda c: c.data.select_keep is not None)
+_STARTED = _when("init.source set", lambda c: c.init.source is not None)  # fine-tuning (finetune.py)
 
 # A section's rules that tie several keys together (not "applies when"): each returns its problem
 # (None: none) and names the key its error is reported against. Declared below each section.
@@ -402,6 +403,9 @@ class OptimConfig:
                                    "step with this decay: validated beside the raw weights, it chooses "
                                    "best.pt and is what the test report, eval, predict and gradcam use; "
                                    "null: off", _or_null(_between(0, 1, lo_open=True, hi_open=True)))
+    lr_scale_backbone: float = _opt(1.0, "The layers loaded from init.source (all but a re-initialised "
+                                    "head) train at this x their group's rate (Muon's filters: x muon_lr)",
+                                    _between(0, 1000, lo_open=True), applies=_STARTED)
 
 
 @dataclass
@@ -469,6 +473,27 @@ class LoopConfig:
     out_dir: str = _opt("runs", "Where run directories go: out_dir/NAME/")
 
 
+def _check_freeze(names: list) -> str | None:
+    if not all(isinstance(n, str) and n and n == n.strip() for n in names):
+        return "must be a list of layer names or prefixes (non-empty, no surrounding spaces)"
+    return None
+
+
+@dataclass
+class InitConfig:
+    """Where a new run's weights start: random, or a trained run's (fine-tuning; finetune.py)."""
+
+    source: str | None = _opt(None, "A run directory (its best.pt) or a checkpoint whose weights (its weight "
+                              "EMA's, where it kept one) start a new run with its own optimizer and "
+                              "schedule; every tensor must fit this model, but a head whose class count "
+                              "differs is re-initialised; its data.mean and data.std are used; null: a "
+                              "random init")
+    freeze: list[str] = _opt([], "Layers that keep the loaded weights, as state-dict names or their "
+                             "prefixes (features.0, features): left out of the optimizer, their BatchNorm "
+                             "layers in eval mode (running statistics used, never updated)",
+                             _ruled("layer names or prefixes", _check_freeze), applies=_STARTED)
+
+
 @dataclass
 class TrainConfig:
     """The top level: the run's name and seed, and the sections."""
@@ -482,12 +507,13 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-SECTIONS = ("data", "model", "optim", "schedule", "train")  # TrainConfig's sections, in the YAML's order
+SECTIONS = ("data", "model", "optim", "schedule", "train", "init")  # TrainConfig's sections, YAML's order
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -731,7 +757,7 @@ def dump_config(cfg: TrainConfig) -> str:
 
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
-           "load_config", "config_from_dict", "config_with_overrides", "dump_config",
+           "InitConfig", "load_config", "config_from_dict", "config_with_overrides", "dump_config",
            "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "tta_mode",
            "TTA_MODES", "WHITEN_MODES", "SECTIONS", "SECTION_RULES", "Applies", "default_of", "DEVICE_RE",
            "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE"]

@@ -1,0 +1,108 @@
+"""Fine-tuning (init.source, finetune.py): weights from a trained run, the head re-initialised on a
+new class count, frozen layers, the backbone's rate, the record of the start, and exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config, write_yaml
+from vggtrain.checkpoint import load_checkpoint, model_weights
+from vggtrain.cli import main
+from vggtrain.config import config_from_dict
+from vggtrain.data import CIFAR100_MEAN, CIFAR100_STD
+from vggtrain.finetune import open_source
+from vggtrain.run import build_run
+from vggtrain.synthetic import write_synthetic_cifar10, write_synthetic_cifar100
+
+FROZEN = ["features.0", "features.1"]  # the first convolution and its BatchNorm
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("finetune")
+    write_synthetic_cifar10(root / "c10", "bin", per_batch=100, test_size=200, seed=1)
+    write_synthetic_cifar100(root / "c100", "py", train_size=500, test_size=200, seed=1)
+    return {"c10": root / "c10", "c100": root / "c100", "root": root}
+
+
+def _cfg(data_root: Path, out: Path, name: str, **sections) -> dict:
+    sections.setdefault("train", {})
+    sections["train"] = {"epochs": 1, **sections["train"]}
+    sections["data"] = {"val_size": 100, **sections.get("data", {})}
+    return tiny_config(data_root, out, name=name, **sections)
+
+
+def _coarse(raw: dict) -> dict:
+    """CIFAR-100's 20 superclasses: another class count and another normalisation than CIFAR-10's."""
+    raw["data"].update(dataset="cifar100", labels="coarse")
+    raw["model"]["num_classes"] = 20
+    return raw
+
+
+@pytest.fixture(scope="module")
+def source(data) -> Path:
+    """A trained run with a weight EMA, on CIFAR-100's 20 superclasses."""
+    raw = _coarse(_cfg(data["c100"], data["root"] / "runs", "source", optim={"ema_decay": 0.9}))
+    assert main(["fit", "--config", str(write_yaml(data["root"] / "source.yaml", raw))]) == 0
+    return data["root"] / "runs" / "source"
+
+
+def test_same_classes_load_every_tensor_from_the_source_ema(data, source, tmp_path):
+    raw = _coarse(_cfg(data["c100"], tmp_path, "same", init={"source": str(source)},
+                       optim={"lr_scale_backbone": 0.1, "bn_bias_lr_scale": 4.0}))
+    cfg = config_from_dict(raw, "test")
+    start = open_source(cfg)
+    assert start.head == [] and not any("re-initialised" in n for n in start.notes)
+    run = build_run(cfg, tmp_path / "same", [str(i) for i in range(20)], 400, start=start)
+    ema, which = model_weights(load_checkpoint(source / "best.pt"))
+    raw_weights = load_checkpoint(source / "best.pt")["model"]
+    assert which == "ema"
+    mine = run.model.state_dict()
+    assert mine.keys() == ema.keys()
+    assert all(torch.equal(mine[k], ema[k]) for k in mine)
+    assert not all(torch.equal(ema[k], raw_weights[k]) for k in ema)  # the EMA's, not the raw weights
+    # Every parameter was loaded: each group at its own rate x 0.1 (the BN biases' x 4 too).
+    groups = run.optimizer.param_groups
+    assert all(g.get("backbone") for g in groups)
+    assert sorted(g["lr"] for g in groups) == pytest.approx([0.005, 0.02])
+    assert sum(len(g["params"]) for g in groups) == len(list(run.model.parameters()))
+
+
+def test_a_new_class_count_reinitialises_the_head_freezes_and_records_the_start(data, source, tmp_path,
+                                                                                 capsys):
+    raw = _cfg(data["c10"], tmp_path, "ft", init={"source": str(source), "freeze": FROZEN},
+               optim={"lr_scale_backbone": 0.1})
+    assert main(["fit", "--config", str(write_yaml(tmp_path / "ft.yaml", raw))]) == 0
+    out = capsys.readouterr().out
+    heads = [ln for ln in out.splitlines() if "re-initialised" in ln]
+    assert heads == [f"init: the head (classifier.weight, classifier.bias) re-initialised: "
+                     f"{source / 'best.pt'} has 20 classes, this run 10"]
+    assert sum("normalising with the source's" in ln for ln in out.splitlines()) == 1
+    run = tmp_path / "ft"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["data"]["mean"] == list(CIFAR100_MEAN) and resolved["data"]["std"] == list(CIFAR100_STD)
+
+    digest = json.loads((source / "report.json").read_text())["config_digest"]
+    record = {"from": str(source / "best.pt"), "config_digest": digest,
+              "head_reinitialised": ["classifier.weight", "classifier.bias"]}
+    assert json.loads((run / "report.json").read_text())["init"] == record
+    last = load_checkpoint(run / "last.pt")
+    assert last["init"] == record
+
+    ema, _ = model_weights(load_checkpoint(source / "best.pt"))
+    frozen = [k for k in ema if k.startswith(("features.0.", "features.1."))]
+    assert "features.1.running_mean" in frozen and "features.1.num_batches_tracked" in frozen
+    for k in frozen:  # weights and BatchNorm statistics: bit-equal after an epoch of training
+        assert torch.equal(last["model"][k], ema[k]), k
+    moved = [k for k in ema if k.startswith("features.4.") and not torch.equal(last["model"][k], ema[k])]
+    assert moved  # the layers not frozen did train
+    # The frozen parameters are in no optimizer group; the loaded ones at lr x 0.1, the head at lr.
+    # 14 parameters: 3 convolutions, 3 BatchNorms (weight, bias each), the head; 4 frozen.
+    groups = last["optimizer"]["param_groups"]
+    assert sorted((bool(g.get("backbone")), len(g["params"]), g["initial_lr"]) for g in groups) == \
+        [(False, 2, 0.05), (True, 8, pytest.approx(0.005))]
