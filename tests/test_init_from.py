@@ -4,6 +4,7 @@ new class count, frozen layers, the backbone's rate, the record of the start, an
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from vggtrain.cli import main
 from vggtrain.config import config_from_dict
 from vggtrain.data import CIFAR100_MEAN, CIFAR100_STD
 from vggtrain.finetune import open_source
+from vggtrain.fit import fit
 from vggtrain.run import build_run
 from vggtrain.synthetic import write_synthetic_cifar10, write_synthetic_cifar100
 
@@ -106,3 +108,59 @@ def test_a_new_class_count_reinitialises_the_head_freezes_and_records_the_start(
     groups = last["optimizer"]["param_groups"]
     assert sorted((bool(g.get("backbone")), len(g["params"]), g["initial_lr"]) for g in groups) == \
         [(False, 2, 0.05), (True, 8, pytest.approx(0.005))]
+
+
+def test_a_tensor_that_does_not_fit_is_refused_in_one_line_with_no_run_directory(data, source, tmp_path,
+                                                                                  capsys):
+    raw = _cfg(data["c10"], tmp_path / "runs", "wide", init={"source": str(source)},
+               model={"layers": [16, "M", 16, "M", 16, "M"]})
+    assert main(["fit", "--config", str(write_yaml(tmp_path / "wide.yaml", raw))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vggtrain: checkpoint error: init.source {source / 'best.pt'}: features.0.weight is "
+                   f"(8, 3, 3, 3) there and (16, 3, 3, 3) here (only the head may differ, when the class "
+                   f"count does)"]
+    deeper = _cfg(data["c10"], tmp_path / "runs", "deep", init={"source": str(source)},
+                  model={"layers": [8, "M", 16, "M", 16, "M", 16]})
+    assert main(["fit", "--config", str(write_yaml(tmp_path / "deep.yaml", deeper))]) == 2
+    assert "features.12.weight is absent there and (16, 16, 3, 3) here" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_freeze_name_that_names_no_layer_is_refused(data, source, tmp_path, capsys):
+    raw = _cfg(data["c10"], tmp_path / "runs", "f", init={"source": str(source), "freeze": ["feature"]})
+    assert main(["fit", "--config", str(write_yaml(tmp_path / "f.yaml", raw))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vggtrain: config error: init.freeze: 'feature' names no layer of this model "
+                          "(its layers: classifier, features.0, ")
+    raw["init"]["freeze"] = ["classifier"]  # the re-initialised head would stay random
+    assert main(["fit", "--config", str(write_yaml(tmp_path / "f.yaml", raw))]) == 2
+    assert "takes in the re-initialised head" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_source_that_is_not_plain_data_is_refused_by_the_safe_loader(data, tmp_path, capsys):
+    torch.save({"model": {}, "config": {}, "code": Path("x")}, tmp_path / "evil.pt")
+    raw = _cfg(data["c10"], tmp_path / "runs", "e", init={"source": str(tmp_path / "evil.pt")})
+    assert main(["fit", "--config", str(write_yaml(tmp_path / "e.yaml", raw))]) == 2
+    assert "refused to load, it is not plain tensors and data" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resuming_a_fine_tuning_run_is_exact_and_does_not_read_the_source_again(data, source, tmp_path):
+    moved = tmp_path / "source"
+    shutil.copytree(source, moved)
+    init = {"source": str(moved), "freeze": ["features.0"]}
+    whole = _cfg(data["c10"], tmp_path, "whole", init=init, train={"epochs": 2},
+                 optim={"lr_scale_backbone": 0.5, "ema_decay": 0.9})
+    fit(config_from_dict(whole, "test"), test=False)
+    half = {**whole, "name": "half", "train": {**whole["train"], "epochs": 1}}
+    fit(config_from_dict(half, "test"), test=False)
+    shutil.rmtree(moved)  # the resumed run has its weights in last.pt
+    fit(resume=tmp_path / "half", overrides=["train.epochs=2"], test=False)
+    a, b = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "half" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2 and a["init"] == b["init"]
+    assert a["init"]["from"] == str(moved / "best.pt")
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]
+                   if isinstance(a[part][k], torch.Tensor))

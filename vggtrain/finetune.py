@@ -104,7 +104,7 @@ def check_shapes(model_cfg: ModelConfig, source_classes: int, weights: dict[str,
             continue  # the head of the source's class count
         if not fits or theirs.shape != ours.shape:
             raise CheckpointError(f"init.source {path}: {key} is {_shape(theirs)} there and {_shape(ours)} "
-                                  f"here; only a head whose class count differs may be")
+                                  f"here (only the head may differ, when the class count does)")
     return head
 
 
