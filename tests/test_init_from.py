@@ -1,4 +1,4 @@
-"""Fine-tuning (init.source, finetune.py): weights from a trained run, the head re-initialised on a
+"""Fine-tuning (init.from, finetune.py): weights from a trained run, the head re-initialised on a
 new class count, frozen layers, the backbone's rate, the record of the start, and exact resume."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import yaml
 from conftest import tiny_config, write_yaml
 from vggtrain.checkpoint import load_checkpoint, model_weights
 from vggtrain.cli import main
-from vggtrain.config import config_from_dict
+from vggtrain.config import config_from_dict, dump_config, load_config
 from vggtrain.data import CIFAR100_MEAN, CIFAR100_STD
+from vggtrain.errors import ConfigError
 from vggtrain.finetune import open_source
 from vggtrain.fit import fit
 from vggtrain.run import build_run
@@ -55,7 +56,7 @@ def source(data) -> Path:
 
 
 def test_same_classes_load_every_tensor_from_the_source_ema(data, source, tmp_path):
-    raw = _coarse(_cfg(data["c100"], tmp_path, "same", init={"source": str(source)},
+    raw = _coarse(_cfg(data["c100"], tmp_path, "same", init={"from": str(source)},
                        optim={"lr_scale_backbone": 0.1, "bn_bias_lr_scale": 4.0}))
     cfg = config_from_dict(raw, "test")
     start = open_source(cfg)
@@ -77,7 +78,7 @@ def test_same_classes_load_every_tensor_from_the_source_ema(data, source, tmp_pa
 
 def test_a_new_class_count_reinitialises_the_head_freezes_and_records_the_start(data, source, tmp_path,
                                                                                  capsys):
-    raw = _cfg(data["c10"], tmp_path, "ft", init={"source": str(source), "freeze": FROZEN},
+    raw = _cfg(data["c10"], tmp_path, "ft", init={"from": str(source), "freeze": FROZEN},
                optim={"lr_scale_backbone": 0.1})
     assert main(["fit", "--config", str(write_yaml(tmp_path / "ft.yaml", raw))]) == 0
     out = capsys.readouterr().out
@@ -112,14 +113,14 @@ def test_a_new_class_count_reinitialises_the_head_freezes_and_records_the_start(
 
 def test_a_tensor_that_does_not_fit_is_refused_in_one_line_with_no_run_directory(data, source, tmp_path,
                                                                                   capsys):
-    raw = _cfg(data["c10"], tmp_path / "runs", "wide", init={"source": str(source)},
+    raw = _cfg(data["c10"], tmp_path / "runs", "wide", init={"from": str(source)},
                model={"layers": [16, "M", 16, "M", 16, "M"]})
     assert main(["fit", "--config", str(write_yaml(tmp_path / "wide.yaml", raw))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"vggtrain: checkpoint error: init.source {source / 'best.pt'}: features.0.weight is "
+    assert err == [f"vggtrain: checkpoint error: init.from {source / 'best.pt'}: features.0.weight is "
                    f"(8, 3, 3, 3) there and (16, 3, 3, 3) here (only the head may differ, when the class "
                    f"count does)"]
-    deeper = _cfg(data["c10"], tmp_path / "runs", "deep", init={"source": str(source)},
+    deeper = _cfg(data["c10"], tmp_path / "runs", "deep", init={"from": str(source)},
                   model={"layers": [8, "M", 16, "M", 16, "M", 16]})
     assert main(["fit", "--config", str(write_yaml(tmp_path / "deep.yaml", deeper))]) == 2
     assert "features.12.weight is absent there and (16, 16, 3, 3) here" in capsys.readouterr().err
@@ -127,7 +128,7 @@ def test_a_tensor_that_does_not_fit_is_refused_in_one_line_with_no_run_directory
 
 
 def test_a_freeze_name_that_names_no_layer_is_refused(data, source, tmp_path, capsys):
-    raw = _cfg(data["c10"], tmp_path / "runs", "f", init={"source": str(source), "freeze": ["feature"]})
+    raw = _cfg(data["c10"], tmp_path / "runs", "f", init={"from": str(source), "freeze": ["feature"]})
     assert main(["fit", "--config", str(write_yaml(tmp_path / "f.yaml", raw))]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vggtrain: config error: init.freeze: 'feature' names no layer of this model "
@@ -140,7 +141,7 @@ def test_a_freeze_name_that_names_no_layer_is_refused(data, source, tmp_path, ca
 
 def test_a_source_that_is_not_plain_data_is_refused_by_the_safe_loader(data, tmp_path, capsys):
     torch.save({"model": {}, "config": {}, "code": Path("x")}, tmp_path / "evil.pt")
-    raw = _cfg(data["c10"], tmp_path / "runs", "e", init={"source": str(tmp_path / "evil.pt")})
+    raw = _cfg(data["c10"], tmp_path / "runs", "e", init={"from": str(tmp_path / "evil.pt")})
     assert main(["fit", "--config", str(write_yaml(tmp_path / "e.yaml", raw))]) == 2
     assert "refused to load, it is not plain tensors and data" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
@@ -149,7 +150,7 @@ def test_a_source_that_is_not_plain_data_is_refused_by_the_safe_loader(data, tmp
 def test_resuming_a_fine_tuning_run_is_exact_and_does_not_read_the_source_again(data, source, tmp_path):
     moved = tmp_path / "source"
     shutil.copytree(source, moved)
-    init = {"source": str(moved), "freeze": ["features.0"]}
+    init = {"from": str(moved), "freeze": ["features.0"]}
     whole = _cfg(data["c10"], tmp_path, "whole", init=init, train={"epochs": 2},
                  optim={"lr_scale_backbone": 0.5, "ema_decay": 0.9})
     fit(config_from_dict(whole, "test"), test=False)
@@ -164,3 +165,14 @@ def test_resuming_a_fine_tuning_run_is_exact_and_does_not_read_the_source_again(
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]
                    if isinstance(a[part][k], torch.Tensor))
+
+
+def test_init_from_is_the_yaml_key_of_a_field_held_as_from_(tmp_path):
+    cfg = load_config(str(write_yaml(tmp_path / "c.yaml", {"init": {"from": "runs/a"}})),
+                      ["init.freeze=[features.0]"])
+    assert cfg.init.from_ == "runs/a" and cfg.init.freeze == ["features.0"]
+    assert cfg.to_dict()["init"] == {"from": "runs/a", "freeze": ["features.0"]}
+    assert yaml.safe_load(dump_config(cfg))["init"]["from"] == "runs/a"
+    assert config_from_dict(cfg.to_dict(), "back").init.from_ == "runs/a"
+    with pytest.raises(ConfigError, match=r"unknown key init.from_ \(expected one of: from, freeze\)"):
+        load_config(str(tmp_path / "c.yaml"), ["init.from_=runs/b"])

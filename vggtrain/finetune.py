@@ -1,4 +1,4 @@
-"""Fine-tuning (init.source): a new run whose network starts from a trained run's weights.
+"""Fine-tuning (init.from): a new run whose network starts from a trained run's weights.
 
 The source is read with the safe loader (checkpoint.load_checkpoint: weights_only) and its
 weights are the ones it is tested with (its weight EMA's, where it kept one). Every tensor must
@@ -53,7 +53,7 @@ class Start:
         if not isinstance(record, dict) or not isinstance(record.get("from"), str) \
                 or not isinstance(record.get("config_digest"), str) \
                 or not all(isinstance(k, str) for k in record.get("head_reinitialised", ())):
-            raise CheckpointError(f"{path}: cannot resume from it: init.source is set but it holds no "
+            raise CheckpointError(f"{path}: cannot resume from it: init.from is set but it holds no "
                                   f"init entry (where its weights started)")
         return cls(record["from"], record["config_digest"], list(record.get("head_reinitialised", ())))
 
@@ -66,10 +66,10 @@ def digest(config: dict[str, Any]) -> str:
 
 
 def open_source(cfg: TrainConfig) -> Start:
-    """Read init.source and check it against cfg's model before anything is allocated or written:
+    """Read init.from and check it against cfg's model before anything is allocated or written:
     a tensor that does not fit (but the head's on a new class count) and an init.freeze name that
     names no layer are refused in one line."""
-    path = resolve_checkpoint(str(cfg.init.source))
+    path = resolve_checkpoint(str(cfg.init.from_))
     state = load_checkpoint(path)
     source_cfg = config_from_dict(state["config"], f"{path} (its stored config)", stored=True)
     weights, which = model_weights(state)
@@ -103,7 +103,7 @@ def check_shapes(model_cfg: ModelConfig, source_classes: int, weights: dict[str,
         if fits and key in head and theirs.shape == as_source[key].shape:
             continue  # the head of the source's class count
         if not fits or theirs.shape != ours.shape:
-            raise CheckpointError(f"init.source {path}: {key} is {_shape(theirs)} there and {_shape(ours)} "
+            raise CheckpointError(f"init.from {path}: {key} is {_shape(theirs)} there and {_shape(ours)} "
                                   f"here (only the head may differ, when the class count does)")
     return head
 

@@ -107,7 +107,7 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
     rank0_verdict(d, rd.claim)  # before any work: a used directory, a live run, a stale resume
     if rd.resume is not None:  # before the data and the model are loaded and built
         check_weights_fit(cfg.model, rd.resume[1]["model"], rd.resume[0])
-    start = fine_tuning_start(cfg, rd)  # init.source checked before the run directory is made
+    start = fine_tuning_start(cfg, rd)  # init.from checked before the run directory is made
     set_deterministic(cfg.train.deterministic)  # before the first CUDA kernel
     train, val, test, class_names = load_data(cfg, d)
     clock.lap("data_load_s")
@@ -160,9 +160,9 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
 
 
 def fine_tuning_start(cfg: TrainConfig, rd: RunDir) -> Start | None:
-    """Where init.source's run starts: the source read and checked (a new run), or the record its
-    checkpoint holds (a resumed one: the source is not read again); None without init.source."""
-    if cfg.init.source is None:
+    """Where init.from's run starts: the source read and checked (a new run), or the record its
+    checkpoint holds (a resumed one: the source is not read again); None without init.from."""
+    if cfg.init.from_ is None:
         return None
     if rd.resume is not None:
         return Start.of_record(rd.resume[1].get("init"), rd.resume[0])
@@ -275,6 +275,6 @@ def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
         "allocator": allocator.in_effect(),  # the CPU memory allocator the run trained with
         "deterministic": cfg.train.deterministic,  # train.deterministic's kernels
         "cuda_graphs": graphs.in_use(run),  # the steps replayed a captured CUDA graph
-        "init": run.init,  # init.source's: where the weights started (path, config digest)
+        "init": run.init,  # init.from's: where the weights started (path, config digest)
     })
     return report, ev

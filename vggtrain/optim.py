@@ -18,7 +18,7 @@ def param_groups(model: nn.Module, o: OptimConfig, whiten_bias_epochs: float | N
     biases) when those get no weight decay, plus BN biases at lr x bn_bias_lr_scale when that is
     not 1, plus the whitening layer's bias on its own when it trains for whiten_bias_epochs only
     (schedule.py freezes it then); each split in two at lr_scale_backbone's rate for the
-    parameters named in loaded (init.source's). Frozen parameters (the whitening filters,
+    parameters named in loaded (init.from's). Frozen parameters (the whitening filters,
     init.freeze's) are left out."""
     live = [p for p in model.parameters() if p.requires_grad]
     whitening = getattr(model, "whitening", lambda: None)()
@@ -53,7 +53,7 @@ def param_groups(model: nn.Module, o: OptimConfig, whiten_bias_epochs: float | N
 
 def backbone_groups(model: nn.Module, groups: list[dict[str, Any]], loaded: Collection[str],
                     o: OptimConfig) -> list[dict[str, Any]]:
-    """Each group's loaded parameters (init.source's) apart, at its rate x optim.lr_scale_backbone;
+    """Each group's loaded parameters (init.from's) apart, at its rate x optim.lr_scale_backbone;
     its weight decay as it was (SGD's decay per step falls with the rate)."""
     scale = o.lr_scale_backbone
     if scale == 1.0:
@@ -71,7 +71,7 @@ def backbone_groups(model: nn.Module, groups: list[dict[str, Any]], loaded: Coll
 
 def build_optimizer(model: nn.Module, o: OptimConfig, whiten_bias_epochs: float | None = None,
                     loaded: Collection[str] = ()) -> torch.optim.Optimizer:
-    """loaded: the parameters init.source gave their weights (see param_groups)."""
+    """loaded: the parameters init.from gave their weights (see param_groups)."""
     if o.name == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(
             param_groups(model, o, whiten_bias_epochs, loaded), lr=o.lr, betas=(o.momentum, o.adam_beta2),

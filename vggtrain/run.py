@@ -69,7 +69,7 @@ class Run:
     selector: Selector | None = None  # data.select_keep's proxy
     checkpoints: CheckpointWriter = field(default_factory=CheckpointWriter)  # last.pt, best.pt
     graphed: Any = None  # train.cuda_graphs' captured step (graphs.GraphedStep), False where it cannot
-    init: dict[str, Any] | None = None  # init.source's record: where the weights started (finetune.Start)
+    init: dict[str, Any] | None = None  # init.from's record: where the weights started (finetune.Start)
 
     def __post_init__(self) -> None:
         if self.forward is None:
@@ -190,7 +190,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
               whiten_images: torch.Tensor | None = None, start: Start | None = None) -> Run:
     """A new run for a training split of train_size images. whiten_images: uint8 training images
     for model.whiten's first-layer init (a resumed run overwrites those weights; without images
-    the fixed layer stays random, for benchmarks). start: init.source's weights (finetune.py)."""
+    the fixed layer stays random, for benchmarks). start: init.from's weights (finetune.py)."""
     device = select_device(device_spec or cfg.train.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     random.seed(cfg.seed)

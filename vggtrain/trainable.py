@@ -38,7 +38,7 @@ def place(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Mod
 def optimization(model: nn.Module, cfg: TrainConfig, device: torch.device, steps_per_epoch: int,
                  loaded: Collection[str] = ()) -> Optimization:
     """(optimizer, schedule, loss scaler) for a new run of cfg's epochs: the schedule at step 0,
-    the scaler enabled for fp16 only. loaded: the parameters init.source gave their weights."""
+    the scaler enabled for fp16 only. loaded: the parameters init.from gave their weights."""
     optimizer = build_optimizer(model, cfg.optim, cfg.model.whiten_bias_epochs, loaded)
     total = math.ceil(cfg.train.epochs * steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch, total)
