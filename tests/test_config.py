@@ -285,6 +285,11 @@ NOT_APPLYING = [
      "schedule.end_factor applies only with schedule.kind: linear, cosine or onecycle"),
     ("train.sync_bn", "{model: {batch_norm: false}, train: {sync_bn: true}}", "train: {sync_bn: true}",
      "train.sync_bn applies only with model.batch_norm: true"),
+    ("optim.lr_scale_backbone", "optim: {lr_scale_backbone: 0.1}",
+     "{optim: {lr_scale_backbone: 0.1}, init: {from: runs/a}}",
+     "optim.lr_scale_backbone applies only with init.from set"),
+    ("init.freeze", "init: {freeze: [features]}", "init: {freeze: [features], from: runs/a}",
+     "init.freeze applies only with init.from set"),
 ]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vggtrain.config import SECTIONS, TrainConfig, default_of
+from vggtrain.config import SECTIONS, TrainConfig, default_of, yaml_key
 from vggtrain.config_reference import ALL_SECTIONS, COMMAND, main, render
 from vggtrain.errors import ConfigError
 
@@ -43,7 +43,7 @@ def test_every_key_of_every_section_has_its_type_default_and_meaning():
     keys = []
     for section in ALL_SECTIONS:
         for f in _section_fields(section):
-            key = f.name if section == "top" else f"{section}.{f.name}"
+            key = f.name if section == "top" else f"{section}.{yaml_key(f)}"
             keys.append(key)
             assert key in rows, f"{key} is missing from the reference"
             type_, default, allowed, meaning = rows[key]
@@ -62,7 +62,7 @@ def test_one_section_and_an_unknown_one():
     assert optim in render()
     assert set(_rows(render("top"))) == {"base", "name", "seed"}
     with pytest.raises(ConfigError, match=r"unknown config section 'optimizer' \(expected one of: top, "
-                                          r"data, model, optim, schedule, train\)"):
+                                          r"data, model, optim, schedule, train, init\)"):
         render("optimizer")
 
 

@@ -16,7 +16,7 @@ import reprlib
 import types
 import typing
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,12 @@ def _mode(modes: tuple[str, ...], true_mode: str, doc: str) -> Any:
     return _opt("none", doc, check, accepts=bool | str, canon=lambda v: _as_mode(v, true_mode))
 
 
+def yaml_key(f: Field) -> str:
+    """A field's key in YAML: its name, less the trailing underscore of one named for a Python
+    keyword (init.from is held as InitConfig.from_)."""
+    return f.name.removesuffix("_")
+
+
 def default_of(f: Field) -> Any:
     """A config field's default value."""
     return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
@@ -174,6 +180,7 @@ _MLP = _when("model.head: mlp", lambda c: c.model.head == "mlp")
 _BN = _when("model.batch_norm: true", lambda c: c.model.batch_norm)
 _MUON = _when("optim.name: muon", lambda c: c.optim.name == "muon")
 _SELECTING = _when("data.select_keep set", lambda c: c.data.select_keep is not None)
+_STARTED = _when("init.from set", lambda c: c.init.from_ is not None)  # fine-tuning (finetune.py)
 
 # A section's rules that tie several keys together (not "applies when"): each returns its problem
 # (None: none) and names the key its error is reported against. Declared below each section.
@@ -403,6 +410,9 @@ class OptimConfig:
                                    "step with this decay: validated beside the raw weights, it chooses "
                                    "best.pt and is what the test report, eval, predict and gradcam use; "
                                    "null: off", _or_null(_between(0, 1, lo_open=True, hi_open=True)))
+    lr_scale_backbone: float = _opt(1.0, "The layers loaded from init.from (all but a re-initialised "
+                                    "head) train at this x their group's rate (Muon's filters: x muon_lr)",
+                                    _between(0, 1000, lo_open=True), applies=_STARTED)
 
 
 @dataclass
@@ -470,6 +480,31 @@ class LoopConfig:
     out_dir: str = _opt("runs", "Where run directories go: out_dir/NAME/")
 
 
+def _check_path(v: str | None) -> str | None:
+    return None if v is None or v.strip() else "must be a path (or null)"
+
+
+def _check_freeze(names: list) -> str | None:
+    if not all(isinstance(n, str) and n and n == n.strip() for n in names):
+        return "must be a list of layer names or prefixes (non-empty, no surrounding spaces)"
+    return None
+
+
+@dataclass
+class InitConfig:
+    """Where a new run's weights start: random, or a trained run's (fine-tuning; finetune.py)."""
+
+    from_: str | None = _opt(None, "A run directory (its best.pt) or a checkpoint whose weights (its weight "
+                              "EMA's, where it kept one) start a new run with its own optimizer and "
+                              "schedule; every tensor must fit this model, but a head whose class count "
+                              "differs is re-initialised; its data.mean and data.std are used; null: a "
+                              "random init", _ruled("a path, or null", _check_path))
+    freeze: list[str] = _opt([], "Layers that keep the loaded weights, as state-dict names or their "
+                             "prefixes (features.0, features): left out of the optimizer, their BatchNorm "
+                             "layers in eval mode (running statistics used, never updated)",
+                             _ruled("layer names or prefixes", _check_freeze), applies=_STARTED)
+
+
 @dataclass
 class TrainConfig:
     """The top level: the run's name and seed, and the sections."""
@@ -483,12 +518,20 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _plain(self)
 
 
-SECTIONS = ("data", "model", "optim", "schedule", "train")  # TrainConfig's sections, in the YAML's order
+def _plain(obj: Any) -> Any:
+    """A config as the plain mapping YAML and checkpoints hold (dataclasses.asdict, with yaml_key's keys)."""
+    if is_dataclass(obj):
+        return {yaml_key(f): _plain(getattr(obj, f.name)) for f in fields(obj)}
+    return copy.deepcopy(obj)
+
+
+SECTIONS = ("data", "model", "optim", "schedule", "train", "init")  # TrainConfig's sections, YAML's order
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -561,7 +604,7 @@ def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any
         what = prefix.rstrip(".") or "the top level"
         raise ConfigError(f"{where(prefix.rstrip('.'))}: {what} must be a mapping (got {_show(raw)})")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
+    names = [yaml_key(f) for f in fields(cls)]
     for key in raw:
         if key not in names:
             shown = key if isinstance(key, str) and key.isidentifier() else _show(key)
@@ -570,9 +613,9 @@ def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any
                               f"(expected one of: {', '.join(names)})")
     kwargs = {}
     for f in fields(cls):
-        if f.name not in raw:
+        if yaml_key(f) not in raw:
             continue
-        key, value, hint = prefix + f.name, raw[f.name], hints[f.name]
+        key, value, hint = prefix + yaml_key(f), raw[yaml_key(f)], hints[f.name]
         if is_dataclass(hint):
             kwargs[f.name] = _build(hint, value, key + ".", where)
             continue
@@ -596,7 +639,7 @@ def _check_rules(cfg: TrainConfig, where: Callable[[str], str], only: Collection
     for section in SECTIONS:
         part = getattr(cfg, section)
         for f in fields(part):
-            applies, key = f.metadata.get("applies"), f"{section}.{f.name}"
+            applies, key = f.metadata.get("applies"), f"{section}.{yaml_key(f)}"
             if applies is None or (only is not None and key not in only):
                 continue
             if getattr(part, f.name) != default_of(f) and not applies.test(cfg):
@@ -850,7 +893,7 @@ def dump_config(cfg: TrainConfig) -> str:
 
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
-           "load_config", "config_from_dict", "config_with_overrides", "dump_config",
+           "InitConfig", "load_config", "config_from_dict", "config_with_overrides", "dump_config",
            "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "tta_mode",
            "TTA_MODES", "WHITEN_MODES", "SECTIONS", "SECTION_RULES", "Applies", "default_of", "DEVICE_RE",
-           "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE"]
+           "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE", "yaml_key"]

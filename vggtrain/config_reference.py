@@ -11,7 +11,7 @@ import sys
 import typing
 from dataclasses import Field, fields
 
-from vggtrain.config import BASE_DOC, BASE_RULE, SECTION_RULES, SECTIONS, TrainConfig, default_of
+from vggtrain.config import BASE_DOC, BASE_RULE, SECTION_RULES, SECTIONS, TrainConfig, default_of, yaml_key
 from vggtrain.errors import ConfigError, UserError
 
 COMMAND = "python -m vggtrain.config_reference > docs/config.md"
@@ -69,7 +69,7 @@ def _cell(text: str) -> str:
 
 
 def _row(section: str, f: Field) -> str:
-    key = f"{section}.{f.name}" if section != TOP else f.name
+    key = f"{section}.{yaml_key(f)}" if section != TOP else f.name
     check, applies = f.metadata.get("check"), f.metadata.get("applies")
     allowed = getattr(check, "rule", None) or _UNRULED.get(str(f.type), "any")
     meaning = f.metadata["doc"].rstrip(".") + "."
