@@ -78,11 +78,10 @@ def test_an_error_names_the_file_that_set_the_key(tmp_path):
     _write(tmp_path / "lib" / "_vgg.yaml", "optim:\n  lr: -1\n  lrr: 1\n")
     top = _write(tmp_path / "run.yaml", "base: lib/_vgg.yaml\noptim:\n  momentum: 0.5\n")
     lib = tmp_path / "lib" / "_vgg.yaml"
-    assert _error(top) == f"config error: {top} (set in {lib}): unknown key optim.lrr " \
-                          "(expected one of: lr, momentum, nesterov, weight_decay, label_smoothing, " \
-                          "exclude_bn_bias_from_decay, bn_bias_lr_scale, lookahead_every, " \
-                          "lookahead_final_full_sync, whiten_bias_lr_scale, name, muon_lr, muon_momentum, " \
-                          "adam_beta2, clip_grad_norm, ema_decay)"
+    error = _error(top)
+    assert error.startswith(f"config error: {top} (set in {lib}): unknown key optim.lrr "
+                            "(expected one of: lr, momentum, nesterov, ")  # the section's keys follow
+    assert error.endswith(")") and "\n" not in error
     _write(lib, "optim:\n  lr: -1\n")
     assert _error(top) == f"config error: {top} (set in {lib}): optim.lr must be > 0 (got -1)"
     # through a chain: the file deepest down that set it
