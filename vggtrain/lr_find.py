@@ -6,8 +6,9 @@ The run is built as `fit` builds it (fit.load_data's training split, with data.v
 held out; run.build_run's model, optimizer and augmentation), and trained by the loop's own step
 (train.loop_step: batch preparation, the optimizer step, the averagers) for a few hundred steps
 while optim.lr rises exponentially from --min-lr to --max-lr. Every parameter group tied to
-optim.lr (BN biases at optim.bn_bias_lr_scale, the whitening bias) keeps its ratio to it; Muon's
-group keeps optim.muon_lr, a key of its own. The loss is smoothed (SMOOTHING) and the test stops
+optim.lr (BN biases at optim.bn_bias_lr_scale, the whitening bias, which the test does not
+freeze after model.whiten_bias_epochs) keeps its ratio to it; Muon's group keeps optim.muon_lr,
+a key of its own. The loss is smoothed (SMOOTHING) and the test stops
 when it diverges. Nothing is written but the picture (and --json): no run directory, no weights.
 """
 
