@@ -32,15 +32,15 @@ def _option(parser: argparse.ArgumentParser, flag: str) -> argparse.Action | Non
 def test_shared_options_mean_the_same_in_every_command():
     subs = _subparsers()
     with_json = {name for name, p in subs.items() if _option(p, "--json")}
-    assert with_json == {"eval", "predict", "bench", "runs", "seeds", "info"}
+    assert with_json == {"eval", "predict", "bench", "runs", "seeds", "lr-find", "info"}
     for name in with_json:  # --json [PATH]: '-' when given alone
         action = _option(subs[name], "--json")
         assert action.nargs == "?" and action.const == "-" and action.metavar == "PATH", name
     assert _option(subs["bench"], "--json").default == "bench/results.json"
-    for name in ("fit", "summary", "bench", "sweep", "seeds"):
+    for name in ("fit", "summary", "bench", "sweep", "seeds", "lr-find"):
         action = _option(subs[name], "--set")
         assert action.dest == "overrides" and isinstance(action, argparse._AppendAction), name
-    for name in ("fit", "eval", "predict", "gradcam"):
+    for name in ("fit", "eval", "predict", "gradcam", "lr-find"):
         assert _option(subs[name], "--device").type is _option(subs["eval"], "--device").type, name
     assert _option(subs["fit"], "--device").default is None  # train.device decides
     assert _option(subs["predict"], "--device").default == "auto"

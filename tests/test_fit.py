@@ -24,8 +24,8 @@ def test_fit_learns_and_writes_every_artefact(cifar_bin, tmp_path, capsys):
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "tiny"
     assert sorted(p.name for p in run.iterdir()) == \
-        ["best.pt", "config.yaml", "confusion_matrix.png", "curves.png", "last.pt", "misclassified.png",
-         "report.json", "report.md", "status.json", "tb"]
+        ["best.pt", "config.yaml", "confusion_matrix.png", "curves.png", "last.pt", "metrics.csv",
+         "misclassified.png", "report.json", "report.md", "status.json", "tb"]
 
     # Plain lines when stdout is not a terminal: one per epoch, no bar redraws.
     assert [line.split(" |")[0] for line in out.splitlines() if line.startswith("epoch ")] == \

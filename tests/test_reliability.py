@@ -272,7 +272,7 @@ def _disk_fills_at(monkeypatch, name: str, after: int = 0) -> None:
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # no thread traceback
 @pytest.mark.parametrize("name, after", [("last.pt", 1), ("report.md", 0), ("report.json", 0),
-                                         ("events", 0), ("config.yaml", 0)])
+                                         ("events", 0), ("config.yaml", 0), ("metrics.csv", 1)])
 def test_a_full_disk_is_one_line_and_loses_nothing(cifar_bin, tmp_path, capsys, monkeypatch, name, after):
     # One line naming the file and the cause, exit 74, the files written before it whole, no temp
     # file, and the run goes on once there is space: from its checkpoint, or from the start.

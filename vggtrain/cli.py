@@ -32,7 +32,9 @@ from vggtrain.program import (
     write_output,
 )
 
-ALLOCATOR_COMMANDS = {"fit", "eval", "bench", "info", "sweep", "seeds"}  # the ones that train or evaluate
+ALLOCATOR_COMMANDS = {"fit", "eval", "bench", "info", "sweep", "seeds", "lr-find"}  # they train or evaluate
+# lr-find's --steps, --min-lr, --max-lr: vggtrain.lr_find's defaults (not imported here: it loads torch)
+LR_FIND_STEPS, LR_FIND_MIN_LR, LR_FIND_MAX_LR = 200, 1e-5, 10.0
 BENCH_PARTS = ("bare", "data", "reference", "fit", "real", "ops", "eval", "allocator")
 BENCH_JSON = "bench/results.json"  # where bench writes without --json
 
@@ -192,6 +194,21 @@ def _seeds_options(p: argparse.ArgumentParser) -> None:
                    help="also record the training time to this test accuracy, e.g. 0.9 (the test "
                         "set is then measured after every epoch, outside the training time)")
     add_json_option(p, "the summary")
+
+
+def _lr_find_options(p: argparse.ArgumentParser) -> None:
+    _config_and_set(p)
+    _device_option(p, None, "train.device")
+    p.add_argument("--steps", type=positive_int, default=LR_FIND_STEPS, metavar="N",
+                   help=f"training steps of the ramp ({LR_FIND_STEPS}); it stops early when the loss "
+                        f"diverges")
+    p.add_argument("--min-lr", type=float, default=LR_FIND_MIN_LR, metavar="A",
+                   help=f"optim.lr at the first step ({LR_FIND_MIN_LR:g})")
+    p.add_argument("--max-lr", type=float, default=LR_FIND_MAX_LR, metavar="B",
+                   help=f"optim.lr at the last step ({LR_FIND_MAX_LR:g})")
+    p.add_argument("--out", default="lr_find.png", metavar="PNG",
+                   help="the loss-vs-lr picture (default: lr_find.png; needs vggtrain[plots])")
+    add_json_option(p, "the rates, losses and suggestion")
 
 
 def _info_options(p: argparse.ArgumentParser) -> None:
@@ -377,6 +394,27 @@ def _cmd_seeds(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    from vggtrain.config import load_config
+    from vggtrain.lr_find import PLOTS_EXTRA, check_range, draw, lr_find, notes
+
+    check_range(args.steps, args.min_lr, args.max_lr)
+    cfg = load_config(args.config, args.overrides)
+    for out, option in ((args.out, "--out"), (args.json, "--json")):
+        if out is not None:
+            check_output_writable(out, option)  # before the training steps, not after
+    talk = (lambda line: print(line, file=sys.stderr)) if json_only(args.json) else print
+    test = lr_find(cfg, args.steps, args.min_lr, args.max_lr, args.device, talk)
+    for line in notes(test):
+        talk(line)
+    drawn = draw(test, Path(args.out), f"{cfg.name}: learning-rate range test")
+    talk(f"wrote {args.out}" if drawn else f"note: {PLOTS_EXTRA}")
+    talk(f"suggested optim.lr: {test.suggested_lr:g} (--set optim.lr={test.suggested_lr:g})")
+    if args.json is not None:
+        write_output(args.json, json.dumps(test.to_json(), indent=2) + "\n")
+    return EXIT_OK
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import platform
 
@@ -447,6 +485,12 @@ COMMANDS: dict[str, Command] = {
         "one config over several seeds: median, mean and spread", _seeds_options, _cmd_seeds,
         "Run a config with seeds 0..N-1 (each a normal fit in <train.out_dir>/<name>-seeds/seed-K) and "
         "summarise the test accuracy and times; finished seeds are reused."),
+    "lr-find": Command(
+        "a learning-rate range test: loss vs optim.lr, a suggested rate", _lr_find_options, _cmd_lr_find,
+        "Train the config's run for a few hundred steps on its training split while optim.lr rises "
+        "exponentially from --min-lr to --max-lr, stopping when the loss diverges; draw the loss "
+        "against the rate (--out) and print a suggested optim.lr (the rate at the smoothed loss's "
+        "minimum / 4). Writes no run directory and keeps no weights."),
     "info": Command(
         "versions, devices and the memory allocator in effect", _info_options, _cmd_info,
         "What a bug report needs: versions, devices, allocator."),

@@ -69,9 +69,9 @@ def json_only(out: str | None) -> bool:
     return out == STDOUT
 
 
-def check_output_writable(out: str) -> None:
+def check_output_writable(out: str, option: str = "--json") -> None:
     """Refuse an output path write_output would fail on, before hours of work and without
-    touching a file already there ('-' is stdout)."""
+    touching a file already there ('-' is stdout); option: the one that named it, for the message."""
     import tempfile
 
     if json_only(out):
@@ -84,7 +84,7 @@ def check_output_writable(out: str) -> None:
         with tempfile.TemporaryFile(dir=path.parent):
             pass
     except OSError as e:
-        raise UserError(f"--json {out}: cannot write it ({os_reason(e)})") from None
+        raise UserError(f"{option} {out}: cannot write it ({os_reason(e)})") from None
 
 
 def write_output(out: str, text: str) -> None:

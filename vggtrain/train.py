@@ -31,7 +31,7 @@ from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.run import EpochProgress, Run, steps_per_epoch
 from vggtrain.rundir import STATUS_FILE, status_text, write_status
 from vggtrain.schedule import rate_at
-from vggtrain.tb import NullWriter
+from vggtrain.tb import METRICS_FILE, EpochMetrics, NullWriter
 from vggtrain.trainable import optimizer_step
 
 EpochHook = Callable[[Run], bool]
@@ -235,6 +235,7 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: 
 def _epochs(run: Run, train: Split, val: Split, writer: Any, stop: StopSignals,
             on_epoch_end: EpochHook | None) -> None:
     cfg, d = run.cfg, run.dist
+    metrics = EpochMetrics(run.dir / METRICS_FILE, run.epoch) if d.is_main else None
     while run.epoch < cfg.train.epochs:
         lr = rate_at(run.scheduler, run.epoch * run.steps_per_epoch)  # the epoch's first step's
         with tqdm(total=steps_per_epoch(len(train), d, cfg.train.batch_size), leave=False,
@@ -252,6 +253,8 @@ def _epochs(run: Run, train: Split, val: Split, writer: Any, stop: StopSignals,
         scalars.update({f"val/{k}": v for k, v in va.items()} if va else {})
         signum = end_interval(run, writer, stop, due=True, where=f"epoch {run.epoch}",
                               scalars=scalars, improved=improved)
+        if metrics is not None:  # the same scalars at the same step as TensorBoard's
+            metrics.add(run.global_step, scalars)
         if d.is_main:
             val_text = f" | val loss {va['loss']:.4f} acc {va['acc']:.2%}" if va else ""
             if va and "raw_acc" in va:
