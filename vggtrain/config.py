@@ -436,6 +436,23 @@ class ScheduleConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """train.early_stop: end training when the validation accuracy (the metric best.pt is chosen
+    by) stops improving."""
+
+    patience: int = _opt(10, "Stop after this many monitored epochs in a row without an improvement",
+                         _between(1, 1_000_000))
+    min_delta: float = _opt(0.0, "An improvement is a validation accuracy (a fraction) above the best so "
+                            "far by more than this", _between(0, 1))
+    start_epoch: int = _opt(0, "Epochs 1..N are not monitored (a warm-up's noise neither counts nor "
+                            "stops): the earliest stop is after epoch N + 1 + patience",
+                            _between(0, 1_000_000))
+
+
+EARLY_STOP_RULE = "null (off), or a mapping of patience (>= 1), min_delta ([0, 1]), start_epoch (>= 0)"
+
+
+@dataclass
 class LoopConfig:
     """The YAML's ``train:`` section: how the loop runs, not what it optimises."""
 
@@ -467,6 +484,12 @@ class LoopConfig:
     checkpoint_every_steps: int = _opt(0, "Also write last.pt every N steps inside an epoch; 0: only at "
                                        "each epoch's end", _between(0, 1_000_000_000))
     out_dir: str = _opt("runs", "Where run directories go: out_dir/NAME/")
+    early_stop: EarlyStopConfig | None = _opt(
+        None, "Early stopping on the validation accuracy: {patience, min_delta, start_epoch} (each "
+        "optional; {} takes the defaults: 10, 0.0, 0); the counters are in every checkpoint, the stop in "
+        "the report; null: off", _ruled(EARLY_STOP_RULE, lambda v: None),
+        applies=_when("data.val_size > 0", lambda c: c.data.val_size > 0,
+                      "train.early_stop needs a validation split (data.val_size is 0)"))
 
 
 @dataclass
@@ -514,6 +537,8 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is list:
         return "a list"
+    if is_dataclass(hint):
+        return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
@@ -555,6 +580,13 @@ def _convert(hint: Any, value: Any) -> tuple[bool, Any]:
     return False, None
 
 
+def _optional_section(hint: Any) -> type | None:
+    """The dataclass of a `Section | None` field (train.early_stop), else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(hint) if is_dataclass(a)), None)
+    return None
+
+
 def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any:
     if not isinstance(raw, dict):
         what = prefix.rstrip(".") or "the top level"
@@ -573,6 +605,10 @@ def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any
         key, value, hint = prefix + f.name, raw[f.name], hints[f.name]
         if is_dataclass(hint):
             kwargs[f.name] = _build(hint, value, key + ".", where)
+            continue
+        nested = _optional_section(hint)
+        if nested is not None and isinstance(value, dict):  # a sub-mapping that may be null
+            kwargs[f.name] = _build(nested, value, key + ".", where)
             continue
         hint = f.metadata.get("accepts") or hint  # what YAML may give, where it differs from what is held
         ok, converted = _convert(hint, value)
@@ -734,4 +770,4 @@ __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleC
            "load_config", "config_from_dict", "config_with_overrides", "dump_config",
            "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "tta_mode",
            "TTA_MODES", "WHITEN_MODES", "SECTIONS", "SECTION_RULES", "Applies", "default_of", "DEVICE_RE",
-           "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE"]
+           "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE", "EarlyStopConfig"]

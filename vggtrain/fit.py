@@ -254,6 +254,9 @@ def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
         "best_epoch": int(best["epoch"]),
         "val_acc": best["best_metric"] if cfg.data.val_size else None,
         "epochs": run.epoch,
+        # train.early_stop's stop: the epoch it came after and why (null: the run did its epochs)
+        "stopped_early": ({"epoch": run.early_stop.stopped_epoch, "reason": run.early_stop.reason}
+                          if run.early_stop.stopped_epoch else None),
         "train_time_s": run.train_time_s,
         "allocator": allocator.in_effect(),  # the CPU memory allocator the run trained with
         "deterministic": cfg.train.deterministic,  # train.deterministic's kernels

@@ -235,7 +235,7 @@ def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: 
 def _epochs(run: Run, train: Split, val: Split, writer: Any, stop: StopSignals,
             on_epoch_end: EpochHook | None) -> None:
     cfg, d = run.cfg, run.dist
-    while run.epoch < cfg.train.epochs:
+    while run.epoch < cfg.train.epochs and not run.early_stop.stopped_epoch:  # (a resume after the stop)
         lr = rate_at(run.scheduler, run.epoch * run.steps_per_epoch)  # the epoch's first step's
         with tqdm(total=steps_per_epoch(len(train), d, cfg.train.batch_size), leave=False,
                   desc=f"epoch {run.epoch + 1}/{math.ceil(cfg.train.epochs)}", file=sys.stdout,
@@ -247,6 +247,8 @@ def _epochs(run: Run, train: Split, val: Split, writer: Any, stop: StopSignals,
         improved = va is None or va["acc"] > run.best_acc
         if improved:
             run.best_acc, run.best_epoch = (va["acc"] if va else -1.0), run.epoch
+        if cfg.train.early_stop is not None and va is not None:  # before the checkpoint that holds it
+            run.early_stop.update(va["acc"], run.epoch, cfg.train.early_stop)
         scalars = {"train/loss": tr["loss"], "train/acc": tr["acc"], "train/lr": lr,
                    "train/images_per_s": tr["images_per_s"], "train/epoch": run.epoch}
         scalars.update({f"val/{k}": v for k, v in va.items()} if va else {})
@@ -262,6 +264,10 @@ def _epochs(run: Run, train: Split, val: Split, writer: Any, stop: StopSignals,
         signum = signum or agreed_signal(run, stop)  # one that came during the save, too
         if signum:
             stop_run(run, signum, f"after epoch {run.epoch}; resume with")
+        if run.early_stop.stopped_epoch:
+            if d.is_main:
+                print(f"early stop after epoch {run.epoch}: {run.early_stop.reason}", flush=True)
+            break
         if on_epoch_end is not None:  # any rank's True ends training on every rank
             done = torch.tensor(int(bool(on_epoch_end(run))), device=run.device)
             if int(distributed.all_max(done, d)):
