@@ -1,18 +1,22 @@
 """Issue 43's training controls: train.early_stop (stops at the epoch its rule says, and a run
-killed before then and resumed stops at the same one)."""
+killed before then and resumed stops at the same one) and train.accum_steps (N batches of b train
+as one of N x b, and a run killed mid-epoch resumes bit for bit)."""
 
 from __future__ import annotations
 
 import json
+import signal
+import types
 
 import pytest
 import torch
 
 from conftest import die_after_mid_epoch_checkpoint, tiny_config
+from vggtrain import distributed, graphs
 from vggtrain import train as train_module
 from vggtrain.checkpoint import load_checkpoint
 from vggtrain.config import EarlyStopConfig, config_from_dict
-from vggtrain.errors import ConfigError, UserError
+from vggtrain.errors import ConfigError, RunStopped, UserError
 from vggtrain.fit import fit
 from vggtrain.run import EarlyStopState
 
@@ -84,3 +88,70 @@ def test_early_stop_needs_a_validation_split(cifar_bin, tmp_path):
     with pytest.raises(ConfigError, match="train.early_stop.patience must be >= 1"):
         config_from_dict(tiny_config(cifar_bin, tmp_path, train={"early_stop": {"patience": 0}}), "r")
     assert config_from_dict(tiny_config(cifar_bin, tmp_path), "r").train.early_stop is None  # off
+
+
+def _no_bn(cifar_bin, tmp_path, name: str, batch: int, accum: int, **train):
+    """No BatchNorm, dropout or augmentation: a batch's gradient is its images' mean, whatever the split.
+    Lookahead, the weight EMA and clipping on: each must go per optimizer step."""
+    raw = tiny_config(cifar_bin, tmp_path / "runs", name=name, data={"val_size": 200, "augment": False},
+                      model={"batch_norm": False},
+                      optim={"lookahead_every": 2, "ema_decay": 0.9, "clip_grad_norm": 1.0},
+                      train={"epochs": 2, "batch_size": batch, "accum_steps": accum, **train})
+    return config_from_dict(raw, "test")
+
+
+def test_accumulating_n_batches_of_b_equals_one_batch_of_n_b(cifar_bin, tmp_path):
+    fit(_no_bn(cifar_bin, tmp_path, "big", 100, 1), test=False)  # 8 steps an epoch
+    fit(_no_bn(cifar_bin, tmp_path, "accum", 25, 4), test=False)  # 32 batches, 8 optimizer steps
+    big, accum = (load_checkpoint(tmp_path / "runs" / n / "last.pt") for n in ("big", "accum"))
+    assert accum["global_step"] == 4 * big["global_step"] == 64  # the counters count batches
+    for key in ("model", "ema"):
+        for k, a in big[key].items():
+            if a.is_floating_point():
+                assert torch.allclose(a, accum[key][k], rtol=1e-4, atol=1e-5), (key, k)
+    assert int(big["ema"]["n_averaged"]) == int(accum["ema"]["n_averaged"]) == 16  # per optimizer step
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+               for a, b in zip(big["lookahead"], accum["lookahead"], strict=True))
+    assert big["optimizer"]["param_groups"][0]["lr"] == accum["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_an_accumulating_run_killed_mid_epoch_resumes_bit_for_bit(cifar_bin, tmp_path, monkeypatch):
+    fit(_no_bn(cifar_bin, tmp_path, "straight", 25, 4), test=False)
+    die_after_mid_epoch_checkpoint(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):  # at batch 12 of epoch 2: after 3 optimizer steps
+        fit(_no_bn(cifar_bin, tmp_path, "killed", 25, 4, checkpoint_every_steps=44), test=False)
+    mid = load_checkpoint(tmp_path / "runs" / "killed" / "last.pt")
+    assert (mid["epoch"], mid["progress"]["step"]) == (1, 12)
+    monkeypatch.undo()
+    fit(resume=tmp_path / "runs" / "killed", test=False)
+    a, b = (load_checkpoint(tmp_path / "runs" / n / "last.pt") for n in ("straight", "killed"))
+    assert a["global_step"] == b["global_step"]
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert all(torch.equal(x, y) for x, y in zip(a["lookahead"], b["lookahead"], strict=True))
+
+
+def test_accumulation_refuses_what_cannot_work(cifar_bin, tmp_path):
+    with pytest.raises(ConfigError, match=r"checkpoint_every_steps \(6\) must be a multiple of "):
+        config_from_dict(tiny_config(cifar_bin, tmp_path, train={"accum_steps": 4,
+                                                                 "checkpoint_every_steps": 6}), "r")
+    with pytest.raises(UserError, match="train.accum_steps 3 must divide the 16 batches of each epoch"):
+        fit(config_from_dict(tiny_config(cifar_bin, tmp_path, train={"accum_steps": 3}), "r"))
+    assert not (tmp_path / "tiny").exists()
+    cfg = config_from_dict(tiny_config(cifar_bin, tmp_path, train={"accum_steps": 2}), "r")
+    cuda_run = types.SimpleNamespace(cfg=cfg, device=torch.device("cuda"), dist=distributed.SINGLE)
+    assert graphs.why_not(cuda_run) == "not with train.accum_steps > 1 (micro-batch steps differ)"
+
+
+def test_a_stop_signal_waits_for_the_accumulation_to_end(cifar_bin, tmp_path, monkeypatch):
+    real_enter = train_module.StopSignals.__enter__
+
+    def signalled_at_once(self):
+        real_enter(self)
+        self.signum = signal.SIGINT  # as if Ctrl-C came during the first batch
+        return self
+
+    monkeypatch.setattr(train_module.StopSignals, "__enter__", signalled_at_once)
+    with pytest.raises(RunStopped, match="stopped by SIGINT at epoch 1, step 4"):
+        fit(_no_bn(cifar_bin, tmp_path, "sig", 25, 4), test=False)
+    assert load_checkpoint(tmp_path / "runs" / "sig" / "last.pt")["progress"]["step"] == 4

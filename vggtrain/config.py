@@ -484,12 +484,27 @@ class LoopConfig:
     checkpoint_every_steps: int = _opt(0, "Also write last.pt every N steps inside an epoch; 0: only at "
                                        "each epoch's end", _between(0, 1_000_000_000))
     out_dir: str = _opt("runs", "Where run directories go: out_dir/NAME/")
+    accum_steps: int = _opt(1, "Gradient accumulation: one optimizer step per N batches, each batch's loss "
+                            "/ N (the gradients of one N times larger batch; BatchNorm still sees each "
+                            "batch alone); the schedule, lookahead, the EMA, clipping and the loss scaler "
+                            "go per optimizer step. The epoch's (and the run's) batches must divide by N",
+                            _between(1, 65_536))
     early_stop: EarlyStopConfig | None = _opt(
         None, "Early stopping on the validation accuracy: {patience, min_delta, start_epoch} (each "
         "optional; {} takes the defaults: 10, 0.0, 0); the counters are in every checkpoint, the stop in "
         "the report; null: off", _ruled(EARLY_STOP_RULE, lambda v: None),
         applies=_when("data.val_size > 0", lambda c: c.data.val_size > 0,
                       "train.early_stop needs a validation split (data.val_size is 0)"))
+
+
+@_section_rule("train", "train.checkpoint_every_steps")
+def _checkpoints_between_accumulations(c: TrainConfig) -> str | None:
+    """train.checkpoint_every_steps is a multiple of train.accum_steps (a checkpoint lands between two
+    optimizer steps)."""
+    if c.train.checkpoint_every_steps % c.train.accum_steps:
+        return (f"train.checkpoint_every_steps ({c.train.checkpoint_every_steps}) must be a multiple of "
+                f"train.accum_steps ({c.train.accum_steps}): checkpoints land between optimizer steps")
+    return None
 
 
 @dataclass
