@@ -287,6 +287,11 @@ NOT_APPLYING = [
      "train.sync_bn applies only with model.batch_norm: true"),
     ("train.early_stop", "{data: {val_size: 0}, train: {early_stop: {patience: 3}}}",
      "train: {early_stop: {patience: 3}}", "train.early_stop needs a validation split (data.val_size is 0)"),
+    ("optim.lr_scale_backbone", "optim: {lr_scale_backbone: 0.1}",
+     "{optim: {lr_scale_backbone: 0.1}, init: {from: runs/a}}",
+     "optim.lr_scale_backbone applies only with init.from set"),
+    ("init.freeze", "init: {freeze: [features]}", "init: {freeze: [features], from: runs/a}",
+     "init.freeze applies only with init.from set"),
 ]
 
 

@@ -8,10 +8,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vggtrain.config import TrainConfig, config_from_dict, dump_config, load_config
+from vggtrain.config import TrainConfig, config_from_dict, dump_config, load_config, yaml_key
 from vggtrain.errors import ConfigError
 
-SECTIONS = {f.name: [g.name for g in dataclasses.fields(f.default_factory())]
+SECTIONS = {f.name: [yaml_key(g) for g in dataclasses.fields(f.default_factory())]
             for f in dataclasses.fields(TrainConfig) if f.default_factory is not dataclasses.MISSING}
 
 scalars = st.one_of(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vggtrain.config import SECTIONS, TrainConfig, default_of
+from vggtrain.config import SECTIONS, TrainConfig, default_of, yaml_key
 from vggtrain.config_reference import ALL_SECTIONS, COMMAND, main, render
 from vggtrain.errors import ConfigError
 
@@ -43,7 +43,7 @@ def test_every_key_of_every_section_has_its_type_default_and_meaning():
     keys = []
     for section in ALL_SECTIONS:
         for f in _section_fields(section):
-            key = f.name if section == "top" else f"{section}.{f.name}"
+            key = f.name if section == "top" else f"{section}.{yaml_key(f)}"
             keys.append(key)
             assert key in rows, f"{key} is missing from the reference"
             type_, default, allowed, meaning = rows[key]
@@ -52,16 +52,17 @@ def test_every_key_of_every_section_has_its_type_default_and_meaning():
             applies = f.metadata["applies"]
             shown = f"*Applies only with {applies.when}.*" if applies else "*Applies only with"
             assert (shown in meaning) == (applies is not None), key
-    assert sorted(rows) == sorted(keys)  # nothing else
+    assert rows["base"][:2] == ["str or list[str] or null", "`null`"]  # a file's key, no field
+    assert sorted(rows) == sorted([*keys, "base"])  # nothing else
 
 
 def test_one_section_and_an_unknown_one():
     optim = render("optim")
     assert optim.startswith("## `optim:`") and "optim.muon_lr" in optim and "schedule.kind" not in optim
     assert optim in render()
-    assert set(_rows(render("top"))) == {"name", "seed"}
+    assert set(_rows(render("top"))) == {"base", "name", "seed"}
     with pytest.raises(ConfigError, match=r"unknown config section 'optimizer' \(expected one of: top, "
-                                          r"data, model, optim, schedule, train\)"):
+                                          r"data, model, optim, schedule, train, init\)"):
         render("optimizer")
 
 

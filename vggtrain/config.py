@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import reprlib
 import types
 import typing
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,12 @@ def _mode(modes: tuple[str, ...], true_mode: str, doc: str) -> Any:
     return _opt("none", doc, check, accepts=bool | str, canon=lambda v: _as_mode(v, true_mode))
 
 
+def yaml_key(f: Field) -> str:
+    """A field's key in YAML: its name, less the trailing underscore of one named for a Python
+    keyword (init.from is held as InitConfig.from_)."""
+    return f.name.removesuffix("_")
+
+
 def default_of(f: Field) -> Any:
     """A config field's default value."""
     return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
@@ -173,6 +180,7 @@ _MLP = _when("model.head: mlp", lambda c: c.model.head == "mlp")
 _BN = _when("model.batch_norm: true", lambda c: c.model.batch_norm)
 _MUON = _when("optim.name: muon", lambda c: c.optim.name == "muon")
 _SELECTING = _when("data.select_keep set", lambda c: c.data.select_keep is not None)
+_STARTED = _when("init.from set", lambda c: c.init.from_ is not None)  # fine-tuning (finetune.py)
 
 # A section's rules that tie several keys together (not "applies when"): each returns its problem
 # (None: none) and names the key its error is reported against. Declared below each section.
@@ -402,6 +410,9 @@ class OptimConfig:
                                    "step with this decay: validated beside the raw weights, it chooses "
                                    "best.pt and is what the test report, eval, predict and gradcam use; "
                                    "null: off", _or_null(_between(0, 1, lo_open=True, hi_open=True)))
+    lr_scale_backbone: float = _opt(1.0, "The layers loaded from init.from (all but a re-initialised "
+                                    "head) train at this x their group's rate (Muon's filters: x muon_lr)",
+                                    _between(0, 1000, lo_open=True), applies=_STARTED)
 
 
 @dataclass
@@ -507,12 +518,37 @@ def _checkpoints_between_accumulations(c: TrainConfig) -> str | None:
     return None
 
 
+def _check_path(v: str | None) -> str | None:
+    return None if v is None or v.strip() else "must be a path (or null)"
+
+
+def _check_freeze(names: list) -> str | None:
+    if not all(isinstance(n, str) and n and n == n.strip() for n in names):
+        return "must be a list of layer names or prefixes (non-empty, no surrounding spaces)"
+    return None
+
+
+@dataclass
+class InitConfig:
+    """Where a new run's weights start: random, or a trained run's (fine-tuning; finetune.py)."""
+
+    from_: str | None = _opt(None, "A run directory (its best.pt) or a checkpoint whose weights (its weight "
+                              "EMA's, where it kept one) start a new run with its own optimizer and "
+                              "schedule; every tensor must fit this model, but a head whose class count "
+                              "differs is re-initialised; its data.mean and data.std are used; null: a "
+                              "random init", _ruled("a path, or null", _check_path))
+    freeze: list[str] = _opt([], "Layers that keep the loaded weights, as state-dict names or their "
+                             "prefixes (features.0, features): left out of the optimizer, their BatchNorm "
+                             "layers in eval mode (running statistics used, never updated)",
+                             _ruled("layer names or prefixes", _check_freeze), applies=_STARTED)
+
+
 @dataclass
 class TrainConfig:
     """The top level: the run's name and seed, and the sections."""
 
-    name: str | None = _opt(None, "The run's name, its directory under train.out_dir; null: the config "
-                            "file's stem", _matches(RUN_NAME_RE, RUN_NAME_RULE))
+    name: str | None = _opt(None, "The run's name, its directory under train.out_dir; null: the stem of "
+                            "the file that is run (never a base's)", _matches(RUN_NAME_RE, RUN_NAME_RULE))
     seed: int = _opt(0, "Model init, data order and augmentation, the validation split",
                      _between(0, 2**63 - 1))
     data: DataConfig = field(default_factory=DataConfig)
@@ -520,12 +556,20 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _plain(self)
 
 
-SECTIONS = ("data", "model", "optim", "schedule", "train")  # TrainConfig's sections, in the YAML's order
+def _plain(obj: Any) -> Any:
+    """A config as the plain mapping YAML and checkpoints hold (dataclasses.asdict, with yaml_key's keys)."""
+    if is_dataclass(obj):
+        return {yaml_key(f): _plain(getattr(obj, f.name)) for f in fields(obj)}
+    return copy.deepcopy(obj)
+
+
+SECTIONS = ("data", "model", "optim", "schedule", "train", "init")  # TrainConfig's sections, YAML's order
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -607,17 +651,18 @@ def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any
         what = prefix.rstrip(".") or "the top level"
         raise ConfigError(f"{where(prefix.rstrip('.'))}: {what} must be a mapping (got {_show(raw)})")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
+    names = [yaml_key(f) for f in fields(cls)]
     for key in raw:
         if key not in names:
             shown = key if isinstance(key, str) and key.isidentifier() else _show(key)
-            raise ConfigError(f"{where(prefix + _show(key))}: unknown key {prefix}{shown} "
+            dotted = prefix + (key if isinstance(key, str) else _show(key))  # as --set and origins hold it
+            raise ConfigError(f"{where(dotted)}: unknown key {prefix}{shown} "
                               f"(expected one of: {', '.join(names)})")
     kwargs = {}
     for f in fields(cls):
-        if f.name not in raw:
+        if yaml_key(f) not in raw:
             continue
-        key, value, hint = prefix + f.name, raw[f.name], hints[f.name]
+        key, value, hint = prefix + yaml_key(f), raw[yaml_key(f)], hints[f.name]
         if is_dataclass(hint):
             kwargs[f.name] = _build(hint, value, key + ".", where)
             continue
@@ -645,7 +690,7 @@ def _check_rules(cfg: TrainConfig, where: Callable[[str], str], only: Collection
     for section in SECTIONS:
         part = getattr(cfg, section)
         for f in fields(part):
-            applies, key = f.metadata.get("applies"), f"{section}.{f.name}"
+            applies, key = f.metadata.get("applies"), f"{section}.{yaml_key(f)}"
             if applies is None or (only is not None and key not in only):
                 continue
             if getattr(part, f.name) != default_of(f) and not applies.test(cfg):
@@ -657,32 +702,149 @@ def _check_rules(cfg: TrainConfig, where: Callable[[str], str], only: Collection
 
 
 def config_from_dict(raw: Any, source: str, overridden: dict[str, str] | None = None, *,
-                     stored: bool = False) -> TrainConfig:
+                     stored: bool = False, origins: dict[str, str] | None = None) -> TrainConfig:
     """Validate a plain mapping (a parsed YAML file, or one read back from a checkpoint).
 
     stored: the config of a run that exists (a checkpoint's, a run directory's config.yaml). A key
     it sets where it does not apply is not refused, unless a --set (overridden) sets it now: a run
-    from before a key's rule was declared ran without it and still evaluates and resumes."""
+    from before a key's rule was declared ran without it and still evaluates and resumes.
+    origins: the file (a base) that set each key, where not source (see _compose)."""
     overridden = overridden or {}
 
     def where(key: str) -> str:
-        return f"--set {_clip(overridden[key])}" if key in overridden else source
+        if key in overridden:
+            return f"--set {_clip(overridden[key])}"
+        origin = _origin(origins or {}, key)
+        return f"{source} (set in {origin})" if origin not in (None, source) else source
 
     cfg = _build(TrainConfig, raw, "", where)
     _check_rules(cfg, where, overridden.keys() if stored else None)
     return cfg
 
 
+def _find_config(name: str, near: Path | None = None) -> Path | None:
+    """name as a path (near: relative to that directory); else, a bare name, in ./configs, then
+    in the project's configs/ (the .yaml suffix may be left off). None: not found."""
+    given = Path(name)
+    candidates = [given if near is None else near / given]
+    if not given.parent.parts:
+        for n in (name, name + ".yaml"):
+            candidates += [Path("configs") / n, PROJECT_CONFIGS / n]
+    for c in candidates:
+        try:  # a FIFO or a device too: read_text says what it is
+            if c.exists() and not c.is_dir():
+                return c
+        except (OSError, ValueError):  # a name too long, a NUL byte: no such file
+            continue
+    return None
+
+
 def resolve_config_path(path_or_name: str) -> Path:
     """A path as given; else a bare name looked up in ./configs, then in the project's configs/."""
-    candidates = [Path(path_or_name)]
-    if not Path(path_or_name).parent.parts:
-        for name in (path_or_name, path_or_name + ".yaml"):
-            candidates += [Path("configs") / name, PROJECT_CONFIGS / name]
-    for c in candidates:
-        if c.exists() and not c.is_dir():  # a FIFO or a device too: read_text says what it is
-            return c
+    found = _find_config(path_or_name)
+    if found is not None:
+        return found
     raise ConfigError(f"{path_or_name}: no such config file (also looked in configs/ and {PROJECT_CONFIGS})")
+
+
+# --- base: composition ------------------------------------------------------------------------------
+# A config names the files it builds on with base: (a name or a list of them, later wins). Each
+# base is composed first (its own bases under it), then the file on top: the top level and each
+# section merge key by key, any other value (a list too) replaces. Merging stops at the sections,
+# the schema's depth, so an alias-built value is never walked. origins remembers, for a top-level
+# key or a section.key, the file that set it (and all below it), for validation errors.
+
+BASE_KEY = "base"
+BASE_MAX_DEPTH = 16  # files in one chain of bases
+BASE_MAX_FILES = 64  # files read for one config, its bases' bases included
+BASE_DOC = ("Config files this one builds on: a name or a list of names (later wins), each looked up "
+            "beside this file, else like --config; their keys merge under this file's, a section key "
+            "by key, any other value (a list too) replaced. A base's name: is not inherited. Not "
+            "stored: a run's config.yaml is the whole resolved config")
+BASE_RULE = f"a config file name, a list of them, or null; no cycles, at most {BASE_MAX_DEPTH} files deep"
+
+
+def _read_mapping(path: Path, label: str) -> dict:
+    raw = read_yaml(path, error=ConfigError, label=label)  # bounded: regular file, size, depth
+    if raw is None:
+        raise ConfigError(f"{label}: file is empty (expected a mapping of config sections)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: the top level must be a mapping (got {_show(raw)})")
+    return raw
+
+
+def _origin(origins: dict[str, str], key: str) -> str | None:
+    """The file that set key, or the section holding it; None: no file did."""
+    return origins.get(key) or origins.get(key.split(".")[0])
+
+
+def _merge(dst: dict, origins: dict[str, str], src: dict, src_origin: Callable[[str], str]) -> None:
+    """src deep-merged into dst (in place; dst's own sections are copies, so no alias is written
+    through), origins following."""
+    for key, value in src.items():
+        section = key in SECTIONS and isinstance(value, dict)
+        if section and isinstance(dst.get(key), dict):
+            dst[key] = {**dst[key], **value}
+        else:
+            if key in SECTIONS and isinstance(dst.get(key), dict):  # the replaced keys' files go too
+                for k in dst[key]:
+                    origins.pop(f"{key}.{k}", None)
+            dst[key] = value
+            origins[str(key)] = src_origin(str(key))
+        if section:
+            origins.update({f"{key}.{k}": src_origin(f"{key}.{k}") for k in value})
+
+
+def _base_names(value: Any, label: str) -> list[str]:
+    names = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{label}: {BASE_KEY} must be a config file name or a list of them "
+                          f"(got {_show(value)})")
+    return names
+
+
+def _real(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):  # a symlink loop: reading it will say so
+        return str(path.absolute())
+
+
+def _locate_base(name: str, path: Path, label: str, chain: list[tuple[str, str]],
+                 budget: list[int]) -> tuple[Path, str, str]:
+    """(the file, its label, its real path) of base name in the file at path; refused where it is
+    missing, closes a cycle or goes past the limits."""
+    found = _find_config(name, path.parent)
+    shown = f"{label}: base {_clip(name)}"
+    if found is None:
+        where = f", in configs/ and {PROJECT_CONFIGS}" if not Path(name).parent.parts else ""
+        raise ConfigError(f"{shown}: no such config file (looked beside it{where})")
+    beside = found == path.parent / name  # labelled as a path from the including file's label
+    base_label = os.path.normpath(os.path.join(os.path.dirname(label), name)) if beside else name
+    real = _real(found)
+    if real in (r for r, _ in chain):
+        raise ConfigError(f"{shown}: a cycle ({' -> '.join([lbl for _, lbl in chain] + [base_label])})")
+    budget[0] += 1
+    if len(chain) >= BASE_MAX_DEPTH:
+        raise ConfigError(f"{shown}: bases nest more than {BASE_MAX_DEPTH} files deep")
+    if budget[0] > BASE_MAX_FILES:
+        raise ConfigError(f"{shown}: more than {BASE_MAX_FILES} files in all through base:")
+    return found, base_label, real
+
+
+def _compose(path: Path, label: str, chain: list[tuple[str, str]], budget: list[int]) -> tuple[dict, dict]:
+    """(the file's mapping with its bases merged under it, its origins). chain: the (real path,
+    label) of the files that led here, the first the one that is run; budget: [files read]."""
+    raw = _read_mapping(path, label)
+    merged: dict = {}
+    origins: dict[str, str] = {}
+    for name in _base_names(raw.pop(BASE_KEY, None), label):
+        found, base_label, real = _locate_base(name, path, label, chain, budget)
+        sub, sub_origins = _compose(found, base_label, [*chain, (real, base_label)], budget)
+        sub.pop("name", None)  # a run is named by the file that is run (name: or its stem)
+        _merge(merged, origins, sub, lambda k, o=sub_origins, b=base_label: _origin(o, k) or b)
+    _merge(merged, origins, raw, lambda k: label)
+    return merged, origins
 
 
 def _apply_override(raw: dict, item: str) -> str:
@@ -700,6 +862,9 @@ def _apply_override(raw: dict, item: str) -> str:
         raise ConfigError(f"--set {key}: value cannot be read ({str(e).split(';')[0]})") from None
     node = raw
     parts = key.split(".")
+    if parts[0] == BASE_KEY:
+        raise ConfigError(f"--set {_clip(item)}: {BASE_KEY}: is read from config files only (--set "
+                          f"applies after they merge)")
     for part in parts[:-1]:
         if not isinstance(node.get(part, {}), dict):
             raise ConfigError(f"--set {_clip(item)}: {part} is not a section")
@@ -709,15 +874,12 @@ def _apply_override(raw: dict, item: str) -> str:
 
 
 def load_config(path_or_name: str, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read, override and validate a YAML config. Raises ConfigError with a one-line message."""
+    """Read (its base: files merged under it), override and validate a YAML config. Raises
+    ConfigError with a one-line message."""
     path = resolve_config_path(path_or_name)
     source = str(path_or_name)
-    raw = read_yaml(path, error=ConfigError, label=source)  # bounded: regular file, size, depth
-    if raw is None:
-        raise ConfigError(f"{source}: file is empty (expected a mapping of config sections)")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping (got {_show(raw)})")
-    cfg = config_with_overrides(raw, source, overrides)
+    raw, origins = _compose(path, source, [(_real(path), source)], [1])  # base: files merged under it
+    cfg = config_with_overrides(raw, source, overrides, origins=origins)
     if cfg.name is None:
         cfg.name = path.stem  # not checked here: summary and bench name no run (see check_run_name)
     return cfg
@@ -732,14 +894,14 @@ def check_run_name(cfg: TrainConfig, source: str) -> None:
 
 
 def config_with_overrides(raw: dict, source: str, overrides: Sequence[str] = (), *,
-                          stored: bool = False) -> TrainConfig:
+                          stored: bool = False, origins: dict[str, str] | None = None) -> TrainConfig:
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to a mapping, then validate
-    (stored: a run's own config, as config_from_dict)."""
+    (stored, origins: as config_from_dict)."""
     raw = copy.deepcopy(raw)
     overridden = {}
     for item in overrides:
         overridden[_apply_override(raw, item)] = item
-    return config_from_dict(raw, source, overridden, stored=stored)
+    return config_from_dict(raw, source, overridden, stored=stored, origins=origins)
 
 
 # What may differ between a run and its resumption: where and how fast it runs, and how long.
@@ -782,7 +944,7 @@ def dump_config(cfg: TrainConfig) -> str:
 
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
-           "load_config", "config_from_dict", "config_with_overrides", "dump_config",
+           "InitConfig", "load_config", "config_from_dict", "config_with_overrides", "dump_config",
            "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "tta_mode",
            "TTA_MODES", "WHITEN_MODES", "SECTIONS", "SECTION_RULES", "Applies", "default_of", "DEVICE_RE",
-           "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE", "EarlyStopConfig"]
+           "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE", "yaml_key", "EarlyStopConfig"]

@@ -12,11 +12,11 @@ import sys
 import typing
 from dataclasses import Field, fields
 
-from vggtrain.config import SECTION_RULES, SECTIONS, TrainConfig, default_of
+from vggtrain.config import BASE_DOC, BASE_RULE, SECTION_RULES, SECTIONS, TrainConfig, default_of, yaml_key
 from vggtrain.errors import ConfigError, UserError
 
 COMMAND = "python -m vggtrain.config_reference > docs/config.md"
-TOP = "top"  # the keys outside any section: name, seed
+TOP = "top"  # the keys outside any section: base, name, seed
 ALL_SECTIONS = (TOP, *SECTIONS)
 
 INTRO = f"""\
@@ -35,6 +35,10 @@ but its default where it does not apply, it is refused, e.g. `config error: run.
 optim.muon_lr applies only with optim.name: muon`. A run's own config read back (from a
 checkpoint or its run directory's `config.yaml`, to evaluate or resume it) is not refused for
 such a key, which older versions ignored; a `--set` of it is.
+
+A file may build on others with `base:` (below): their keys merge under its own, and an error in
+a key that a base set names that file too, e.g. `config error: run.yaml (set in _base.yaml):
+optim.lr must be > 0 (got -1)`.
 """
 
 
@@ -67,13 +71,20 @@ def _cell(text: str) -> str:
 
 
 def _row(section: str, f: Field) -> str:
-    key = f"{section}.{f.name}" if section != TOP else f.name
+    key = f"{section}.{yaml_key(f)}" if section != TOP else f.name
     check, applies = f.metadata.get("check"), f.metadata.get("applies")
     allowed = getattr(check, "rule", None) or _UNRULED.get(str(f.type), "any")
     meaning = f.metadata["doc"].rstrip(".") + "."
     if applies is not None:
         meaning += f" *Applies only with {applies.when}.*"
     cells = [f"`{key}`", _type_text(f), f"`{yaml_text(default_of(f))}`", allowed, meaning]
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def _base_row() -> str:
+    """base: is a key of a config file but no field of TrainConfig: a run's config.yaml is the
+    resolved config, without it."""
+    cells = ["`base`", "str or list[str] or null", "`null`", BASE_RULE, BASE_DOC + "."]
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
@@ -92,6 +103,7 @@ def render_section(section: str) -> str:
     heading = "Top level" if section == TOP else f"`{section}:`"
     lines = [f"## {heading}", "", doc, "", "| key | type | default | allowed | meaning |",
              "|---|---|---|---|---|"]
+    lines += [_base_row()] if section == TOP else []
     lines += [_row(section, f) for f in section_fields]
     rules = SECTION_RULES.get(section, [])
     if rules:
@@ -102,7 +114,7 @@ def render_section(section: str) -> str:
 
 def render(section: str | None = None) -> str:
     """The reference as Markdown: the whole page (docs/config.md), or one section ("optim", or
-    "top" for name and seed). An unknown section is a ConfigError naming the valid ones."""
+    "top" for base, name and seed). An unknown section is a ConfigError naming the valid ones."""
     if section is None:
         return INTRO + "".join("\n" + render_section(s) for s in ALL_SECTIONS)
     if section not in ALL_SECTIONS:

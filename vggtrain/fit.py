@@ -23,6 +23,7 @@ from vggtrain.device import set_deterministic
 from vggtrain.distributed import Dist
 from vggtrain.errors import STORAGE_ERRNOS, UserError, shown
 from vggtrain.evaluate import Evaluation, eval_settings, evaluate_split
+from vggtrain.finetune import Start, choose_stats, open_source
 from vggtrain.model import count_parameters
 from vggtrain.run import Run, build_run, refuse_finished_run, steps_per_epoch
 from vggtrain.rundir import RunDir, write_error, write_status
@@ -107,10 +108,16 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
     rank0_verdict(d, rd.claim)  # before any work: a used directory, a live run, a stale resume
     if rd.resume is not None:  # before the data and the model are loaded and built
         check_weights_fit(cfg.model, rd.resume[1]["model"], rd.resume[0])
+    start = fine_tuning_start(cfg, rd)  # init.from checked before the run directory is made
     set_deterministic(cfg.train.deterministic)  # before the first CUDA kernel
     train, val, test, class_names = load_data(cfg, d)
     clock.lap("data_load_s")
-    run = build_run(cfg, rd.path, class_names, len(train), d, device_spec, whiten_images=train.images)
+    if start is not None:
+        choose_stats(cfg, start)  # before the model's whitening and config.yaml use them
+        if d.is_main:
+            print("\n".join(shown(note) for note in start.notes), flush=True)
+    run = build_run(cfg, rd.path, class_names, len(train), d, device_spec, whiten_images=train.images,
+                    start=start)
     if rd.resume is not None:
         run.restore(rd.resume[1], rd.resume[0])
         rank0_verdict(d, lambda: refuse_finished_run(run))
@@ -151,6 +158,16 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
                 f"images) with best.pt from epoch {report['best_epoch']}; report in {rd.path / 'report.md'}"),
           flush=True)
     return report
+
+
+def fine_tuning_start(cfg: TrainConfig, rd: RunDir) -> Start | None:
+    """Where init.from's run starts: the source read and checked (a new run), or the record its
+    checkpoint holds (a resumed one: the source is not read again); None without init.from."""
+    if cfg.init.from_ is None:
+        return None
+    if rd.resume is not None:
+        return Start.of_record(rd.resume[1].get("init"), rd.resume[0])
+    return open_source(cfg)
 
 
 class Laps:
@@ -267,5 +284,6 @@ def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
         "allocator": allocator.in_effect(),  # the CPU memory allocator the run trained with
         "deterministic": cfg.train.deterministic,  # train.deterministic's kernels
         "cuda_graphs": graphs.in_use(run),  # the steps replayed a captured CUDA graph
+        "init": run.init,  # init.from's: where the weights started (path, config digest)
     })
     return report, ev

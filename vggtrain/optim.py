@@ -3,6 +3,7 @@ BN-bias rules; with optim.name muon, the convolution filters get Muon's orthogon
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -11,16 +12,19 @@ from torch import nn
 from vggtrain.config import OptimConfig
 
 
-def param_groups(model: nn.Module, o: OptimConfig, whiten_bias_epochs: float | None = None
-                 ) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, o: OptimConfig, whiten_bias_epochs: float | None = None,
+                 loaded: Collection[str] = ()) -> list[dict[str, Any]]:
     """SGD parameter groups: one, or conv/linear weights apart from the 1-D parameters (BN weights,
     biases) when those get no weight decay, plus BN biases at lr x bn_bias_lr_scale when that is
     not 1, plus the whitening layer's bias on its own when it trains for whiten_bias_epochs only
-    (schedule.py freezes it then). Frozen parameters (the whitening filters) are left out."""
+    (schedule.py freezes it then); each split in two at lr_scale_backbone's rate for the
+    parameters named in loaded (init.from's). Frozen parameters (the whitening filters,
+    init.freeze's) are left out."""
     live = [p for p in model.parameters() if p.requires_grad]
     whitening = getattr(model, "whitening", lambda: None)()
     held: list[dict[str, Any]] = []
-    if whiten_bias_epochs is not None and whitening is not None and whitening.bias is not None:
+    if whiten_bias_epochs is not None and whitening is not None and whitening.bias is not None \
+            and whitening.bias.requires_grad:
         live = [p for p in live if p is not whitening.bias]
         scale = o.whiten_bias_lr_scale  # weight decay / scale: the same decay per step
         held = [{"params": [whitening.bias], "frozen_after_epochs": whiten_bias_epochs, "lr": o.lr * scale,
@@ -43,18 +47,38 @@ def param_groups(model: nn.Module, o: OptimConfig, whiten_bias_epochs: float | N
         groups = [{**g, "params": [p for p in g["params"] if id(p) not in filters]} for g in groups]
         groups.append({"params": [p for p in live if id(p) in filters], "muon": True, "lr": o.muon_lr,
                        "momentum": o.muon_momentum, "nesterov": True, "weight_decay": 0.0})
-    return [g for g in groups + held if g["params"]]
+    groups = [g for g in groups + held if g["params"]]
+    return backbone_groups(model, groups, loaded, o) if loaded else groups
 
 
-def build_optimizer(model: nn.Module, o: OptimConfig, whiten_bias_epochs: float | None = None
-                    ) -> torch.optim.Optimizer:
+def backbone_groups(model: nn.Module, groups: list[dict[str, Any]], loaded: Collection[str],
+                    o: OptimConfig) -> list[dict[str, Any]]:
+    """Each group's loaded parameters (init.from's) apart, at its rate x optim.lr_scale_backbone;
+    its weight decay as it was (SGD's decay per step falls with the rate)."""
+    scale = o.lr_scale_backbone
+    if scale == 1.0:
+        return groups
+    ids = {id(p) for name, p in model.named_parameters() if name in loaded}
+    out = []
+    for g in groups:
+        rest = [p for p in g["params"] if id(p) not in ids]
+        backbone = [p for p in g["params"] if id(p) in ids]
+        out += [{**g, "params": rest}] if rest else []
+        if backbone:
+            out.append({**g, "params": backbone, "lr": g.get("lr", o.lr) * scale, "backbone": True})
+    return out
+
+
+def build_optimizer(model: nn.Module, o: OptimConfig, whiten_bias_epochs: float | None = None,
+                    loaded: Collection[str] = ()) -> torch.optim.Optimizer:
+    """loaded: the parameters init.from gave their weights (see param_groups)."""
     if o.name == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-            param_groups(model, o, whiten_bias_epochs), lr=o.lr, betas=(o.momentum, o.adam_beta2),
+            param_groups(model, o, whiten_bias_epochs, loaded), lr=o.lr, betas=(o.momentum, o.adam_beta2),
             weight_decay=o.weight_decay)
     else:
         kind = MuonSGD if o.name == "muon" else torch.optim.SGD
-        optimizer = kind(param_groups(model, o, whiten_bias_epochs), lr=o.lr, momentum=o.momentum,
+        optimizer = kind(param_groups(model, o, whiten_bias_epochs, loaded), lr=o.lr, momentum=o.momentum,
                          nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
     use_multi_tensor_kernels(optimizer)
     return optimizer

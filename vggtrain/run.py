@@ -24,6 +24,7 @@ from vggtrain.data import norm_stats, normalize
 from vggtrain.device import channels_last_for, select_device
 from vggtrain.distributed import Dist
 from vggtrain.errors import CheckpointError, UserError, first_line
+from vggtrain.finetune import Start, start_model
 from vggtrain.optim import use_multi_tensor_kernels
 from vggtrain.schedule import build_scheduler
 from vggtrain.selection import Selector, build_selector
@@ -95,6 +96,7 @@ class Run:
     selector: Selector | None = None  # data.select_keep's proxy
     checkpoints: CheckpointWriter = field(default_factory=CheckpointWriter)  # last.pt, best.pt
     graphed: Any = None  # train.cuda_graphs' captured step (graphs.GraphedStep), False where it cannot
+    init: dict[str, Any] | None = None  # init.from's record: where the weights started (finetune.Start)
 
     def __post_init__(self) -> None:
         if self.forward is None:
@@ -132,6 +134,7 @@ class Run:
             "ema": self.ema.state_dict() if self.ema else None,
             "selector": self.selector.state_dict() if self.selector else None,
             "early_stop": asdict(self.early_stop),
+            "init": self.init,
             "versions": {"vggtrain": vggtrain.__version__, "torch": str(torch.__version__)},
         }
 
@@ -218,10 +221,10 @@ def steps_per_epoch(images: int, d: Dist, batch_size: int) -> int:
 
 def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_size: int,
               d: Dist = distributed.SINGLE, device_spec: str | None = None,
-              whiten_images: torch.Tensor | None = None) -> Run:
+              whiten_images: torch.Tensor | None = None, start: Start | None = None) -> Run:
     """A new run for a training split of train_size images. whiten_images: uint8 training images
     for model.whiten's first-layer init (a resumed run overwrites those weights; without images
-    the fixed layer stays random, for benchmarks)."""
+    the fixed layer stays random, for benchmarks). start: init.from's weights (finetune.py)."""
     device = select_device(device_spec or cfg.train.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     random.seed(cfg.seed)
@@ -239,10 +242,11 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
         elif d.is_main:
             warnings.warn("train.sync_bn: SyncBatchNorm needs CUDA; each rank keeps its own BN "
                           "statistics", stacklevel=2)
+    loaded = start_model(model, start, cfg.init.freeze) if start is not None else set()  # after SyncBN's swap
     channels_last = channels_last_for(cfg.train.channels_last, device)
     model = place(model, device, channels_last)
     steps = steps_per_epoch(train_size, d, cfg.train.batch_size)
-    optimizer, scheduler, scaler = optimization(model, cfg, device, steps)
+    optimizer, scheduler, scaler = optimization(model, cfg, device, steps, loaded)
     # Checkpoints keep saving `model` itself: unwrapped, loadable by a single process.
     forward: Any = model
     if d.enabled:
@@ -259,7 +263,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
     selector = build_selector(cfg, device, channels_last, steps, whitening)
     return Run(cfg, run_dir, device, model, optimizer, scheduler, scaler, class_names, steps, dist=d,
                channels_last=channels_last, forward=forward, lookahead=lookahead, ema=ema,
-               selector=selector)
+               selector=selector, init=start.record() if start is not None else None)
 
 
 def compile_model(model: nn.Module, device: torch.device) -> Any:

@@ -6,6 +6,7 @@ format, its optimizer, learning-rate schedule and loss scaler, and one optimizer
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -34,11 +35,11 @@ def place(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Mod
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def optimization(model: nn.Module, cfg: TrainConfig, device: torch.device, steps_per_epoch: int
-                 ) -> Optimization:
+def optimization(model: nn.Module, cfg: TrainConfig, device: torch.device, steps_per_epoch: int,
+                 loaded: Collection[str] = ()) -> Optimization:
     """(optimizer, schedule, loss scaler) for a new run of cfg's epochs: the schedule at step 0,
-    the scaler enabled for fp16 only."""
-    optimizer = build_optimizer(model, cfg.optim, cfg.model.whiten_bias_epochs)
+    the scaler enabled for fp16 only. loaded: the parameters init.from gave their weights."""
+    optimizer = build_optimizer(model, cfg.optim, cfg.model.whiten_bias_epochs, loaded)
     total = math.ceil(cfg.train.epochs * steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch, total)
     return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
