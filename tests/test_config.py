@@ -285,6 +285,8 @@ NOT_APPLYING = [
      "schedule.end_factor applies only with schedule.kind: linear, cosine or onecycle"),
     ("train.sync_bn", "{model: {batch_norm: false}, train: {sync_bn: true}}", "train: {sync_bn: true}",
      "train.sync_bn applies only with model.batch_norm: true"),
+    ("train.early_stop", "{data: {val_size: 0}, train: {early_stop: {patience: 3}}}",
+     "train: {early_stop: {patience: 3}}", "train.early_stop needs a validation split (data.val_size is 0)"),
     ("optim.lr_scale_backbone", "optim: {lr_scale_backbone: 0.1}",
      "{optim: {lr_scale_backbone: 0.1}, init: {from: runs/a}}",
      "optim.lr_scale_backbone applies only with init.from set"),

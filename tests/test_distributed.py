@@ -108,3 +108,21 @@ def test_a_torchrun_rank_flushes_its_output_and_skips_finalization(tmp_path):
     alone = subprocess.run([sys.executable, "-c", script, "info"], env=env, capture_output=True, text=True,
                            timeout=120)
     assert alone.returncode == 0 and "FINALIZED" in alone.stdout  # one process finalizes as usual
+
+
+def test_torchrun_accumulation_equals_one_big_batch(cifar_bin, tmp_path):
+    """2 ranks x 2 micro-batches of 25 (no_sync on the first: DDP all-reduces the summed gradients
+    once) train as one process's batches of 100, without BatchNorm or augmentation."""
+    def cfg(name: str, batch: int, accum: int) -> Path:
+        return write_yaml(tmp_path / f"{name}.yaml", tiny_config(
+            cifar_bin, tmp_path / "runs", name=name, data={"augment": False}, model={"batch_norm": False},
+            train={"epochs": 1, "batch_size": batch, "accum_steps": accum}))
+
+    proc = _torchrun("fit", "--config", str(cfg("ddp", 25, 2)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["fit", "--config", str(cfg("one", 100, 1))]) == 0
+    a = torch.load(tmp_path / "runs" / "ddp" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "runs" / "one" / "last.pt", weights_only=True)
+    assert a["global_step"] == 16 and b["global_step"] == 8  # batches: 400 per rank / 25; 800 / 100
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5), k

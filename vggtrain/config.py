@@ -447,6 +447,23 @@ class ScheduleConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """train.early_stop: end training when the validation accuracy (the metric best.pt is chosen
+    by) stops improving."""
+
+    patience: int = _opt(10, "Stop after this many monitored epochs in a row without an improvement",
+                         _between(1, 1_000_000))
+    min_delta: float = _opt(0.0, "An improvement is a validation accuracy (a fraction) above the best so "
+                            "far by more than this", _between(0, 1))
+    start_epoch: int = _opt(0, "Epochs 1..N are not monitored (a warm-up's noise neither counts nor "
+                            "stops): the earliest stop is after epoch N + 1 + patience",
+                            _between(0, 1_000_000))
+
+
+EARLY_STOP_RULE = "null (off), or a mapping of patience (>= 1), min_delta ([0, 1]), start_epoch (>= 0)"
+
+
+@dataclass
 class LoopConfig:
     """The YAML's ``train:`` section: how the loop runs, not what it optimises."""
 
@@ -478,6 +495,27 @@ class LoopConfig:
     checkpoint_every_steps: int = _opt(0, "Also write last.pt every N steps inside an epoch; 0: only at "
                                        "each epoch's end", _between(0, 1_000_000_000))
     out_dir: str = _opt("runs", "Where run directories go: out_dir/NAME/")
+    accum_steps: int = _opt(1, "Gradient accumulation: one optimizer step per N batches, each batch's loss "
+                            "/ N (the gradients of one N times larger batch; BatchNorm still sees each "
+                            "batch alone); the schedule, lookahead, the EMA, clipping and the loss scaler "
+                            "go per optimizer step. The epoch's (and the run's) batches must divide by N",
+                            _between(1, 65_536))
+    early_stop: EarlyStopConfig | None = _opt(
+        None, "Early stopping on the validation accuracy: {patience, min_delta, start_epoch} (each "
+        "optional; {} takes the defaults: 10, 0.0, 0); the counters are in every checkpoint, the stop in "
+        "the report; null: off", _ruled(EARLY_STOP_RULE, lambda v: None),
+        applies=_when("data.val_size > 0", lambda c: c.data.val_size > 0,
+                      "train.early_stop needs a validation split (data.val_size is 0)"))
+
+
+@_section_rule("train", "train.checkpoint_every_steps")
+def _checkpoints_between_accumulations(c: TrainConfig) -> str | None:
+    """train.checkpoint_every_steps is a multiple of train.accum_steps (a checkpoint lands between two
+    optimizer steps)."""
+    if c.train.checkpoint_every_steps % c.train.accum_steps:
+        return (f"train.checkpoint_every_steps ({c.train.checkpoint_every_steps}) must be a multiple of "
+                f"train.accum_steps ({c.train.accum_steps}): checkpoints land between optimizer steps")
+    return None
 
 
 def _check_path(v: str | None) -> str | None:
@@ -558,6 +596,8 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is list:
         return "a list"
+    if is_dataclass(hint):
+        return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
@@ -599,6 +639,13 @@ def _convert(hint: Any, value: Any) -> tuple[bool, Any]:
     return False, None
 
 
+def _optional_section(hint: Any) -> type | None:
+    """The dataclass of a `Section | None` field (train.early_stop), else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(hint) if is_dataclass(a)), None)
+    return None
+
+
 def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any:
     if not isinstance(raw, dict):
         what = prefix.rstrip(".") or "the top level"
@@ -618,6 +665,10 @@ def _build(cls: type, raw: Any, prefix: str, where: Callable[[str], str]) -> Any
         key, value, hint = prefix + yaml_key(f), raw[yaml_key(f)], hints[f.name]
         if is_dataclass(hint):
             kwargs[f.name] = _build(hint, value, key + ".", where)
+            continue
+        nested = _optional_section(hint)
+        if nested is not None and isinstance(value, dict):  # a sub-mapping that may be null
+            kwargs[f.name] = _build(nested, value, key + ".", where)
             continue
         hint = f.metadata.get("accepts") or hint  # what YAML may give, where it differs from what is held
         ok, converted = _convert(hint, value)
@@ -896,4 +947,4 @@ __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleC
            "InitConfig", "load_config", "config_from_dict", "config_with_overrides", "dump_config",
            "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "tta_mode",
            "TTA_MODES", "WHITEN_MODES", "SECTIONS", "SECTION_RULES", "Applies", "default_of", "DEVICE_RE",
-           "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE", "yaml_key"]
+           "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE", "yaml_key", "EarlyStopConfig"]

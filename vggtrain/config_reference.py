@@ -7,6 +7,7 @@ output, and `vggtrain config --keys [SECTION]` prints it.
 
 from __future__ import annotations
 
+import re
 import sys
 import typing
 from dataclasses import Field, fields
@@ -46,7 +47,8 @@ _UNRULED = {"bool": "true, false", "bool | None": "true, false, null", "str": "a
 
 def _type_text(f: Field) -> str:
     """The field's type as YAML sees it: what it accepts where that differs from what it holds."""
-    return str(f.metadata.get("accepts") or f.type).replace(" | ", " or ").replace("None", "null")
+    text = str(f.metadata.get("accepts") or f.type).replace(" | ", " or ").replace("None", "null")
+    return re.sub(r"\b\w+Config\b", "mapping", text)  # a sub-mapping's dataclass (train.early_stop)
 
 
 def yaml_text(value: object) -> str:

@@ -6,6 +6,7 @@ and a check it fails stops every rank with the same one-line message.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -232,9 +233,14 @@ def load_data(cfg: TrainConfig, d: Dist) -> tuple[Split, Split, Split, list[str]
     if cfg.data.mean is None and cfg.data.dataset == "folder":  # its own, from the training split
         mean, std = measure_stats(train.images)
         cfg.data.mean, cfg.data.std = list(mean), list(std)  # into config.yaml and every checkpoint
-    if steps_per_epoch(len(train), d, cfg.train.batch_size) == 0:
+    steps = steps_per_epoch(len(train), d, cfg.train.batch_size)
+    if steps == 0:
         raise UserError(f"config error: train.batch_size {cfg.train.batch_size} is larger than the "
                         f"{len(train) // d.world} training images of each of {d.world} rank(s)")
+    accum, total = cfg.train.accum_steps, math.ceil(cfg.train.epochs * steps)
+    if steps % accum or total % accum:  # every accumulation whole: no epoch ends inside one
+        raise UserError(f"config error: train.accum_steps {accum} must divide the {steps} batches of "
+                        f"each epoch and the run's {total}")
     return train, val, test, class_names
 
 
@@ -271,6 +277,9 @@ def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
         "best_epoch": int(best["epoch"]),
         "val_acc": best["best_metric"] if cfg.data.val_size else None,
         "epochs": run.epoch,
+        # train.early_stop's stop: the epoch it came after and why (null: the run did its epochs)
+        "stopped_early": ({"epoch": run.early_stop.stopped_epoch, "reason": run.early_stop.reason}
+                          if run.early_stop.stopped_epoch else None),
         "train_time_s": run.train_time_s,
         "allocator": allocator.in_effect(),  # the CPU memory allocator the run trained with
         "deterministic": cfg.train.deterministic,  # train.deterministic's kernels

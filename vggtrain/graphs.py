@@ -12,7 +12,8 @@ What capture needs, and how it is met:
   training steps, nothing is redone), then the step is captured and replayed from then on.
 
 Where capture cannot work (not CUDA, fp16's GradScaler reads the device, torchrun's DDP, a
-compiled model, batch mixing or data selection, AdamW) or fails, one warning and the eager step.
+compiled model, batch mixing or data selection, AdamW, gradient accumulation) or fails, one
+warning and the eager step.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def why_not(run: Run) -> str | None:
                (bool(cfg.data.mixup_alpha or cfg.data.cutmix_alpha),
                 "not with MixUp/CutMix (ragged targets)"),
                (cfg.data.select_keep is not None, "not with data.select_keep (its proxy's own steps)"),
-               (cfg.optim.name == "adamw", "SGD and Muon only (not AdamW)")]
+               (cfg.optim.name == "adamw", "SGD and Muon only (not AdamW)"),
+               (cfg.train.accum_steps > 1, "not with train.accum_steps > 1 (micro-batch steps differ)")]
     return next((why for bad, why in reasons if bad), None)
 
 

@@ -305,6 +305,9 @@ def format_markdown(report: dict[str, Any], images: list[tuple[str, str]] = ()) 
         val = report.get("val_acc")
         out.append(f"| best epoch | {report['best_epoch']} of {report['epochs']}"
                    + (f" (validation accuracy {_pct(val)})" if val is not None else "") + " |")
+    if report.get("stopped_early"):
+        stop = report["stopped_early"]
+        out.append(f"| stopped early | after epoch {stop['epoch']}: {stop['reason']} |")
     if "train_time_s" in report:
         out.append(f"| training time | {_duration(report['train_time_s'])} |")
     out += [f"| evaluation | {report['device']}, {report['precision']}"

@@ -19,7 +19,7 @@ import vggtrain
 from vggtrain import distributed
 from vggtrain.averaging import Lookahead, WeightEMA, measured_model
 from vggtrain.checkpoint import CheckpointWriter, load_model_state
-from vggtrain.config import TrainConfig
+from vggtrain.config import EarlyStopConfig, TrainConfig
 from vggtrain.data import norm_stats, normalize
 from vggtrain.device import channels_last_for, select_device
 from vggtrain.distributed import Dist
@@ -43,6 +43,32 @@ class EpochProgress:
 
 
 @dataclass
+class EarlyStopState:
+    """train.early_stop's counters (in every checkpoint, so a resumed run stops where it would have)."""
+
+    best: float | None = None  # the best validation accuracy of the monitored epochs
+    wait: int = 0  # monitored epochs since it last improved by more than min_delta
+    stopped_epoch: int = 0  # the epoch training stopped after; 0: it has not
+    reason: str = ""
+
+    def update(self, acc: float, epoch: int, rule: EarlyStopConfig) -> bool:
+        """Count epoch's validation accuracy; True when training stops after it."""
+        if epoch <= rule.start_epoch:
+            return False
+        if self.best is None or acc > self.best + rule.min_delta:
+            self.best, self.wait = acc, 0
+            return False
+        self.wait += 1
+        if self.wait < rule.patience:
+            return False
+        self.stopped_epoch = epoch
+        self.reason = (f"validation accuracy not above {self.best:.2%}"
+                       + (f" + {rule.min_delta:g}" if rule.min_delta else "")
+                       + f" for {self.wait} epoch(s) (train.early_stop.patience {rule.patience})")
+        return True
+
+
+@dataclass
 class Run:
     """Everything a training run mutates, in one place so a checkpoint can hold it whole."""
 
@@ -61,6 +87,7 @@ class Run:
     best_epoch: int = 0
     train_time_s: float = 0.0
     progress: EpochProgress = field(default_factory=EpochProgress)
+    early_stop: EarlyStopState = field(default_factory=EarlyStopState)
     dist: Dist = distributed.SINGLE
     channels_last: bool = False  # train.channels_last resolved for the device
     forward: Any = None  # what the train step calls: the model, its DDP wrapper, or torch.compile'd twin
@@ -106,6 +133,7 @@ class Run:
             "lookahead": self.lookahead.state_dict() if self.lookahead else None,
             "ema": self.ema.state_dict() if self.ema else None,
             "selector": self.selector.state_dict() if self.selector else None,
+            "early_stop": asdict(self.early_stop),
             "init": self.init,
             "versions": {"vggtrain": vggtrain.__version__, "torch": str(torch.__version__)},
         }
@@ -124,6 +152,8 @@ class Run:
             self.progress = EpochProgress(**state["progress"])
             self.best_acc, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
             self.train_time_s = float(state["train_time_s"])
+            # a checkpoint from before train.early_stop has no counters: they start afresh
+            self.early_stop = EarlyStopState(**(state.get("early_stop") or {}))
             _set_rng_state(state["rng"], self.device)
             if self.lookahead is not None:
                 self.lookahead.load_state_dict(state.get("lookahead") or None)
@@ -174,6 +204,10 @@ def check_resumable(state: dict[str, Any], run: Run, source: Path) -> None:
 def refuse_finished_run(run: Run) -> None:
     """A resumed run that has done its epochs and written its report: training again would only
     repeat the test and log it twice at the same step."""
+    if run.early_stop.stopped_epoch and (run.dir / "report.json").is_file():
+        raise UserError(f"{run.dir} stopped early after epoch {run.early_stop.stopped_epoch} "
+                        f"(train.early_stop) and has its report: to test it again, vggtrain eval "
+                        f"--ckpt {run.dir}")
     if run.epoch >= run.cfg.train.epochs and (run.dir / "report.json").is_file():
         raise UserError(f"{run.dir} has finished its {run.cfg.train.epochs} epochs and has its "
                         f"report: to train longer, add --set train.epochs=N; to test it "

@@ -8,6 +8,7 @@ sets the run up and writes the test report.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -32,7 +33,7 @@ from vggtrain.run import EpochProgress, Run, steps_per_epoch
 from vggtrain.rundir import STATUS_FILE, status_text, write_status
 from vggtrain.schedule import rate_at
 from vggtrain.tb import METRICS_FILE, EpochMetrics, NullWriter
-from vggtrain.trainable import optimizer_step
+from vggtrain.trainable import apply_gradients, optimizer_step
 
 EpochHook = Callable[[Run], bool]
 Prepared = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, the loss's targets, the labels
@@ -118,6 +119,8 @@ def loop_step(run: Run, epoch_steps: int) -> LoopStep:
     prepare = prepare_batch(run)
     optimize = step_function(run, nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing))
     averagers = run.averagers  # lookahead, then the weight EMA
+    if run.cfg.train.accum_steps > 1:
+        return accumulated_step(run, prepare, optimize, epoch_steps)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
         x, target, y = prepare(x, y)
@@ -128,6 +131,58 @@ def loop_step(run: Run, epoch_steps: int) -> LoopStep:
         for averager in averagers:
             averager.step(run.position, run.total_steps, epoch_end=run.progress.step == epoch_steps)
         return loss, logits, y, norm
+
+    return step
+
+
+def accumulated_step(run: Run, prepare: Callable[[torch.Tensor, torch.Tensor], Prepared],
+                     optimize: Callable[[torch.Tensor, torch.Tensor], Any], epoch_steps: int) -> LoopStep:
+    """loop_step's step under train.accum_steps N: each batch is one micro-batch (the step counters
+    and train/loss_step count batches); after every Nth the optimizer has stepped, and the schedule
+    moves on N batches (its rate is the one at the accumulation's first batch) and the averagers
+    step, counting optimizer steps (lookahead_every is in optimizer steps)."""
+    n, averagers = run.cfg.train.accum_steps, run.averagers
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        x, target, y = prepare(x, y)
+        loss, logits, norm = optimize(x, target)
+        run.global_step += 1
+        run.progress.step += 1
+        if run.progress.step % n == 0:  # the optimizer stepped
+            for _ in range(n):
+                run.scheduler.step()
+            for averager in averagers:
+                averager.step(run.position // n, run.total_steps // n,
+                              epoch_end=run.progress.step == epoch_steps)
+        return loss, logits, y, norm
+
+    return step
+
+
+def accumulating_train_step(run: Run, criterion: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """train_step for train.accum_steps N > 1: each batch's loss / N backward, summing into the
+    gradients; the optimizer step (clipping, loss scaler) after the Nth. The micro-batch's place in
+    its accumulation is the epoch's batch count mod N, which a resume restores: checkpoints land
+    only between accumulations (train.checkpoint_every_steps is a multiple of N, a stop signal
+    waits for the accumulation's end), so no partial gradients need saving. Under torchrun the
+    first N - 1 backward passes skip DDP's all-reduce (no_sync). With clipping, each batch reports
+    the norm of the last optimizer step (0 before the first)."""
+    n, cfg = run.cfg.train.accum_steps, run.cfg
+    no_sync = getattr(run.forward, "no_sync", None) if run.dist.enabled else None
+    last_norm = [torch.zeros((), device=run.device) if cfg.optim.clip_grad_norm is not None else None]
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        final = run.progress.step % n == n - 1
+        if run.progress.step % n == 0:
+            run.optimizer.zero_grad(set_to_none=True)
+        with contextlib.nullcontext() if final or no_sync is None else no_sync():
+            with autocast(run.device, cfg.train.precision):
+                logits = run.forward(x)
+                loss = criterion(logits.float(), y)
+            run.scaler.scale(loss / n).backward()
+        if final:
+            last_norm[0] = apply_gradients(run.model, run.optimizer, run.scaler, cfg.optim.clip_grad_norm)
+        return loss.detach(), logits.detach(), last_norm[0]
 
     return step
 
@@ -160,6 +215,8 @@ def step_function(run: Run, criterion: nn.Module) -> Callable[[torch.Tensor, tor
             run.graphed = graphs.graphed_step(run, criterion, train_step) or False
         if run.graphed:
             return run.graphed
+    if run.cfg.train.accum_steps > 1:
+        return accumulating_train_step(run, criterion)
     return lambda x, y: train_step(run, x, y, criterion)
 
 
@@ -168,13 +225,14 @@ def interval_hook(run: Run, writer: Any, stop: StopSignals, meter: EpochMeter, b
     (train.checkpoint_every_steps) or on a stop signal, end the interval and show the epoch so far;
     on a signal, stop the run there."""
     every = run.cfg.train.checkpoint_every_steps
-    due = bool(every) and run.global_step % every == 0
+    between = run.progress.step % run.cfg.train.accum_steps == 0  # no checkpoint inside an accumulation
+    due = bool(every) and run.global_step % every == 0 and between
     # One process stops at once; ranks of a job decide together at the next log interval.
-    signalled = stop.signum is not None and not run.dist.enabled
+    signalled = stop.signum is not None and not run.dist.enabled and between
     if not (len(meter.pending) == run.cfg.train.log_every or due or signalled):
         return
     where = f"epoch {run.epoch + 1}, step {run.progress.step}"
-    signum = end_interval(run, writer, stop, meter=meter, due=due, where=where)
+    signum = end_interval(run, writer, stop, meter=meter, due=due, where=where, can_stop=between)
     meter.show(bar, run)
     if signum:
         stop_run(run, signum, f"at {where}; saved {run.dir / 'last.pt'}. Resume with")
@@ -182,14 +240,15 @@ def interval_hook(run: Run, writer: Any, stop: StopSignals, meter: EpochMeter, b
 
 def end_interval(run: Run, writer: Any, stop: StopSignals, *, due: bool, where: str,
                  meter: EpochMeter | None = None, scalars: dict[str, float] | None = None,
-                 improved: bool = False) -> int:
+                 improved: bool = False, can_stop: bool = True) -> int:
     """What every interval ends with, mid-epoch (meter: the epoch so far) and at an epoch end
     (scalars: the epoch's) alike: write the interval's step losses, agree on a stop, and when a
     checkpoint is due or the run stops, check the weights and write last.pt (best.pt first when
-    improved). Returns the signal every rank stops for, or 0."""
+    improved). Returns the signal every rank stops for, or 0 (always 0 unless can_stop: inside a
+    gradient accumulation; every rank is at the same batch, so all skip the vote alike)."""
     if meter is not None:
         meter.flush_losses(run, writer)
-    signum = agreed_signal(run, stop)
+    signum = agreed_signal(run, stop) if can_stop else 0
     if due or signum:
         check_weights_finite(run, where)
         if meter is not None:
@@ -236,7 +295,7 @@ def _epochs(run: Run, train: Split, val: Split, writer: Any, stop: StopSignals,
             on_epoch_end: EpochHook | None) -> None:
     cfg, d = run.cfg, run.dist
     metrics = EpochMetrics(run.dir / METRICS_FILE, run.epoch) if d.is_main else None
-    while run.epoch < cfg.train.epochs:
+    while run.epoch < cfg.train.epochs and not run.early_stop.stopped_epoch:  # (a resume after the stop)
         lr = rate_at(run.scheduler, run.epoch * run.steps_per_epoch)  # the epoch's first step's
         with tqdm(total=steps_per_epoch(len(train), d, cfg.train.batch_size), leave=False,
                   desc=f"epoch {run.epoch + 1}/{math.ceil(cfg.train.epochs)}", file=sys.stdout,
@@ -248,6 +307,8 @@ def _epochs(run: Run, train: Split, val: Split, writer: Any, stop: StopSignals,
         improved = va is None or va["acc"] > run.best_acc
         if improved:
             run.best_acc, run.best_epoch = (va["acc"] if va else -1.0), run.epoch
+        if cfg.train.early_stop is not None and va is not None:  # before the checkpoint that holds it
+            run.early_stop.update(va["acc"], run.epoch, cfg.train.early_stop)
         scalars = {"train/loss": tr["loss"], "train/acc": tr["acc"], "train/lr": lr,
                    "train/images_per_s": tr["images_per_s"], "train/epoch": run.epoch}
         scalars.update({f"val/{k}": v for k, v in va.items()} if va else {})
@@ -265,6 +326,10 @@ def _epochs(run: Run, train: Split, val: Split, writer: Any, stop: StopSignals,
         signum = signum or agreed_signal(run, stop)  # one that came during the save, too
         if signum:
             stop_run(run, signum, f"after epoch {run.epoch}; resume with")
+        if run.early_stop.stopped_epoch:
+            if d.is_main:
+                print(f"early stop after epoch {run.epoch}: {run.early_stop.reason}", flush=True)
+            break
         if on_epoch_end is not None:  # any rank's True ends training on every rank
             done = torch.tensor(int(bool(on_epoch_end(run))), device=run.device)
             if int(distributed.all_max(done, d)):

@@ -52,6 +52,14 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     host sync, so a CUDA graph can capture it (graphs.py)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    return apply_gradients(model, optimizer, scaler, clip_norm)
+
+
+def apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    clip_norm: float | None = None) -> torch.Tensor | None:
+    """The optimizer step on the gradients backward left (one batch's, or train.accum_steps'
+    batches' summed): clipped to clip_norm first where given, through the loss scaler. Returns the
+    norm before clipping (None without clip_norm)."""
     norm = None
     if clip_norm is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
