@@ -115,17 +115,19 @@ def evaluate_split(model: nn.Module, split: Split, settings: EvalSettings,
         confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
         preds.append(pred)
         confs.append(logp.gather(1, pred[:, None]).squeeze(1).exp())
-    n = total
-    predictions = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.int64)
-    confidence = torch.cat(confs).cpu() if confs else torch.zeros(0)
     if dist.enabled:
         counts = distributed.all_sum(torch.stack([top1, topk]), dist)
         top1, topk = counts[0], counts[1]
         distributed.all_sum(loss_sum, dist)
         distributed.all_sum(confusion, dist)
-    loss, c1, ck = loss_sum.item(), top1.item(), topk.item()  # the sync that ends the timing
+    # Two host reads in all (one per dtype), not one per number: on a GPU each read waits for
+    # the device, and validation runs every epoch. The second read ends the timing.
+    no_preds = torch.zeros(0, device=device, dtype=torch.int64)
+    ints = torch.cat([top1[None], topk[None], confusion, torch.cat(preds) if preds else no_preds]).cpu()
+    floats = torch.cat([loss_sum[None], torch.cat(confs).float() if confs else loss_sum.new_zeros(0)]).cpu()
     seconds = time.perf_counter() - t0
-    d = max(n, 1)
-    return Evaluation(loss=loss / d, top1=c1 / d, top5=ck / d, images=n,
-                      confusion=confusion.view(num_classes, num_classes).cpu(),
-                      predictions=predictions, confidence=confidence, seconds=seconds)
+    c1, ck, cells = int(ints[0]), int(ints[1]), num_classes * num_classes
+    d = max(total, 1)
+    return Evaluation(loss=float(floats[0]) / d, top1=c1 / d, top5=ck / d, images=total,
+                      confusion=ints[2:2 + cells].view(num_classes, num_classes),
+                      predictions=ints[2 + cells:], confidence=floats[1:], seconds=seconds)
