@@ -193,6 +193,25 @@ def test_download_fetches_verifies_and_loads(tmp_path, monkeypatch):
     assert torch.equal(load_cifar10(root, download=True)[0].images, train.images)
 
 
+def test_a_download_that_loses_the_race_to_another_process_loads_its_data(tmp_path, monkeypatch):
+    """Two processes download at once: the second one's rename fails because the first one's
+    dataset is in place, and it loads that one instead of failing."""
+    from torchvision.datasets import utils
+
+    from vggtrain.synthetic import write_synthetic_cifar10
+
+    root = tmp_path / "data"
+
+    def racing_download(url, download_root, filename=None, md5=None, **kw):
+        write_synthetic_cifar10(download_root, "py", per_batch=10, test_size=10)
+        write_synthetic_cifar10(root, "py", per_batch=10, test_size=10)  # the other process's
+
+    monkeypatch.setattr(utils, "download_and_extract_archive", racing_download)
+    monkeypatch.setattr(utils, "check_integrity", lambda path, md5=None: True)
+    train, test, names = load_cifar10(root, download=True)
+    assert len(train) == 50 and len(test) == 10 and names == list(CLASS_NAMES)
+
+
 def test_download_failure_is_a_data_error(tmp_path, monkeypatch):
     from torchvision.datasets import utils
 

@@ -210,10 +210,13 @@ CIFAR100 = Cifar(name="CIFAR-100", py_dir=C100_PY_DIR, bin_dir=C100_BIN_DIR, py_
 def download_cifar10(root: Path, cifar100: bool = False) -> None:
     """Fetch and verify the python layout with torchvision's utilities, then move it into place
     in one rename, so an interrupted download never leaves a half-written dataset behind."""
-    from torchvision.datasets import CIFAR10, CIFAR100
+    # torchvision's dataset classes under other names: CIFAR10/CIFAR100 here are our layouts
+    from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10
+    from torchvision.datasets import CIFAR100 as TorchvisionCIFAR100
     from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-    spec, name = (CIFAR100, "CIFAR-100") if cifar100 else (CIFAR10, "CIFAR-10")
+    layout = CIFAR100 if cifar100 else CIFAR10
+    spec, name = (TorchvisionCIFAR100 if cifar100 else TorchvisionCIFAR10), layout.name
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         try:
@@ -230,7 +233,7 @@ def download_cifar10(root: Path, cifar100: bool = False) -> None:
         try:
             os.replace(base, root / spec.base_folder)
         except OSError:
-            if (CIFAR100 if cifar100 else CIFAR10).find(root) is None:  # not another process's
+            if layout.find(root) is None:  # not another process's
                 raise DataError(f"could not move the downloaded {name} into {root}") from None
 
 
