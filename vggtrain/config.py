@@ -933,18 +933,12 @@ def check_resume_changes(stored: dict, cfg: TrainConfig, source: str) -> None:
                               f"only {', '.join(sorted(RESUMABLE_KEYS))} may")
 
 
-def tta_mode(tta: bool | str) -> str:
-    """A tta value as YAML may give it (true, false or a mode) as one of TTA_MODES, as the config
-    holds train.tta."""
-    return _as_mode(tta, "flip")
-
-
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
            "InitConfig", "load_config", "config_from_dict", "config_with_overrides", "dump_config",
-           "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "tta_mode",
+           "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS",
            "TTA_MODES", "WHITEN_MODES", "SECTIONS", "SECTION_RULES", "Applies", "default_of", "DEVICE_RE",
            "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE", "yaml_key", "EarlyStopConfig"]

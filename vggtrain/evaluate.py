@@ -124,7 +124,7 @@ def evaluate_split(model: nn.Module, split: Split, settings: EvalSettings,
     # the device, and validation runs every epoch. The second read ends the timing.
     no_preds = torch.zeros(0, device=device, dtype=torch.int64)
     ints = torch.cat([top1[None], topk[None], confusion, torch.cat(preds) if preds else no_preds]).cpu()
-    floats = torch.cat([loss_sum[None], torch.cat(confs).float() if confs else loss_sum.new_zeros(0)]).cpu()
+    floats = torch.cat([loss_sum[None], torch.cat(confs) if confs else loss_sum.new_zeros(0)]).cpu()
     seconds = time.perf_counter() - t0
     c1, ck, cells = int(ints[0]), int(ints[1]), num_classes * num_classes
     d = max(total, 1)

@@ -116,8 +116,12 @@ def record(rates: list[float], next_loss: Callable[[], float]) -> RangeTest:
 def suggest(lrs: list[float], smoothed: list[float]) -> float:
     """The suggested optim.lr: the rate at the smoothed loss's minimum / SUGGEST_DIVISOR (why this
     rule: see SUGGEST_DIVISOR), as two significant digits."""
-    lowest = min(range(len(smoothed)), key=smoothed.__getitem__)
-    return float(f"{lrs[lowest] / SUGGEST_DIVISOR:.2g}")
+    return float(f"{lrs[lowest_index(smoothed)] / SUGGEST_DIVISOR:.2g}")
+
+
+def lowest_index(smoothed: list[float]) -> int:
+    """Where the smoothed loss is lowest (the first such step)."""
+    return min(range(len(smoothed)), key=smoothed.__getitem__)
 
 
 def lr_find(cfg: TrainConfig, steps: int = DEFAULT_STEPS, min_lr: float = DEFAULT_MIN_LR,
@@ -168,7 +172,7 @@ def check_range(steps: int, min_lr: float, max_lr: float) -> None:
 
 def notes(test: RangeTest) -> list[str]:
     """What a person should know about the curve: where it stopped, and a minimum at either end."""
-    lowest = min(range(len(test.smoothed)), key=test.smoothed.__getitem__)
+    lowest = lowest_index(test.smoothed)
     lines = [f"stopped at optim.lr {test.lrs[-1]:.3g} after {len(test.lrs)} steps: {test.stopped}; "
              f"lowest smoothed loss {test.smoothed[lowest]:.4g} at {test.lrs[lowest]:.3g}"]
     if lowest == len(test.lrs) - 1:

@@ -187,7 +187,13 @@ def remove_stale_temp_files(run_dir: Path) -> None:
 def write_status(run: Run, state: str) -> None:
     """The run's progress beside its checkpoints, for `vggtrain runs` (rank 0 only); state:
     running, stopped, diverged or finished."""
-    atomic_write_text(run.dir / STATUS_FILE, status_text(run, state))
+    write_status_text(run.dir, status_text(run, state))
+
+
+def write_status_text(run_dir: Path, text: str) -> None:
+    """status.json with text made earlier (status_text): the loop takes it at the epoch's end
+    and the checkpoint thread writes it after the checkpoints."""
+    atomic_write_text(run_dir / STATUS_FILE, text)
 
 
 def status_text(run: Run, state: str) -> str:

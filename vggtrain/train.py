@@ -22,7 +22,6 @@ from torch import nn
 from tqdm import tqdm
 
 from vggtrain import distributed, graphs
-from vggtrain.atomic import atomic_write_text
 from vggtrain.averaging import float_tensors
 from vggtrain.checkpoint import save_checkpoint
 from vggtrain.data import Augmentation, Split, TrainLoader, batch_mixer, norm_stats
@@ -30,7 +29,7 @@ from vggtrain.device import autocast
 from vggtrain.errors import RunStopped
 from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.run import EpochProgress, Run, steps_per_epoch
-from vggtrain.rundir import STATUS_FILE, status_text, write_status
+from vggtrain.rundir import status_text, write_status, write_status_text
 from vggtrain.schedule import rate_at
 from vggtrain.tb import METRICS_FILE, EpochMetrics, NullWriter
 from vggtrain.trainable import apply_gradients, optimizer_step
@@ -264,7 +263,7 @@ def end_interval(run: Run, writer: Any, stop: StopSignals, *, due: bool, where: 
             files = [run.dir / "best.pt"] * improved + [run.dir / "last.pt"]
             status = status_text(run, "running")  # written after them, by the same thread
             run.checkpoints.save(files, run.state(), write=save_checkpoint,
-                                 then=lambda: atomic_write_text(run.dir / STATUS_FILE, status))
+                                 then=lambda: write_status_text(run.dir, status))
     return signum
 
 
