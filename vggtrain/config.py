@@ -9,6 +9,8 @@ key on one line, and ``config_reference`` renders the same declarations as docs/
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
 import re
@@ -933,12 +935,19 @@ def check_resume_changes(stored: dict, cfg: TrainConfig, source: str) -> None:
                               f"only {', '.join(sorted(RESUMABLE_KEYS))} may")
 
 
+def digest_of(config: dict[str, Any]) -> str:
+    """sha256 of a config mapping as canonical JSON (report.json's config_digest): equal digests,
+    equal configs; a checkpoint's stored config gives its run's digest."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
            "InitConfig", "load_config", "config_from_dict", "config_with_overrides", "dump_config",
-           "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS",
+           "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "digest_of",
            "TTA_MODES", "WHITEN_MODES", "SECTIONS", "SECTION_RULES", "Applies", "default_of", "DEVICE_RE",
            "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE", "yaml_key", "EarlyStopConfig"]

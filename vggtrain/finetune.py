@@ -13,8 +13,6 @@ the record of where they started (`Start.record`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 from torch import nn
 
 from vggtrain.checkpoint import load_checkpoint, model_weights
-from vggtrain.config import ModelConfig, TrainConfig, config_from_dict
+from vggtrain.config import ModelConfig, TrainConfig, config_from_dict, digest_of
 from vggtrain.data import Stats, norm_stats
 from vggtrain.errors import CheckpointError, ConfigError
 from vggtrain.inference import resolve_checkpoint
@@ -58,13 +56,6 @@ class Start:
         return cls(record["from"], record["config_digest"], list(record.get("head_reinitialised", ())))
 
 
-def digest(config: dict[str, Any]) -> str:
-    """sha256 of a config mapping as canonical JSON: what report.config_digest computes of a
-    run's config, so it equals the digest in the source's report.json."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def open_source(cfg: TrainConfig) -> Start:
     """Read init.from and check it against cfg's model before anything is allocated or written:
     a tensor that does not fit (but the head's on a new class count) and an init.freeze name that
@@ -81,7 +72,7 @@ def open_source(cfg: TrainConfig) -> Start:
                      f"{source_cfg.model.num_classes} classes, this run {cfg.model.num_classes}")
     loaded = "its weight EMA's" if which == "ema" else "its weights"
     notes.insert(0, f"init: {len(weights) - len(head)} of {len(weights)} tensors from {path} ({loaded})")
-    return Start(str(path), digest(state["config"]), head, weights, norm_stats(source_cfg.data), notes)
+    return Start(str(path), digest_of(state["config"]), head, weights, norm_stats(source_cfg.data), notes)
 
 
 def _shape(t: Any) -> str:

@@ -10,7 +10,6 @@ make_grid: a confusion matrix needs labelled text, which is all matplotlib would
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch import nn
 
 import vggtrain
 from vggtrain.atomic import atomic_write_text
-from vggtrain.config import TrainConfig
+from vggtrain.config import TrainConfig, digest_of
 from vggtrain.data import Split
 from vggtrain.draw import BLUES, apply_colormap, font, save_png, text_rotated, text_size, to_pil, to_tensor
 from vggtrain.errors import shown
@@ -35,8 +34,7 @@ MISTAKES_SHOWN = 32
 
 def config_digest(cfg: TrainConfig) -> str:
     """sha256 of the resolved config as canonical JSON: equal digests, equal configs."""
-    text = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return digest_of(cfg.to_dict())
 
 
 def _finite(x: float | None) -> float | None:
