@@ -21,9 +21,10 @@ PACKAGE = ROOT / "vggtrain"
 LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("__init__", "errors", "safeio", "atomic", "device", "distributed", "allocator"),
     "core": ("config", "model", "optim", "schedule", "averaging", "trainable", "selection",
-             "checkpoint", "inference", "images", "folder", "data", "evaluate", "finetune"),
+             "checkpoint", "inference", "images", "folder", "data", "evaluate", "finetune",
+             "calibration"),
     "training": ("run", "rundir", "graphs", "train", "tb"),
-    "reporting": ("report", "draw", "curves"),
+    "reporting": ("report", "draw", "curves", "calibration_report"),
     "commands": ("program", "config_reference", "fit", "eval", "export", "predict", "gradcam", "runs",
                  "summary", "sweep", "bench", "stepcount", "synthetic", "lr_find"),
     "cli": ("cli", "__main__"),

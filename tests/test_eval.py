@@ -28,7 +28,7 @@ from vggtrain.report import SCHEMA, build_report, confusion_image, format_text
 # The documented schema (docs/evaluation.md, "The report"): eval writes exactly these keys ...
 EVAL_KEYS = {"schema", "split", "metrics", "tta", "tta_mode", "per_class", "class_names", "confusion_matrix",
              "checkpoint", "checkpoint_epoch", "weights", "parameters", "device", "precision", "images_per_s",
-             "eval_time_s", "torch_version", "vggtrain_version", "config_digest", "config"}
+             "eval_time_s", "torch_version", "vggtrain_version", "config_digest", "config", "calibration"}
 # ... and fit's report.json adds the run's training facts.
 FIT_KEYS = EVAL_KEYS | {"test", "best_epoch", "val_acc", "epochs", "train_time_s", "allocator",
                         "deterministic", "cuda_graphs", "timings_s", "init", "stopped_early"}

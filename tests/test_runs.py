@@ -76,8 +76,8 @@ def test_each_status_is_told_apart(runs, tmp_path):
 def test_the_table_and_json(runs, capsys):
     assert main(["runs", str(runs), "--sort", "epochs", "--reverse"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["name", "arch", "params", "epochs", "best_val", "test_top1", "time_s",
-                                "precision", "device", "status"]
+    assert lines[0].split() == ["name", "arch", "params", "epochs", "best_val", "test_top1", "test_ece",
+                                "time_s", "precision", "device", "status"]
     assert [ln.split()[0] for ln in lines[1:]][0] == "finished"  # 3 epochs done: first, reversed
     assert main(["runs", str(runs), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -190,3 +190,29 @@ def model_weights(state: dict[str, Any]) -> tuple[Any, str]:
     if isinstance(ema, dict):
         return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}, "ema"
     return state["model"], "raw"
+
+
+def stored_temperatures(state: dict[str, Any], path: str | Path) -> dict[str, float]:
+    """The temperatures a checkpoint holds, one per TTA mode it was fitted under (fit stores them
+    when its run has a validation split; calibration.py); {} for a checkpoint without any."""
+    stored = state.get("temperature")
+    if stored is None:
+        return {}
+    if not isinstance(stored, dict) or not all(
+            isinstance(k, str) and isinstance(v, float) and 0 < v < float("inf") for k, v in stored.items()):
+        raise CheckpointError(f"{path}: temperature is not a map of TTA modes to positive numbers")
+    return dict(stored)
+
+
+def add_temperatures(path: Path, temperatures: dict[str, float]) -> None:
+    """Write temperatures into the checkpoint at path (atomically, the file whole either way)."""
+    state = load_checkpoint(path)
+    state["temperature"] = {mode: float(t) for mode, t in temperatures.items()}
+    save_checkpoint(path, state)
+
+
+def same_save(a: Path, b: Path) -> bool:
+    """Whether two checkpoints were written by the same save (the same epoch and step): the same
+    weights. Their tensors are mapped, not read."""
+    sa, sb = load_checkpoint(a, mmap=True), load_checkpoint(b, mmap=True)
+    return (sa.get("epoch"), sa.get("global_step")) == (sb.get("epoch"), sb.get("global_step"))

@@ -115,12 +115,24 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
                    help="test-time augmentation (default: the run's train.tta, as its report used): "
                         "flip (when given alone) averages each image with its mirror; multicrop "
                         "adds one-pixel shifts (airbench's level 2); none turns it off")
+    _calibrated_option(p, "also measure the probabilities after the checkpoint's temperature for this "
+                          "TTA (fitted on its run's validation split: by fit, else now)")
+
+
+def _calibrated_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--calibrated", action="store_true", help=what)
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _predict_options(p: argparse.ArgumentParser) -> None:
     _ckpt_option(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--topk", type=positive_int, default=3, metavar="K", help="classes per image (3)")
+    _calibrated_option(p, "probabilities after the checkpoint's temperature (softmax(logits / T); "
+                          "fitted on its run's validation split: by fit, else now)")
     add_json_option(p, "the predictions")
     _device_option(p)
 
@@ -160,12 +172,14 @@ def _export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write (and FILE.json)")
     p.add_argument("--data-root", metavar="DIR",
                    help="the test data for the parity check (default: data.root of the stored config)")
+    _calibrated_option(p, "output logits / T, the checkpoint's temperature inside the exported graph "
+                          "(fitted on its run's validation split: by fit, else now)")
 
 
 def _runs_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", nargs="?", default=None, metavar="DIR", help="default: runs")
     p.add_argument("--sort", default="name", metavar="COLUMN",
-                   help="name (default), arch, params, epochs, best_val, test_top1, time_s, "
+                   help="name (default), arch, params, epochs, best_val, test_top1, test_ece, time_s, "
                         "precision, device or status")
     p.add_argument("--reverse", action="store_true", help="largest first")
     add_json_option(p, "the rows")
@@ -262,7 +276,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vggtrain.report import format_text, report_json
 
     report = evaluate_checkpoint(args.ckpt, args.split, args.data_root, args.batch_size, args.device,
-                                 args.tta)
+                                 args.tta, args.calibrated, _note)
     if not json_only(args.json):
         print(format_text(report), end="")
     if args.json is not None:
@@ -277,13 +291,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     device = select_device(args.device)
     loaded = load_model(resolve_checkpoint(args.ckpt), device)
-    results, errors = predict_files(loaded, args.images, device, args.topk)
+    temperature = None
+    if args.calibrated:
+        from vggtrain.eval import checkpoint_temperature
+
+        temperature = checkpoint_temperature(loaded, "none", note=_note)[0]  # predict runs no TTA
+    results, errors = predict_files(loaded, args.images, device, args.topk, temperature)
     for e in errors:
         print(f"vggtrain: {shown(e['error'])}", file=sys.stderr)
     if not json_only(args.json):
         print(format_predictions(results), end="")
     if args.json is not None:
-        write_output(args.json, json.dumps(predictions_json(loaded, results, errors, args.topk), indent=2)
+        write_output(args.json, json.dumps(predictions_json(loaded, results, errors, args.topk, temperature),
+                                                indent=2)
                      + "\n")
     return EXIT_USAGE if errors else EXIT_OK
 
@@ -337,13 +357,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from vggtrain.export import export_checkpoint
 
-    side = export_checkpoint(args.ckpt, args.format, args.out, args.data_root)
+    side = export_checkpoint(args.ckpt, args.format, args.out, args.data_root, calibrated=args.calibrated,
+                             note=_note)
     p = side["parity"]
     speed = f", {p['exported_images_per_s']:,.0f} images/s" if p["exported_images_per_s"] else ""
+    scaled = f"; logits divided by the temperature {side['temperature']:.3f}" if side["temperature"] else ""
     print(shown(f"wrote {args.out} ({args.format}, {side['source']['weights']} weights of epoch "
                 f"{side['source']['epoch']}) and {args.out}.json; parity on {p['images_from']}: max |logit "
                 f"difference| {p['max_abs_logit_diff']:.1e} (tolerance {p['tolerance']:.1e}), top-1 the "
-                f"same on all {p['images']:,}{speed}"))
+                f"same on all {p['images']:,}{speed}{scaled}"))
     return EXIT_OK
 
 

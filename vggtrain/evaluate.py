@@ -1,4 +1,5 @@
-"""Measure a model on a split: top-1, top-5, loss, per-class accuracy, confusion matrix. The
+"""Measure a model on a split: top-1, top-5, loss, per-class accuracy, confusion matrix,
+calibration (calibration.py: ECE, NLL, Brier; before and after a temperature). The
 loop validates with it, `fit` and `vggtrain eval` (eval.py) test with it, and report.py turns
 its Evaluation into the report."""
 
@@ -6,12 +7,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from vggtrain import distributed
+from vggtrain import calibration, distributed
+from vggtrain.calibration import Calibration
 from vggtrain.config import TrainConfig
 from vggtrain.data import CIFAR10_STATS, Split, Stats, eval_batches, norm_stats
 from vggtrain.device import autocast, channels_last_for, synchronize
@@ -31,6 +33,7 @@ class EvalSettings:
     channels_last: bool = False
     tta: str = "none"  # one of TTA_MODES, as train.tta
     stats: Stats = CIFAR10_STATS  # the normalisation the model was trained with
+    temperature: float | None = None  # also measure softmax(log-probabilities / T) (calibration.py)
 
 
 def eval_settings(cfg: TrainConfig, device: torch.device, tta: str | None = None,
@@ -53,6 +56,8 @@ class Evaluation:
     predictions: torch.Tensor  # int64 (N,) predicted class per image, in split order
     confidence: torch.Tensor  # float32 (N,) probability of the predicted class
     seconds: float  # wall time of the pass, host syncs included
+    calibration: Calibration | None = None  # ECE, NLL, Brier of the probabilities as measured
+    calibrated: Calibration | None = None  # the same after settings.temperature, where given
 
     @property
     def images_per_s(self) -> float | None:
@@ -102,6 +107,8 @@ def evaluate_split(model: nn.Module, split: Split, settings: EvalSettings,
     topk = torch.zeros((), device=device, dtype=torch.int64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
     preds, confs = [], []
+    # calibration's sums: of the probabilities as measured, then after the temperature (if any)
+    cal = [calibration.new_sums(device) for _ in range(1 if s.temperature is None else 2)]
     synchronize(device)
     t0 = time.perf_counter()
     for x, y in eval_batches(split, s.batch_size, s.channels_last, s.stats):
@@ -115,19 +122,52 @@ def evaluate_split(model: nn.Module, split: Split, settings: EvalSettings,
         confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
         preds.append(pred)
         confs.append(logp.gather(1, pred[:, None]).squeeze(1).exp())
+        calibration.add_batch(cal[0], logp, y, pred)
+        if s.temperature is not None:  # T > 0 leaves every prediction as it is
+            calibration.add_batch(cal[1], calibration.rescaled(logp, s.temperature), y, pred)
     if dist.enabled:
         counts = distributed.all_sum(torch.stack([top1, topk]), dist)
         top1, topk = counts[0], counts[1]
-        distributed.all_sum(loss_sum, dist)
-        distributed.all_sum(confusion, dist)
+        for t in (loss_sum, confusion, *(t for sums in cal for t in sums)):
+            distributed.all_sum(t, dist)
     # Two host reads in all (one per dtype), not one per number: on a GPU each read waits for
-    # the device, and validation runs every epoch. The second read ends the timing.
+    # the device, and validation runs every epoch. The second read ends the timing. The
+    # calibration sums, of known sizes, come before the per-image predictions.
     no_preds = torch.zeros(0, device=device, dtype=torch.int64)
-    ints = torch.cat([top1[None], topk[None], confusion, torch.cat(preds) if preds else no_preds]).cpu()
-    floats = torch.cat([loss_sum[None], torch.cat(confs) if confs else loss_sum.new_zeros(0)]).cpu()
+    ints = torch.cat([top1[None], topk[None], confusion, *(c[0] for c in cal),
+                      torch.cat(preds) if preds else no_preds]).cpu()
+    floats = torch.cat([loss_sum[None], *(c[1] for c in cal),
+                        torch.cat(confs) if confs else loss_sum.new_zeros(0)]).cpu()
     seconds = time.perf_counter() - t0
     c1, ck, cells = int(ints[0]), int(ints[1]), num_classes * num_classes
+    i, f = 2 + cells + len(cal) * calibration.INTS, 1 + len(cal) * calibration.FLOATS
+    measured = [calibration.summarize(ints[2 + cells:i].view(len(cal), -1)[j],
+                                      floats[1:f].view(len(cal), -1)[j]) for j in range(len(cal))]
     d = max(total, 1)
     return Evaluation(loss=float(floats[0]) / d, top1=c1 / d, top5=ck / d, images=total,
                       confusion=ints[2:2 + cells].view(num_classes, num_classes),
-                      predictions=ints[2 + cells:], confidence=floats[1:], seconds=seconds)
+                      predictions=ints[i:], confidence=floats[f:], seconds=seconds,
+                      calibration=measured[0], calibrated=measured[1] if len(cal) > 1 else None)
+
+
+@torch.no_grad()
+def split_log_probs(model: nn.Module, split: Split, settings: EvalSettings
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities (N, C) float32, labels (N,)) of every image of split, on the device, as
+    evaluate_split measures them (the same TTA): what a temperature is fitted on."""
+    model.eval()
+    s, out, labels = settings, [], []
+    for x, y in eval_batches(split, s.batch_size, s.channels_last, s.stats):
+        with autocast(s.device, s.precision):
+            out.append(log_probs(model, x, s.tta).float())
+        labels.append(y)
+    return torch.cat(out), torch.cat(labels)
+
+
+def fit_temperatures(model: nn.Module, split: Split, settings: EvalSettings, modes: list[str]
+                     ) -> dict[str, float]:
+    """A temperature per TTA mode, each fitted on split's log-probabilities under that mode
+    (calibration.fit_temperature): a temperature applies to the kind of log-probabilities it
+    was fitted on, and predict and export run one forward pass (mode "none")."""
+    return {mode: calibration.fit_temperature(*split_log_probs(model, split, replace(settings, tta=mode)))
+            for mode in dict.fromkeys(modes)}

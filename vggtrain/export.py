@@ -18,6 +18,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,26 +43,33 @@ ONNX_EXTRA = "ONNX export needs onnx, onnxscript and onnxruntime: pip install 'v
 
 class ImagesToLogits(nn.Module):
     """The deployable model: float images in [0, 1] -> logits, the run's normalisation inside
-    (the same (x - mean) / std that training applied to x / 255)."""
+    (the same (x - mean) / std that training applied to x / 255); with a temperature T, logits / T
+    (calibrated: their softmax is the calibrated probabilities)."""
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 temperature: float | None = None) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.temperature = temperature  # a constant of the graph, not a buffer: None leaves no op
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images - self.mean) / self.std)
+        logits = self.model((images - self.mean) / self.std)
+        return logits if self.temperature is None else logits / self.temperature
 
 
-def deployable(loaded: LoadedModel) -> ImagesToLogits:
+def deployable(loaded: LoadedModel, temperature: float | None = None) -> ImagesToLogits:
     model = loaded.model.to("cpu", memory_format=torch.contiguous_format).float()
-    return ImagesToLogits(model, *norm_stats(loaded.cfg.data)).eval()
+    return ImagesToLogits(model, *norm_stats(loaded.cfg.data), temperature).eval()
 
 
 def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, data_root: str | None = None,
-                      batch_size: int = 500) -> dict[str, Any]:
-    """Export, check parity, then write `out` and `out`.json. Returns the sidecar's contents."""
+                      batch_size: int = 500, calibrated: bool = False,
+                      note: Callable[[str], None] = print) -> dict[str, Any]:
+    """Export, check parity, then write `out` and `out`.json. Returns the sidecar's contents.
+    calibrated: the checkpoint's no-TTA temperature T baked in (eval.checkpoint_temperature; note
+    gets its line when one had to be fitted): the exported model outputs logits / T."""
     if fmt not in FORMATS:
         raise UserError(f"usage error: --format is one of {', '.join(FORMATS)} (got {fmt!r})")
     if fmt == "onnx":
@@ -77,7 +85,12 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, data_root: st
     if out.exists() and path.exists() and os.path.samefile(out, path):
         raise UserError(f"--out {out}: is the checkpoint being exported; name another file")
     loaded = load_model(path, "cpu")
-    net = deployable(loaded)
+    temperature = None
+    if calibrated:  # the exported graph is one forward pass: the temperature fitted without TTA
+        from vggtrain.eval import checkpoint_temperature
+
+        temperature = checkpoint_temperature(loaded, "none", data_root, note=note)[0]
+    net = deployable(loaded, temperature)
     images, source = parity_images(loaded, data_root)
     try:
         return _export_checked(loaded, path, net, fmt, out, images, source, batch_size)
@@ -100,7 +113,7 @@ def _export_checked(loaded: LoadedModel, path: Path, net: ImagesToLogits, fmt: s
             raise UserError(f"export refused: the {fmt} model disagrees with {path} on {source} "
                             f"(max |logit difference| {parity['max_abs_logit_diff']:.2e}, top-1 differs "
                             f"on {parity['top1_disagree']} images); nothing was written")
-        sidecar = sidecar_for(loaded, path, fmt, out, parity)
+        sidecar = sidecar_for(loaded, path, fmt, out, parity, net)
         tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return sidecar
 
@@ -203,9 +216,10 @@ def check_parity(reference: nn.Module, exported: Any, images: torch.Tensor, batc
             "exported_images_per_s": round(len(images) / seconds, 1) if seconds else None}
 
 
-def sidecar_for(loaded: LoadedModel, ckpt: Path, fmt: str, out: Path, parity: dict[str, Any]
-                ) -> dict[str, Any]:
+def sidecar_for(loaded: LoadedModel, ckpt: Path, fmt: str, out: Path, parity: dict[str, Any],
+                net: ImagesToLogits) -> dict[str, Any]:
     mean, std = norm_stats(loaded.cfg.data)
+    t = net.temperature
     return {
         "file": out.name, "format": fmt, "vggtrain_version": __version__,
         "torch_version": str(torch.__version__),
@@ -214,7 +228,10 @@ def sidecar_for(loaded: LoadedModel, ckpt: Path, fmt: str, out: Path, parity: di
                   "normalization": "inside the model: (x - mean) / std", "mean": list(mean),
                   "std": list(std)},
         "output": {"name": "logits", "shape": ["N", loaded.cfg.model.num_classes],
-                   "meaning": "unnormalised scores; softmax gives probabilities"},
+                   "meaning": "unnormalised scores; softmax gives probabilities" if t is None else
+                   f"the model's logits divided by the temperature {t:.6g} (inside the graph); softmax "
+                   "gives calibrated probabilities"},
+        "temperature": t,
         "class_names": loaded.class_names,
         "test_time_augmentation": "none (one forward pass; the run's report used "
                                   f"{loaded.cfg.train.tta})",

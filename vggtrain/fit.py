@@ -10,19 +10,20 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from vggtrain import allocator, distributed, graphs
 from vggtrain.atomic import atomic_write_text
-from vggtrain.checkpoint import check_weights_fit, load_checkpoint, model_weights
+from vggtrain.checkpoint import add_temperatures, check_weights_fit, load_checkpoint, model_weights, same_save
 from vggtrain.config import TrainConfig, check_resume_changes, config_with_overrides, dump_config
 from vggtrain.curves import learning_curves
 from vggtrain.data import Split, load_dataset, measure_stats, split_train_val
 from vggtrain.device import set_deterministic
 from vggtrain.distributed import Dist
 from vggtrain.errors import STORAGE_ERRNOS, UserError, shown
-from vggtrain.evaluate import Evaluation, eval_settings, evaluate_split
+from vggtrain.evaluate import EvalSettings, Evaluation, eval_settings, evaluate_split, fit_temperatures
 from vggtrain.finetune import Start, choose_stats, open_source
 from vggtrain.model import count_parameters
 from vggtrain.run import Run, build_run, refuse_finished_run, steps_per_epoch
@@ -139,7 +140,7 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
                     "train_time_s": run.train_time_s}
         from vggtrain.report import log_report, report_json, report_pictures, write_report_files  # Pillow
 
-        report, evaluation = test_report(run, test)
+        report, evaluation = test_report(run, test, val)
         clock.lap("test_s")
         writer.flush()  # the curves are read back from the event files
         pictures = learning_curves(rd.path / "tb", f"{cfg.name}: learning curves")
@@ -254,8 +255,9 @@ def announce(run: Run, rd: RunDir, n_train: int, n_val: int, n_test: int) -> Non
     print(f"allocator: {allocator.in_effect()}", flush=True)
 
 
-def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
-    """Load best.pt into the model and measure it on the test set, which nothing else touches.
+def test_report(run: Run, test: Split, val: Split | None = None) -> tuple[dict[str, Any], Evaluation]:
+    """Load best.pt into the model and measure it on the test set, which nothing else touches;
+    with a validation split, first fit its temperatures there (calibrate_best).
 
     Returns the report (the schema `vggtrain eval` writes, plus the run's training facts) and the
     evaluation itself, whose per-image predictions the report's pictures need.
@@ -266,11 +268,15 @@ def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
     weights, which = model_weights(best)  # the weight EMA's, where the run kept one
     run.model.load_state_dict(weights)
     cfg = run.cfg
-    ev = evaluate_split(run.model, test, eval_settings(cfg, run.device))
+    settings = eval_settings(cfg, run.device)
+    temperature = calibrate_best(run, val, settings).get(cfg.train.tta)
+    ev = evaluate_split(run.model, test, replace(settings, temperature=temperature))
     report = build_report(ev, split="test", model=run.model, cfg=cfg, class_names=run.class_names,
                           checkpoint=run.dir / "best.pt", checkpoint_epoch=int(best["epoch"]),
                           device=run.device, precision=cfg.train.precision, tta=cfg.train.tta,
-                          weights=which)
+                          weights=which, temperature=temperature,
+                          temperature_from=f"fitted on the {len(val):,} validation images"
+                          if temperature is not None else None)
     m = report["metrics"]
     report.update({
         "test": {"loss": m["loss"], "acc": m["top1"], "images": m["images"]},  # fit's first keys
@@ -287,3 +293,17 @@ def test_report(run: Run, test: Split) -> tuple[dict[str, Any], Evaluation]:
         "init": run.init,  # init.from's: where the weights started (path, config digest)
     })
     return report, ev
+
+
+def calibrate_best(run: Run, val: Split | None, settings: EvalSettings) -> dict[str, float]:
+    """With a validation split: temperatures fitted there for the model as loaded (best.pt's
+    measured weights), under the run's TTA and without TTA (what predict and export run), and
+    stored in best.pt, and in last.pt where it holds the same weights. {} without one."""
+    if val is None or not len(val):
+        return {}
+    temperatures = fit_temperatures(run.model, val, settings, [run.cfg.train.tta, "none"])
+    best, last = run.dir / "best.pt", run.dir / "last.pt"
+    add_temperatures(best, temperatures)
+    if last.is_file() and same_save(best, last):  # else last.pt's weights are not the ones measured
+        add_temperatures(last, temperatures)
+    return temperatures

@@ -3,13 +3,19 @@ its own stored config describes, its weights, its class names."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vggtrain.checkpoint import check_weights_fit, load_checkpoint, load_model_state, model_weights
+from vggtrain.checkpoint import (
+    check_weights_fit,
+    load_checkpoint,
+    load_model_state,
+    model_weights,
+    stored_temperatures,
+)
 from vggtrain.config import TrainConfig, config_from_dict
 from vggtrain.device import channels_last_for
 from vggtrain.errors import CheckpointError, shown
@@ -24,6 +30,8 @@ class LoadedModel:
     path: Path
     epoch: int
     weights: str = "raw"  # "ema": the run's weight EMA (optim.ema_decay), else the trained weights
+    # TTA mode -> the temperature fit fitted under it (calibration.py); {}: none stored
+    temperatures: dict[str, float] = field(default_factory=dict)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
@@ -50,11 +58,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
         epoch = int(state.get("epoch", 0))
     except (TypeError, ValueError):
         raise CheckpointError(f"{path}: epoch is not a number") from None
+    temperatures = stored_temperatures(state, path)
     model = model.to(device)
     if channels_last_for(cfg.train.channels_last, torch.device(device)):
         model = model.to(memory_format=torch.channels_last)
     model.eval()
-    return LoadedModel(model, cfg, list(names), path, epoch, which)
+    return LoadedModel(model, cfg, list(names), path, epoch, which, temperatures)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -22,19 +22,21 @@ SCHEMA = "vggtrain.predict/1"
 
 @torch.no_grad()
 def probabilities(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
-                  batch_size: int = 256, stats: Stats = CIFAR10_STATS) -> torch.Tensor:
+                  batch_size: int = 256, stats: Stats = CIFAR10_STATS,
+                  temperature: float | None = None) -> torch.Tensor:
     """uint8 (N, 3, 32, 32) -> float32 class probabilities (N, C) on the CPU; stats: the
-    normalisation the model was trained with."""
+    normalisation the model was trained with; temperature: softmax(logits / T) (calibration.py)."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start:start + batch_size].to(device), stats=stats)
-        out.append(torch.softmax(model(x).float(), dim=1).cpu())
+        logits = model(x).float()
+        out.append(torch.softmax(logits if temperature is None else logits / temperature, dim=1).cpu())
     return torch.cat(out)
 
 
-def predict_files(loaded: LoadedModel, paths: Sequence[str], device: torch.device, topk: int
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def predict_files(loaded: LoadedModel, paths: Sequence[str], device: torch.device, topk: int,
+                  temperature: float | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """(one result per readable image, one error per unreadable one), each in input order; a
     directory stands for the images under it (image_paths), each unreadable one an error that
     the others go on without."""
@@ -48,7 +50,8 @@ def predict_files(loaded: LoadedModel, paths: Sequence[str], device: torch.devic
             errors.append({"image": p, "error": str(e)})
     results = []
     if images:
-        probs = probabilities(loaded.model, torch.stack(images), device, stats=norm_stats(loaded.cfg.data))
+        probs = probabilities(loaded.model, torch.stack(images), device, stats=norm_stats(loaded.cfg.data),
+                              temperature=temperature)
         k = min(topk, probs.shape[1])
         values, indices = probs.topk(k, dim=1)
         for p, vs, ix in zip(ok_paths, values.tolist(), indices.tolist(), strict=True):
@@ -58,9 +61,9 @@ def predict_files(loaded: LoadedModel, paths: Sequence[str], device: torch.devic
 
 
 def predictions_json(loaded: LoadedModel, results: list[dict[str, Any]], errors: list[dict[str, str]],
-                     topk: int) -> dict[str, Any]:
+                     topk: int, temperature: float | None = None) -> dict[str, Any]:
     return {"schema": SCHEMA, "checkpoint": str(loaded.path), "checkpoint_epoch": loaded.epoch,
-            "weights": loaded.weights,
+            "weights": loaded.weights, "temperature": temperature,
             "class_names": loaded.class_names, "topk": topk, "predictions": results, "errors": errors}
 
 

@@ -21,6 +21,12 @@ from torch import nn
 
 import vggtrain
 from vggtrain.atomic import atomic_write_text
+from vggtrain.calibration_report import (
+    calibration_entry,
+    calibration_lines,
+    calibration_markdown,
+    reliability_diagram,
+)
 from vggtrain.config import TrainConfig, digest_of
 from vggtrain.data import Split
 from vggtrain.draw import BLUES, apply_colormap, font, save_png, text_rotated, text_size, to_pil, to_tensor
@@ -45,8 +51,10 @@ def _finite(x: float | None) -> float | None:
 def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConfig,
                  class_names: list[str], checkpoint: str | Path, checkpoint_epoch: int,
                  device: torch.device | str, precision: str, tta: str = "none",
-                 weights: str = "raw") -> dict[str, Any]:
-    """The report as plain data, in the documented schema (docs/evaluation.md, "The report")."""
+                 weights: str = "raw", temperature: float | None = None,
+                 temperature_from: str | None = None) -> dict[str, Any]:
+    """The report as plain data, in the documented schema (docs/evaluation.md, "The report").
+    temperature: the one ev was measured with (EvalSettings.temperature), and where it came from."""
     per_class = [{"class": name, "correct": c, "total": t, "acc": c / t if t else None}
                  for name, (c, t) in zip(class_names, ev.per_class(), strict=True)]
     return {
@@ -58,6 +66,7 @@ def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConf
         "per_class": per_class,
         "class_names": list(class_names),
         "confusion_matrix": ev.confusion.tolist(),
+        "calibration": calibration_entry(ev, temperature, temperature_from),
         "checkpoint": str(checkpoint),
         "checkpoint_epoch": int(checkpoint_epoch),
         "weights": weights,
@@ -261,6 +270,7 @@ def format_text(report: dict[str, Any]) -> str:
         f"{_tta_text(report, ', ')})" + (f", {ips:,.0f} images/s" if ips else ""),
         "",
         headline(report),
+        *calibration_lines(report),
         "",
     ]
     name_w = max(8, *(len(n) for n in names))
@@ -329,6 +339,7 @@ def format_markdown(report: dict[str, Any], images: list[tuple[str, str]] = ()) 
                 "|---|" + "--:|" * len(names)]
         for name, row in zip(names, report["confusion_matrix"], strict=True):
             out.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    out += calibration_markdown(report)
     for alt, file in images:
         out += ["", f"![{alt}]({file})"]
     return "\n".join(out) + "\n"
@@ -358,6 +369,10 @@ def log_report(writer: Any, report: dict[str, Any], pictures: dict[str, torch.Te
     metrics = {f"{split}/acc": m["top1"], f"{split}/top5": m["top5"]}
     if m["loss"] is not None:
         metrics[f"{split}/loss"] = m["loss"]
+    if report.get("calibration"):
+        metrics[f"{split}/ece"] = report["calibration"]["ece"]
+        if report["calibration"]["calibrated"]:
+            metrics[f"{split}/ece_calibrated"] = report["calibration"]["calibrated"]["ece"]
     for tag, value in metrics.items():
         writer.add_scalar(tag, value, step)
     for name, img in pictures.items():  # the learning curves are the whole run's, not the split's
@@ -381,7 +396,10 @@ def report_pictures(report: dict[str, Any], ev: Evaluation, split: Split) -> dic
                                   row_totals=cm.sum(1)[keep])
     else:
         picture = confusion_image(cm, names, title)
-    return {"confusion_matrix": picture, "misclassified": mistakes_image(split, ev, names)}
+    pictures = {"confusion_matrix": picture, "misclassified": mistakes_image(split, ev, names)}
+    if report.get("calibration"):
+        pictures["reliability_diagram"] = reliability_diagram(report)
+    return pictures
 
 
 def write_report_files(out_dir: Path, report: dict[str, Any], pictures: dict[str, torch.Tensor]) -> None:

@@ -15,8 +15,8 @@ from vggtrain.errors import UserError, shown
 from vggtrain.rundir import STATUS_FILE
 from vggtrain.safeio import REPORT_LIMIT, TEXT_LIMIT, read_json, read_yaml
 
-COLUMNS = ("name", "arch", "params", "epochs", "best_val", "test_top1", "time_s", "precision",
-           "device", "status")
+COLUMNS = ("name", "arch", "params", "epochs", "best_val", "test_top1", "test_ece", "time_s",
+           "precision", "device", "status")
 SORT_KEYS = COLUMNS
 STATES = ("finished", "stopped", "running", "diverged")
 
@@ -120,6 +120,7 @@ def run_row(path: Path, name: str) -> dict[str, Any] | None:
         "epochs": [done, planned],
         "best_val": _number(_get(status, "best_val_acc")) if status else _number(_get(report, "val_acc")),
         "test_top1": _number(_get(report, "metrics", "top1")),
+        "test_ece": _number(_get(report, "calibration", "ece")),  # as measured (no temperature)
         "time_s": _number(_get(report, "train_time_s")) or _number(_get(status, "train_time_s")),
         "precision": _text(_get(status, "precision") or _get(report, "precision")
                            or _get(config, "train", "precision")),
@@ -168,7 +169,7 @@ def _cell(key: str, value: Any) -> str:
     if key == "epochs":
         done, planned = value
         return f"{'-' if done is None else f'{done:g}'}/{'-' if planned is None else f'{planned:g}'}"
-    if key in ("best_val", "test_top1"):
+    if key in ("best_val", "test_top1", "test_ece"):
         return f"{value:.2%}"
     if key == "params":
         return f"{value / 1e6:.2f}M"

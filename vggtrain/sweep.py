@@ -434,11 +434,15 @@ def run_seeds(config: str, overrides: list[str], seeds: int, first_seed: int = 0
         r = _seed_report(report_file)
         ttt = _time_to_target(reached_file) if os.path.lexists(reached_file) else {}
         rows.append({"seed": seed, "test_top1": r["top1"], "val_acc": r["val_acc"],
+                     "test_ece": r["ece"], "test_ece_calibrated": r["ece_calibrated"],
                      "train_time_s": r["train_time_s"],
                      "time_to_target_s": ttt.get("train_time_s") if ttt.get("target") == target else None,
                      "run_dir": str(run_dir)})
     summary = {"schema": "vggtrain.seeds/1", "config": config, "overrides": overrides, "target": target,
                "runs": rows, "test_top1": describe([r["test_top1"] for r in rows]),
+               # calibration (reports before it have none; calibrated: runs with a validation split)
+               **{key: describe([r[key] for r in rows if r[key] is not None])
+                  for key in ("test_ece", "test_ece_calibrated")},
                "train_time_s": describe([r["train_time_s"] for r in rows if r["train_time_s"] is not None]),
                "time_to_target_s": describe([r["time_to_target_s"] for r in rows
                                              if r["time_to_target_s"] is not None])}
@@ -460,6 +464,8 @@ def _seed_report(path: Path) -> dict[str, Any]:
     return {"config_digest": field(data, "config_digest", "string", error, path),
             "top1": field(data, "metrics.top1", "fraction", error, path),
             "val_acc": field(data, "val_acc", "fraction|null", error, path),
+            "ece": field(data, "calibration.ece", "fraction|null", error, path),
+            "ece_calibrated": field(data, "calibration.calibrated.ece", "fraction|null", error, path),
             "train_time_s": field(data, "train_time_s", "number|null", error, path)}
 
 
@@ -495,6 +501,10 @@ def describe(values: list[float]) -> dict[str, float | None]:
             "max": max(values)}
 
 
+def _percent(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v * 100 if isinstance(v, float) and k != "n" else v) for k, v in d.items()}
+
+
 def format_seeds(s: dict[str, Any]) -> str:
     def row(name: str, d: dict, fmt: str) -> str:
         cells = [format(d[k], fmt) if d[k] is not None and not math.isnan(d[k]) else "-"
@@ -503,7 +513,11 @@ def format_seeds(s: dict[str, Any]) -> str:
 
     acc = {k: (v * 100 if isinstance(v, float) else v) for k, v in s["test_top1"].items()}
     lines = ["| | runs | median | mean | std | min | max |", "|---|--:|--:|--:|--:|--:|--:|",
-             row("test top-1 (%)", acc, ".2f"), row("training time (s)", s["train_time_s"], ".1f"),
+             row("test top-1 (%)", acc, ".2f"),
+             *[row(name, _percent(s[key]), ".2f") for key, name in
+               (("test_ece", "test ECE (%)"), ("test_ece_calibrated", "test ECE after T (%)"))
+               if s.get(key, {}).get("n")],
+             row("training time (s)", s["train_time_s"], ".1f"),
              *([row(f"time to {s['target']:.2%} (s)", s["time_to_target_s"], ".1f")] if s["target"] else []),
              "",
              "seeds: " + ", ".join(f"{r['seed']}: {r['test_top1']:.2%}" for r in s["runs"])]
