@@ -45,7 +45,8 @@ def add_batch(sums: tuple[torch.Tensor, torch.Tensor], logp: torch.Tensor, y: to
     probs = logp.exp()
     conf = probs.gather(1, pred[:, None]).squeeze(1).clamp(max=1.0)  # exp can round above 1
     edges = torch.linspace(0, 1, N_BINS + 1, device=logp.device)
-    slot = torch.bucketize(conf, edges, right=True) - 1  # as torchmetrics: [k/15, (k+1)/15), then 1.0
+    # as torchmetrics: [k/15, (k+1)/15), then 1.0; clamped for a diverged model's NaN
+    slot = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, N_BINS)
     ints += torch.bincount(slot * 2 + (pred == y), minlength=INTS)
     in_slot = slot[:, None] == torch.arange(SLOTS, device=logp.device)
     floats[:SLOTS] += (in_slot * conf[:, None]).sum(0)  # not scatter/index_add: deterministic on CUDA
@@ -73,8 +74,9 @@ class Calibration:
         for k, (n, c, s) in enumerate(zip(self.images, self.correct, self.confidence_sum, strict=True)):
             lower, upper = (k / N_BINS, (k + 1) / N_BINS) if k < N_BINS else (1.0, 1.0)
             bins.append({"lower": lower, "upper": upper, "images": n, "correct": c,
-                         "mean_confidence": s / n if n else None})
-        return {"ece": self.ece, "nll": _finite(self.nll), "brier": self.brier, "bins": bins}
+                         "mean_confidence": _finite(s / n) if n else None})
+        return {"ece": _finite(self.ece), "nll": _finite(self.nll), "brier": _finite(self.brier),
+                "bins": bins}
 
 
 def summarize(ints: torch.Tensor, floats: torch.Tensor) -> Calibration:
@@ -89,7 +91,7 @@ def summarize(ints: torch.Tensor, floats: torch.Tensor) -> Calibration:
 
 
 def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None  # JSON has no Infinity: a diverged model's NLL is null
+    return x if math.isfinite(x) else None  # JSON has no NaN or Infinity: a diverged model's are null
 
 
 def rescaled(logp: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -31,17 +31,21 @@ def _nll(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
 def calibration_lines(report: dict[str, Any]) -> list[str]:
     """The terminal's lines: ECE, NLL, Brier; after the temperature where one was applied."""
     c = report.get("calibration")
     if not c:
         return []
-    lines = [f"calibration: ECE {c['ece']:.2%}   NLL {_nll(c['nll'])}   Brier {c['brier']:.4f}"
+    lines = [f"calibration: ECE {_pct(c['ece'])}   NLL {_nll(c['nll'])}   Brier {_nll(c['brier'])}"
              f"   ({c.get('n_bins', N_BINS)} bins)"]
     if c.get("calibrated"):
         a = c["calibrated"]
-        lines.append(f"after temperature {c['temperature']:.3f} ({c['temperature_from']}): ECE {a['ece']:.2%}"
-                     f"   NLL {_nll(a['nll'])}   Brier {a['brier']:.4f}")
+        lines.append(f"after temperature {c['temperature']:.3f} ({c['temperature_from']}): ECE "
+                     f"{_pct(a['ece'])}   NLL {_nll(a['nll'])}   Brier {_nll(a['brier'])}")
     return lines
 
 
@@ -54,11 +58,11 @@ def calibration_markdown(report: dict[str, Any]) -> list[str]:
            f"Expected calibration error over {c.get('n_bins', N_BINS)} equal-width bins of the top-1 "
            "confidence, negative log-likelihood and Brier score (docs/evaluation.md, \"Calibration\").",
            "", "| | ECE | NLL | Brier |", "|---|--:|--:|--:|",
-           f"| as measured | {c['ece']:.2%} | {_nll(c['nll'])} | {c['brier']:.4f} |"]
+           f"| as measured | {_pct(c['ece'])} | {_nll(c['nll'])} | {_nll(c['brier'])} |"]
     if c.get("calibrated"):
         a = c["calibrated"]
-        out.append(f"| after temperature {c['temperature']:.3f} | {a['ece']:.2%} | {_nll(a['nll'])} | "
-                   f"{a['brier']:.4f} |")
+        out.append(f"| after temperature {c['temperature']:.3f} | {_pct(a['ece'])} | {_nll(a['nll'])} | "
+                   f"{_nll(a['brier'])} |")
         out += ["", f"The temperature was {c['temperature_from']}."]
     else:
         out += ["", "No temperature applied (fit fits one when its run has a validation split; "
@@ -91,7 +95,7 @@ def reliability_diagram(report: dict[str, Any]) -> torch.Tensor:
     draw = ImageDraw.Draw(img)
     black, grey = (20, 20, 20), (150, 150, 150)
     name = report["config"].get("name") or "model"
-    draw.text((pad, pad), f"{name}: reliability, {report['split']} set, ECE {c['ece']:.2%}",
+    draw.text((pad, pad), f"{name}: reliability, {report['split']} set, ECE {_pct(c['ece'])}",
               font=title_f, fill=black)
     draw.text((pad, pad + 22), "bars: accuracy per confidence bin; red: gap to the bin's mean confidence",
               font=f, fill=(110, 110, 110))

@@ -369,10 +369,11 @@ def log_report(writer: Any, report: dict[str, Any], pictures: dict[str, torch.Te
     metrics = {f"{split}/acc": m["top1"], f"{split}/top5": m["top5"]}
     if m["loss"] is not None:
         metrics[f"{split}/loss"] = m["loss"]
-    if report.get("calibration"):
-        metrics[f"{split}/ece"] = report["calibration"]["ece"]
-        if report["calibration"]["calibrated"]:
-            metrics[f"{split}/ece_calibrated"] = report["calibration"]["calibrated"]["ece"]
+    c = report.get("calibration") or {}
+    if c.get("ece") is not None:
+        metrics[f"{split}/ece"] = c["ece"]
+    if (c.get("calibrated") or {}).get("ece") is not None:
+        metrics[f"{split}/ece_calibrated"] = c["calibrated"]["ece"]
     for tag, value in metrics.items():
         writer.add_scalar(tag, value, step)
     for name, img in pictures.items():  # the learning curves are the whole run's, not the split's
