@@ -249,3 +249,13 @@ def test_seeds_table_shows_ece_when_the_runs_have_it():
     assert "| test ECE (%) | 2 | 3.10 |" in text and "| test ECE after T (%) | 2 | 1.20 |" in text
     old = {k: v for k, v in s.items() if not k.startswith("test_ece")}
     assert "ECE" not in format_seeds(old)
+
+
+def test_adding_a_batch_reads_nothing_back_from_the_device():
+    from vggtrain.stepcount import OpCounter
+
+    logp, labels = fixed_set(saturated=True)
+    sums = calibration.new_sums(logp.device)
+    with OpCounter() as c:
+        calibration.add_batch(sums, calibration.rescaled(logp, 1.5), labels, logp.argmax(1))
+    assert c.syncs == 0, c.by_op
