@@ -89,8 +89,8 @@ def reliability_diagram(report: dict[str, Any]) -> torch.Tensor:
     bins = drawn_bins(c)
     title_f, _ = font(16)
     f, _ = font(12)
-    side, strip, pad, left, top = 400, 60, 16, 58, 64
-    width, height = left + side + pad + 10, top + side + 34 + strip + 30
+    side, strip, pad, left, top = 400, 60, 16, 58, 86
+    width, height = left + side + pad + 30, top + side + 34 + strip + 30
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     black, grey = (20, 20, 20), (150, 150, 150)
