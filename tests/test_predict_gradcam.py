@@ -92,8 +92,9 @@ def test_predict_json_schema_and_topk(run, images, tmp_path, capsys):
                           "--topk", "20", "--json", str(out_file))
     assert code == 0, err
     data = json.loads(out_file.read_text())
-    assert set(data) == {"schema", "checkpoint", "checkpoint_epoch", "weights", "class_names", "topk",
-                         "predictions", "errors"}
+    assert set(data) == {"schema", "checkpoint", "checkpoint_epoch", "weights", "temperature", "class_names",
+                         "topk", "predictions", "errors"}
+    assert data["temperature"] is None  # without --calibrated
     assert data["schema"] == SCHEMA and data["errors"] == [] and data["topk"] == 20
     (pred,) = data["predictions"]
     assert pred["image"] == str(images["cat"]) and len(pred["top"]) == 10  # all the classes there are
