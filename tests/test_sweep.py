@@ -215,6 +215,11 @@ def test_seeds_summarise_accuracy_and_time_to_target(cifar_bin, tmp_path, capsys
     assert summary["time_to_target_s"]["n"] == 2  # both reach 30% on the synthetic data
     assert all(0 < r["time_to_target_s"] <= r["train_time_s"] + 1e-6 for r in summary["runs"])
     assert "| test top-1 (%) | 2 |" in printed and "time to 30.00% (s)" in printed
+    # calibration, as the seeds' reports have it (tiny's val_size 200: a temperature each)
+    eces = [json.loads((runs_dir / f"seed-{k}" / "report.json").read_text())["calibration"]["ece"]
+            for k in (0, 1)]
+    assert [r["test_ece"] for r in summary["runs"]] == eces and summary["test_ece_calibrated"]["n"] == 2
+    assert "| test ECE (%) | 2 |" in printed and "| test ECE after T (%) | 2 |" in printed
     # a rerun reuses finished seeds and adds the new one
     assert _quiet(["seeds", "--config", str(cfg), "--seeds", "3", "--target", "0.3"]) == 0
     assert json.loads((runs_dir / "seeds.json").read_text())["test_top1"]["n"] == 3
