@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vggtrain.checkpoint import check_weights_fit, load_checkpoint, load_model_state, model_weights
-from vggtrain.config import TrainConfig, config_from_dict
+from vggtrain.config import TrainConfig, config_from_dict, digest_of
 from vggtrain.device import channels_last_for
 from vggtrain.errors import CheckpointError, shown
 from vggtrain.model import build_model
@@ -24,6 +24,8 @@ class LoadedModel:
     path: Path
     epoch: int
     weights: str = "raw"  # "ema": the run's weight EMA (optim.ema_decay), else the trained weights
+    config_digest: str = ""  # its stored config's digest (config.digest_of), as its report.json gives it
+    names_recorded: bool = True  # False: the checkpoint holds no class names (class_names are "0", "1", ...)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
@@ -40,6 +42,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     weights, which = model_weights(state)
     load_model_state(model, weights, path)
     names = state.get("class_names")
+    recorded = names is not None
     if names is None:
         names = [str(i) for i in range(cfg.model.num_classes)]
     if not isinstance(names, list) or len(names) != cfg.model.num_classes \
@@ -54,7 +57,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     if channels_last_for(cfg.train.channels_last, torch.device(device)):
         model = model.to(memory_format=torch.channels_last)
     model.eval()
-    return LoadedModel(model, cfg, list(names), path, epoch, which)
+    return LoadedModel(model, cfg, list(names), path, epoch, which, digest_of(state["config"]), recorded)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
