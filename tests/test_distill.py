@@ -111,6 +111,18 @@ def test_two_teachers_soft_targets_are_their_probabilities_averaged():
     assert soft.sum().item() == pytest.approx(1.0)
 
 
+def test_teachers_run_under_the_runs_autocast_and_give_float32_targets():
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5))
+    x = torch.randn(2, 3, 6, 6)
+    conv(x)
+    fp32 = _teachers([conv], [CIFAR10_STATS]).soft_targets(x)
+    bf16 = Teachers(_teachers([conv], [CIFAR10_STATS]).members, 0.5, 2.0).place(
+        torch.device("cpu"), False, CIFAR10_STATS, "bf16").soft_targets(x)
+    assert fp32.dtype == bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)
+    torch.testing.assert_close(bf16, fp32, atol=0.02, rtol=0)
+    assert not any(p.requires_grad for p in conv.parameters()) and not conv.training
+
+
 def test_a_teacher_trained_with_other_normalisation_sees_the_batch_normalised_its_way():
     pixels = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
