@@ -214,3 +214,15 @@ def test_alpha_zero_trains_exactly_as_no_distillation(data, teacher, tmp_path):
         models.append(run.model.state_dict())
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
     assert not all(torch.equal(models[0][k], models[2][k]) for k in models[0])  # alpha 0.5: it counts
+
+
+def test_cuda_graphs_fall_back_to_the_eager_step_with_teachers(tmp_path):
+    from types import SimpleNamespace
+
+    from vggtrain import distributed, graphs
+
+    cfg = config_from_dict(tiny_config(tmp_path, tmp_path, train={"cuda_graphs": True}), "t")
+    on_cuda = SimpleNamespace(cfg=cfg, device=torch.device("cuda"), dist=distributed.SINGLE)
+    assert graphs.why_not(on_cuda) is None
+    cfg.distill.teachers = ["runs/t"]
+    assert graphs.why_not(on_cuda).startswith("not with distill.teachers")

@@ -94,6 +94,7 @@ class ForwardClock:
     read when the epoch ends, after its sums were read (which waited for the device)."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.events = device.type != "cpu"
         self.seconds = 0.0
         self.pairs: list[tuple[Any, Any]] = []
@@ -101,7 +102,7 @@ class ForwardClock:
 
     def __enter__(self) -> None:
         if self.events:
-            self.pairs.append((torch.Event(enable_timing=True), torch.Event(enable_timing=True)))
+            self.pairs.append(tuple(torch.Event(self.device, enable_timing=True) for _ in range(2)))
             self.pairs[-1][0].record()
         else:
             self._t0 = time.perf_counter()
