@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("__init__", "errors", "safeio", "atomic", "device", "distributed", "allocator"),
     "core": ("config", "model", "optim", "schedule", "averaging", "trainable", "selection",
              "checkpoint", "inference", "images", "folder", "data", "evaluate", "finetune",
-             "calibration"),
+             "calibration", "distill"),
     "training": ("run", "rundir", "graphs", "train", "tb"),
     "reporting": ("report", "draw", "curves", "calibration_report"),
     "commands": ("program", "config_reference", "fit", "eval", "export", "predict", "gradcam", "runs",

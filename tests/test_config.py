@@ -292,6 +292,10 @@ NOT_APPLYING = [
      "optim.lr_scale_backbone applies only with init.from set"),
     ("init.freeze", "init: {freeze: [features]}", "init: {freeze: [features], from: runs/a}",
      "init.freeze applies only with init.from set"),
+    ("distill.alpha", "distill: {alpha: 0.9}", "distill: {alpha: 0.9, teachers: [runs/a]}",
+     "distill.alpha applies only with distill.teachers set"),
+    ("distill.temperature", "distill: {temperature: 2}", "distill: {temperature: 2, teachers: [runs/a]}",
+     "distill.temperature applies only with distill.teachers set"),
 ]
 
 

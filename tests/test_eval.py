@@ -31,7 +31,8 @@ EVAL_KEYS = {"schema", "split", "metrics", "tta", "tta_mode", "per_class", "clas
              "eval_time_s", "torch_version", "vggtrain_version", "config_digest", "config", "calibration"}
 # ... and fit's report.json adds the run's training facts.
 FIT_KEYS = EVAL_KEYS | {"test", "best_epoch", "val_acc", "epochs", "train_time_s", "allocator",
-                        "deterministic", "cuda_graphs", "timings_s", "init", "stopped_early"}
+                        "deterministic", "cuda_graphs", "timings_s", "init", "stopped_early",
+                        "distill"}
 
 
 @pytest.fixture(scope="module")

@@ -183,6 +183,7 @@ _BN = _when("model.batch_norm: true", lambda c: c.model.batch_norm)
 _MUON = _when("optim.name: muon", lambda c: c.optim.name == "muon")
 _SELECTING = _when("data.select_keep set", lambda c: c.data.select_keep is not None)
 _STARTED = _when("init.from set", lambda c: c.init.from_ is not None)  # fine-tuning (finetune.py)
+_DISTILLING = _when("distill.teachers set", lambda c: bool(c.distill.teachers))  # distillation (distill.py)
 
 # A section's rules that tie several keys together (not "applies when"): each returns its problem
 # (None: none) and names the key its error is reported against. Declared below each section.
@@ -545,6 +546,31 @@ class InitConfig:
                              _ruled("layer names or prefixes", _check_freeze), applies=_STARTED)
 
 
+def _check_teachers(paths: list) -> str | None:
+    if not all(isinstance(p, str) and p.strip() for p in paths):
+        return "must be a list of run directories or checkpoint files"
+    if len(set(paths)) != len(paths):
+        return "must not name a teacher twice"
+    return None
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation: trained runs' averaged soft targets in the loss (distill.py)."""
+
+    teachers: list[str] = _opt([], "Trained runs (their best.pt) or checkpoints whose soft targets on each "
+                               "augmented batch join the loss, each built from its own stored config with "
+                               "its weight EMA's weights where it kept one, frozen; each must have this "
+                               "run's classes; []: no distillation",
+                               _ruled("run directories or checkpoint files", _check_teachers))
+    alpha: float = _opt(0.5, "The distillation term's weight: loss = (1 - alpha) x the usual loss + alpha x "
+                        "T^2 x KL(teachers' soft targets || the network's softened prediction)",
+                        _between(0, 1), applies=_DISTILLING)
+    temperature: float = _opt(4.0, "T: the teachers' and the network's logits are divided by it before "
+                              "the softmax (softer targets as it grows)",
+                              _between(0, 1000, lo_open=True), applies=_DISTILLING)
+
+
 @dataclass
 class TrainConfig:
     """The top level: the run's name and seed, and the sections."""
@@ -559,6 +585,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)
@@ -571,7 +598,8 @@ def _plain(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
-SECTIONS = ("data", "model", "optim", "schedule", "train", "init")  # TrainConfig's sections, YAML's order
+# TrainConfig's sections, YAML's order
+SECTIONS = ("data", "model", "optim", "schedule", "train", "init", "distill")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -947,7 +975,8 @@ def dump_config(cfg: TrainConfig) -> str:
 
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
-           "InitConfig", "load_config", "config_from_dict", "config_with_overrides", "dump_config",
+           "InitConfig", "DistillConfig", "load_config", "config_from_dict", "config_with_overrides",
+           "dump_config",
            "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "digest_of",
            "TTA_MODES", "WHITEN_MODES", "SECTIONS", "SECTION_RULES", "Applies", "default_of", "DEVICE_RE",
            "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE", "yaml_key", "EarlyStopConfig"]

@@ -21,8 +21,9 @@ from vggtrain.config import TrainConfig, check_resume_changes, config_with_overr
 from vggtrain.curves import learning_curves
 from vggtrain.data import Split, load_dataset, measure_stats, split_train_val
 from vggtrain.device import set_deterministic
+from vggtrain.distill import Teachers, notes, open_teachers
 from vggtrain.distributed import Dist
-from vggtrain.errors import STORAGE_ERRNOS, UserError, shown
+from vggtrain.errors import STORAGE_ERRNOS, CheckpointError, UserError, shown
 from vggtrain.evaluate import EvalSettings, Evaluation, eval_settings, evaluate_split, fit_temperatures
 from vggtrain.finetune import Start, choose_stats, open_source
 from vggtrain.model import count_parameters
@@ -117,8 +118,11 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
         choose_stats(cfg, start)  # before the model's whitening and config.yaml use them
         if d.is_main:
             print("\n".join(shown(note) for note in start.notes), flush=True)
+    teachers = distillation_teachers(cfg, rd, class_names)  # read and checked before the run directory
     run = build_run(cfg, rd.path, class_names, len(train), d, device_spec, whiten_images=train.images,
-                    start=start)
+                    start=start, teachers=teachers)
+    if teachers is not None and d.is_main:
+        print("\n".join(shown(note) for note in notes(teachers)), flush=True)
     if rd.resume is not None:
         run.restore(rd.resume[1], rd.resume[0])
         rank0_verdict(d, lambda: refuse_finished_run(run))
@@ -169,6 +173,16 @@ def fine_tuning_start(cfg: TrainConfig, rd: RunDir) -> Start | None:
     if rd.resume is not None:
         return Start.of_record(rd.resume[1].get("init"), rd.resume[0])
     return open_source(cfg)
+
+
+def distillation_teachers(cfg: TrainConfig, rd: RunDir, class_names: list[str]) -> Teachers | None:
+    """distill.teachers read and checked against the data's classes (None without any); a resumed
+    run's are the files its checkpoint recorded, unchanged."""
+    recorded = rd.resume[1].get("distill") if rd.resume is not None else None
+    if rd.resume is not None and cfg.distill.teachers and recorded is None:
+        raise CheckpointError(f"{rd.resume[0]}: cannot resume from it: distill.teachers is set but it "
+                              f"records no teachers")
+    return open_teachers(cfg, class_names, recorded)
 
 
 class Laps:
@@ -291,6 +305,7 @@ def test_report(run: Run, test: Split, val: Split | None = None) -> tuple[dict[s
         "deterministic": cfg.train.deterministic,  # train.deterministic's kernels
         "cuda_graphs": graphs.in_use(run),  # the steps replayed a captured CUDA graph
         "init": run.init,  # init.from's: where the weights started (path, config digest)
+        "distill": run.teachers.record() if run.teachers else None,  # the teachers' paths and digests
     })
     return report, ev
 

@@ -12,7 +12,8 @@ What capture needs, and how it is met:
   training steps, nothing is redone), then the step is captured and replayed from then on.
 
 Where capture cannot work (not CUDA, fp16's GradScaler reads the device, torchrun's DDP, a
-compiled model, batch mixing or data selection, AdamW, gradient accumulation) or fails, one
+compiled model, batch mixing or data selection, AdamW, gradient accumulation, distillation) or
+fails, one
 warning and the eager step.
 """
 
@@ -41,7 +42,9 @@ def why_not(run: Run) -> str | None:
                 "not with MixUp/CutMix (ragged targets)"),
                (cfg.data.select_keep is not None, "not with data.select_keep (its proxy's own steps)"),
                (cfg.optim.name == "adamw", "SGD and Muon only (not AdamW)"),
-               (cfg.train.accum_steps > 1, "not with train.accum_steps > 1 (micro-batch steps differ)")]
+               (cfg.train.accum_steps > 1, "not with train.accum_steps > 1 (micro-batch steps differ)"),
+               (bool(cfg.distill.teachers), "not with distill.teachers (their soft targets are a second "
+                "target, which the captured step does not take)")]
     return next((why for bad, why in reasons if bad), None)
 
 

@@ -16,7 +16,7 @@ from vggtrain.checkpoint import (
     model_weights,
     stored_temperatures,
 )
-from vggtrain.config import TrainConfig, config_from_dict
+from vggtrain.config import TrainConfig, config_from_dict, digest_of
 from vggtrain.device import channels_last_for
 from vggtrain.errors import CheckpointError, shown
 from vggtrain.model import build_model
@@ -32,6 +32,8 @@ class LoadedModel:
     weights: str = "raw"  # "ema": the run's weight EMA (optim.ema_decay), else the trained weights
     # TTA mode -> the temperature fit fitted under it (calibration.py); {}: none stored
     temperatures: dict[str, float] = field(default_factory=dict)
+    config_digest: str = ""  # its stored config's digest (config.digest_of), as its report.json gives it
+    names_recorded: bool = True  # False: the checkpoint holds no class names (class_names are "0", "1", ...)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
@@ -48,6 +50,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     weights, which = model_weights(state)
     load_model_state(model, weights, path)
     names = state.get("class_names")
+    recorded = names is not None
     if names is None:
         names = [str(i) for i in range(cfg.model.num_classes)]
     if not isinstance(names, list) or len(names) != cfg.model.num_classes \
@@ -63,7 +66,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     if channels_last_for(cfg.train.channels_last, torch.device(device)):
         model = model.to(memory_format=torch.channels_last)
     model.eval()
-    return LoadedModel(model, cfg, list(names), path, epoch, which, temperatures)
+    return LoadedModel(model, cfg, list(names), path, epoch, which, temperatures, digest_of(state["config"]),
+                       recorded)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -27,6 +27,7 @@ from vggtrain import distributed
 from vggtrain.atomic import atomic_write
 from vggtrain.config import TrainConfig
 from vggtrain.device import set_deterministic
+from vggtrain.distill import open_teachers
 from vggtrain.errors import UserError
 from vggtrain.fit import load_data
 from vggtrain.model import count_parameters
@@ -137,7 +138,7 @@ def lr_find(cfg: TrainConfig, steps: int = DEFAULT_STEPS, min_lr: float = DEFAUL
     cfg = replace(cfg, train=replace(cfg.train, epochs=max(cfg.train.epochs, math.ceil(steps / per_epoch))))
     # A path nothing can be written under: the loop's step writes nothing, and this keeps it so.
     run = build_run(cfg, Path(os.devnull), class_names, len(train), device_spec=device,
-                    whiten_images=train.images)
+                    whiten_images=train.images, teachers=open_teachers(cfg, class_names))
     train = train.to(run.device)
     talk(f"lr-find: {cfg.model.arch} ({count_parameters(run.model):,} parameters) on {run.device}, "
          f"{len(train)} training images, batch {cfg.train.batch_size}: optim.lr from {min_lr:g} to "

@@ -22,6 +22,7 @@ from vggtrain.checkpoint import CheckpointWriter, load_model_state
 from vggtrain.config import EarlyStopConfig, TrainConfig
 from vggtrain.data import norm_stats, normalize
 from vggtrain.device import channels_last_for, select_device
+from vggtrain.distill import Teachers
 from vggtrain.distributed import Dist
 from vggtrain.errors import CheckpointError, UserError, first_line
 from vggtrain.finetune import Start, start_model
@@ -97,6 +98,7 @@ class Run:
     checkpoints: CheckpointWriter = field(default_factory=CheckpointWriter)  # last.pt, best.pt
     graphed: Any = None  # train.cuda_graphs' captured step (graphs.GraphedStep), False where it cannot
     init: dict[str, Any] | None = None  # init.from's record: where the weights started (finetune.Start)
+    teachers: Teachers | None = None  # distill.teachers' models, on the device, frozen (distill.py)
 
     def __post_init__(self) -> None:
         if self.forward is None:
@@ -135,6 +137,7 @@ class Run:
             "selector": self.selector.state_dict() if self.selector else None,
             "early_stop": asdict(self.early_stop),
             "init": self.init,
+            "distill": self.teachers.record() if self.teachers else None,  # re-read and checked on resume
             "versions": {"vggtrain": vggtrain.__version__, "torch": str(torch.__version__)},
         }
 
@@ -221,10 +224,12 @@ def steps_per_epoch(images: int, d: Dist, batch_size: int) -> int:
 
 def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_size: int,
               d: Dist = distributed.SINGLE, device_spec: str | None = None,
-              whiten_images: torch.Tensor | None = None, start: Start | None = None) -> Run:
+              whiten_images: torch.Tensor | None = None, start: Start | None = None,
+              teachers: Teachers | None = None) -> Run:
     """A new run for a training split of train_size images. whiten_images: uint8 training images
     for model.whiten's first-layer init (a resumed run overwrites those weights; without images
-    the fixed layer stays random, for benchmarks). start: init.from's weights (finetune.py)."""
+    the fixed layer stays random, for benchmarks). start: init.from's weights (finetune.py);
+    teachers: distill.teachers' (distill.open_teachers), placed here on the run's device."""
     device = select_device(device_spec or cfg.train.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     random.seed(cfg.seed)
@@ -261,9 +266,11 @@ def build_run(cfg: TrainConfig, run_dir: Path, class_names: list[str], train_siz
     if cfg.optim.ema_decay is not None:
         ema = WeightEMA(model, cfg.optim.ema_decay)
     selector = build_selector(cfg, device, channels_last, steps, whitening)
+    if teachers is not None:  # after init.from's choice of data.mean and data.std
+        teachers.place(device, channels_last, norm_stats(cfg.data), cfg.train.precision)
     return Run(cfg, run_dir, device, model, optimizer, scheduler, scaler, class_names, steps, dist=d,
                channels_last=channels_last, forward=forward, lookahead=lookahead, ema=ema,
-               selector=selector, init=start.record() if start is not None else None)
+               selector=selector, init=start.record() if start is not None else None, teachers=teachers)
 
 
 def compile_model(model: nn.Module, device: torch.device) -> Any:

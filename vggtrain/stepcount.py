@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vggtrain.config import TrainConfig
 from vggtrain.data import random_split
+from vggtrain.distill import open_teachers
 from vggtrain.run import EpochProgress, build_run
 from vggtrain.train import train_one_epoch
 
@@ -78,7 +79,7 @@ def count_step(cfg: TrainConfig, device: str | None = None, top: int = 12) -> St
     bs = cfg.train.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(cfg, Path(tmp), [str(i) for i in range(cfg.model.num_classes)], bs * 8,
-                        device_spec=device)
+                        device_spec=device, teachers=open_teachers(cfg))
         counts = []
         for steps in (2, 4, 8):  # the first epoch warms up: the EMA's first copy, momentum buffers
             split = random_split(bs * steps, run.device, seed=steps)

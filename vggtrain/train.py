@@ -26,6 +26,7 @@ from vggtrain.averaging import float_tensors
 from vggtrain.checkpoint import save_checkpoint
 from vggtrain.data import Augmentation, Split, TrainLoader, batch_mixer, norm_stats
 from vggtrain.device import autocast
+from vggtrain.distill import loss_function, with_soft_targets
 from vggtrain.errors import RunStopped
 from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.run import EpochProgress, Run, steps_per_epoch
@@ -35,7 +36,8 @@ from vggtrain.tb import METRICS_FILE, EpochMetrics, NullWriter
 from vggtrain.trainable import apply_gradients, optimizer_step
 
 EpochHook = Callable[[Run], bool]
-Prepared = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, the loss's targets, the labels
+# images, the loss's targets (with teachers: the pair (targets, their soft targets)), the labels
+Prepared = tuple[torch.Tensor, Any, torch.Tensor]
 # loss, logits, the labels train/acc counts against, the gradients' norm (None without clipping)
 StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 LoopStep = Callable[[torch.Tensor, torch.Tensor], StepResult]
@@ -112,11 +114,12 @@ def epoch_batches(run: Run, train: Split) -> Iterator[tuple[torch.Tensor, torch.
 
 def loop_step(run: Run, epoch_steps: int) -> LoopStep:
     """What the loop does with each batch, every per-run choice made here, once: the batch's
-    preparation (prepare_batch), the optimizer step (step_function: eager, or the captured graph),
-    then the schedule, the step counters and the weight averagers, in that order. The step returns
-    the loss, the logits, the labels train/acc counts them against and the gradients' norm."""
+    preparation (prepare_batch, the teachers' soft targets included), the optimizer step
+    (step_function, with the run's loss: eager, or the captured graph), then the schedule, the
+    step counters and the weight averagers, in that order. The step returns the loss, the logits,
+    the labels train/acc counts them against and the gradients' norm."""
     prepare = prepare_batch(run)
-    optimize = step_function(run, nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing))
+    optimize = step_function(run, loss_function(run.cfg, run.teachers))
     averagers = run.averagers  # lookahead, then the weight EMA
     if run.cfg.train.accum_steps > 1:
         return accumulated_step(run, prepare, optimize, epoch_steps)
@@ -188,8 +191,9 @@ def accumulating_train_step(run: Run, criterion: nn.Module) -> Callable[[torch.T
 
 def prepare_batch(run: Run) -> Callable[[torch.Tensor, torch.Tensor], Prepared]:
     """A batch between the loader and the optimizer step: data.select_keep's proxy keeps part of
-    it, then MixUp/CutMix mix it (either only when the config asks). Returns the images, the
-    targets the loss is taken against, and the labels train/acc counts the predictions against."""
+    it, then MixUp/CutMix mix it (either only when the config asks), then the teachers, if any,
+    predict on the result. Returns the images, the targets the loss is taken against, and the
+    labels train/acc counts the predictions against."""
     cfg, selector = run.cfg, run.selector
     mixer = batch_mixer(cfg.data, cfg.model.num_classes) if cfg.data.augment else None
     layout = torch.channels_last if run.channels_last else torch.contiguous_format  # the mix's output's
@@ -203,7 +207,7 @@ def prepare_batch(run: Run) -> Callable[[torch.Tensor, torch.Tensor], Prepared]:
         # train/acc then counts a prediction right when it is the mixed target's larger share
         return x.contiguous(memory_format=layout), target, target.argmax(1) if target.ndim == 2 else target
 
-    return prepare
+    return prepare if run.teachers is None else with_soft_targets(prepare, run.teachers)
 
 
 def step_function(run: Run, criterion: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], Any]:
@@ -299,7 +303,10 @@ def _epochs(run: Run, train: Split, val: Split, writer: Any, stop: StopSignals,
         with tqdm(total=steps_per_epoch(len(train), d, cfg.train.batch_size), leave=False,
                   desc=f"epoch {run.epoch + 1}/{math.ceil(cfg.train.epochs)}", file=sys.stdout,
                   disable=not (sys.stdout.isatty() and d.is_main), dynamic_ncols=True) as bar:
+            started = time.perf_counter()
             tr = train_one_epoch(run, train, writer, stop, bar)
+            # the teachers' share of this process's part of the epoch (a resumed one's rest)
+            cost = run.teachers.cost_text(time.perf_counter() - started) if run.teachers else ""
         run.epoch, run.progress = run.epoch + 1, EpochProgress()
         run.train_time_s += tr["time_s"]
         va = validate(run, val)
@@ -321,7 +328,7 @@ def _epochs(run: Run, train: Split, val: Split, writer: Any, stop: StopSignals,
                 val_text += f" (EMA; raw {va['raw_acc']:.2%})"
             print(f"epoch {run.epoch}/{math.ceil(cfg.train.epochs)} | train loss {tr['loss']:.4f} "
                   f"acc {tr['acc']:.2%}{val_text} | lr {lr:.4g} | {tr['images_per_s']:.0f} img/s | "
-                  f"{tr['time_s']:.1f}s{' | best' if improved and va else ''}", flush=True)
+                  f"{tr['time_s']:.1f}s{cost}{' | best' if improved and va else ''}", flush=True)
         signum = signum or agreed_signal(run, stop)  # one that came during the save, too
         if signum:
             stop_run(run, signum, f"after epoch {run.epoch}; resume with")
