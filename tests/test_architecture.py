@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("__init__", "errors", "safeio", "atomic", "device", "distributed", "allocator"),
     "core": ("config", "model", "optim", "schedule", "averaging", "trainable", "selection",
              "checkpoint", "inference", "images", "folder", "data", "evaluate", "finetune"),
-    "training": ("run", "rundir", "graphs", "train", "tb"),
+    "training": ("run", "rundir", "graphs", "train", "tb", "tracking"),
     "reporting": ("report", "draw", "curves"),
     "commands": ("program", "config_reference", "fit", "eval", "export", "predict", "gradcam", "runs",
                  "summary", "sweep", "bench", "stepcount", "synthetic", "lr_find"),
