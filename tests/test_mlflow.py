@@ -114,15 +114,16 @@ def csv_rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def assert_tracked(c, run: Path) -> str:
-    """The MLflow run that status.json and last.pt name holds run's params, its step losses at
-    TensorBoard's steps, metrics.csv's rows (one point per epoch) and the report's metrics."""
+def assert_tracked(c, run: Path, started_with: dict[str, str] | None = None) -> str:
+    """The MLflow run that status.json and last.pt name holds run's params (config.yaml's, or
+    started_with's values where a resume changed them), its step losses at TensorBoard's steps,
+    metrics.csv's rows (one point per epoch) and the report's metrics."""
     run_id = json.loads((run / "status.json").read_text())["mlflow_run_id"]
     assert torch.load(run / "last.pt", weights_only=True)["tracking"]["mlflow_run_id"] == run_id
     logged = c.get_run(run_id)
     assert logged.info.status == "FINISHED"
     stored = yaml.safe_load((run / "config.yaml").read_text())
-    assert logged.data.params == flat_params(stored)
+    assert logged.data.params == {**flat_params(stored), **(started_with or {})}
     assert logged.data.params["optim.lr"] == "0.05"
     assert logged.data.params["model.layers"] == '[8, "M", 16, "M", 16, "M"]'
     steps = list(range(1, EPOCHS * STEPS + 1))
@@ -205,7 +206,8 @@ def test_a_killed_run_resumed_goes_on_in_the_same_mlflow_run(server, data, tmp_p
     """Killed after the mid-epoch checkpoint at step 6 (epoch 2): the killed process still logged
     steps 7 and 8, and epoch 2's scalars were held, never sent (its checkpoint did not land). The
     resume redoes steps 7-8 (not sent again: one point per step) and epoch 2, whose scalars it
-    sends: one point per epoch, metrics.csv's."""
+    sends: one point per epoch, metrics.csv's. The resume's change of a resumable key is a tag
+    (a param cannot change)."""
     cfg = config(data, tmp_path, server, checkpoint_every_steps=6)
     die_after_mid_epoch_checkpoint(monkeypatch)
     assert main(["fit", "--config", str(cfg)]) == 130
@@ -217,8 +219,9 @@ def test_a_killed_run_resumed_goes_on_in_the_same_mlflow_run(server, data, tmp_p
     assert [s for s, _ in history(c, killed_id, "train/loss_step")] == list(range(1, 2 * STEPS + 1))
     assert [s for s, _ in history(c, killed_id, "train/epoch")] == [STEPS]  # epoch 1's only
     monkeypatch.undo()
-    assert main(["fit", "--resume", str(run)]) == 0
-    assert assert_tracked(c, run) == killed_id
+    assert main(["fit", "--resume", str(run), "--set", "train.eval_batch_size=40"]) == 0
+    assert assert_tracked(c, run, started_with={"train.eval_batch_size": "80"}) == killed_id
+    assert c.get_run(killed_id).data.tags["resumed.train.eval_batch_size"] == "40"
 
 
 def test_a_store_that_fails_mid_run_costs_a_warning_not_the_run(server, data, tmp_path, monkeypatch, capsys):
@@ -242,3 +245,20 @@ def test_a_store_that_fails_mid_run_costs_a_warning_not_the_run(server, data, tm
     c = client(server)
     assert c.get_run(run_id).info.status == "FINISHED"  # the artifacts and the end still went through
     assert "report.json" in {a.path for a in c.list_artifacts(run_id)}
+
+
+def test_under_torchrun_rank_0_alone_logs(server, data, tmp_path):
+    """Two ranks of 20 images a batch: the same 4 global steps an epoch, one MLflow run, one point
+    per step (the ranks' mean loss, as TensorBoard's)."""
+    cfg = config(data, tmp_path, server, batch_size=20)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "vggtrain", "fit", "--config", str(cfg)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    c = client(server)
+    run_id = assert_tracked(c, run)
+    experiment = c.get_run(run_id).info.experiment_id
+    same_dir = c.search_runs([experiment], f"tags.`vggtrain.run_dir` = '{run.absolute()}'")
+    assert [r.info.run_id for r in same_dir] == [run_id]
