@@ -60,7 +60,7 @@ def server_process(tmp_path_factory):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # its own group: the server and its workers
         try:
-            proc.wait(20)
+            proc.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
