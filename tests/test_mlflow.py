@@ -174,7 +174,7 @@ def test_a_server_that_does_not_answer_stops_the_run_at_once(kind, data, tmp_pat
             refusing.shutdown()
             refusing.server_close()
     err = capsys.readouterr().err
-    assert err.startswith(f"vggtrain: log.mlflow: {uri}: cannot reach the MLflow tracking store (")
+    assert err.startswith(f"vggtrain: log.mlflow: {uri}: cannot use the MLflow tracking store (")
     assert err.count("\n") == 1 and ("403" in err if refusing else "refused" in err.lower()), err
     assert not (tmp_path / "runs").exists()
     assert took < 90  # MLflow's default retries would take minutes: the check tries once

@@ -111,7 +111,7 @@ def connect(value: str | None) -> Connection | None:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - MLflow's, requests' and SQLAlchemy's errors alike
-        raise UserError(f"{where}: cannot reach the MLflow tracking store ({reason(e)})") from None
+        raise UserError(f"{where}: cannot use the MLflow tracking store ({reason(e)})") from None
     return Connection(client, uri, experiment_id)
 
 
