@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "core": ("config", "model", "optim", "schedule", "averaging", "trainable", "selection",
              "checkpoint", "inference", "images", "folder", "data", "evaluate", "finetune",
              "calibration", "distill"),
-    "training": ("run", "rundir", "graphs", "train", "tb"),
+    "training": ("run", "rundir", "graphs", "train", "tb", "tracking"),
     "reporting": ("report", "draw", "curves", "calibration_report"),
     "commands": ("program", "config_reference", "fit", "eval", "export", "predict", "gradcam", "runs",
                  "summary", "sweep", "bench", "stepcount", "synthetic", "lr_find"),

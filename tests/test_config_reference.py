@@ -62,7 +62,7 @@ def test_one_section_and_an_unknown_one():
     assert optim in render()
     assert set(_rows(render("top"))) == {"base", "name", "seed"}
     with pytest.raises(ConfigError, match=r"unknown config section 'optimizer' \(expected one of: top, "
-                                          r"data, model, optim, schedule, train, init, distill\)"):
+                                          r"data, model, optim, schedule, train, init, distill, log\)"):
         render("optimizer")
 
 

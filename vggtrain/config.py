@@ -571,6 +571,27 @@ class DistillConfig:
                               _between(0, 1000, lo_open=True), applies=_DISTILLING)
 
 
+MLFLOW_DEFAULT_STORE = "mlruns"  # log.mlflow: true
+
+
+def _check_store(v: str | None) -> str | None:
+    return None if v is None or v.strip() else "must be a path or a URI (or null)"
+
+
+@dataclass
+class LogConfig:
+    """Where a run's metrics go besides its own directory (tb/, metrics.csv, report.json)."""
+
+    mlflow: str | None = _opt(
+        None, "MLflow tracking (pip install 'vggtrain[mlflow]'): the config as params, the TensorBoard "
+        "scalars as metrics at their steps, the report and config.yaml as artifacts; a resumed run goes on "
+        "in the same MLflow run. A path or a file: URI: a local store in that directory (an SQLite "
+        "database and the artifacts; relative to the current directory); http(s)://HOST:PORT: a tracking "
+        f"server; any other MLflow URI as it is; true: {MLFLOW_DEFAULT_STORE}; null: off",
+        _ruled("null, true, a path or a URI", _check_store), accepts=bool | str | None,
+        canon=lambda v: MLFLOW_DEFAULT_STORE if v is True else None if v is False else v)
+
+
 @dataclass
 class TrainConfig:
     """The top level: the run's name and seed, and the sections."""
@@ -586,6 +607,7 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     init: InitConfig = field(default_factory=InitConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)
@@ -599,7 +621,7 @@ def _plain(obj: Any) -> Any:
 
 
 # TrainConfig's sections, YAML's order
-SECTIONS = ("data", "model", "optim", "schedule", "train", "init", "distill")
+SECTIONS = ("data", "model", "optim", "schedule", "train", "init", "distill", "log")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -934,10 +956,11 @@ def config_with_overrides(raw: dict, source: str, overrides: Sequence[str] = (),
     return config_from_dict(raw, source, overridden, stored=stored, origins=origins)
 
 
-# What may differ between a run and its resumption: where and how fast it runs, and how long.
-# Anything else (model, optimizer, data split, seed) would silently not apply or corrupt the run.
+# What may differ between a run and its resumption: where and how fast it runs, how long, and where
+# it is tracked. Anything else (model, optimizer, data split, seed) would silently not apply or
+# corrupt the run.
 RESUMABLE_KEYS = {"train.epochs", "train.device", "train.log_every", "train.checkpoint_every_steps",
-                  "train.eval_batch_size", "data.root", "data.download"}
+                  "train.eval_batch_size", "data.root", "data.download", "log.mlflow"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -975,8 +998,8 @@ def dump_config(cfg: TrainConfig) -> str:
 
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
-           "InitConfig", "DistillConfig", "load_config", "config_from_dict", "config_with_overrides",
-           "dump_config",
+           "InitConfig", "DistillConfig", "LogConfig", "load_config", "config_from_dict",
+           "config_with_overrides", "dump_config",
            "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "digest_of",
            "TTA_MODES", "WHITEN_MODES", "SECTIONS", "SECTION_RULES", "Applies", "default_of", "DEVICE_RE",
            "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE", "yaml_key", "EarlyStopConfig"]

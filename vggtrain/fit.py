@@ -23,13 +23,14 @@ from vggtrain.data import Split, load_dataset, measure_stats, split_train_val
 from vggtrain.device import set_deterministic
 from vggtrain.distill import Teachers, notes, open_teachers
 from vggtrain.distributed import Dist
-from vggtrain.errors import STORAGE_ERRNOS, CheckpointError, UserError, shown
+from vggtrain.errors import STORAGE_ERRNOS, CheckpointError, RunStopped, UserError, shown
 from vggtrain.evaluate import EvalSettings, Evaluation, eval_settings, evaluate_split, fit_temperatures
 from vggtrain.finetune import Start, choose_stats, open_source
 from vggtrain.model import count_parameters
 from vggtrain.run import Run, build_run, refuse_finished_run, steps_per_epoch
 from vggtrain.rundir import RunDir, write_error, write_status
-from vggtrain.tb import NullWriter, open_summary_writer
+from vggtrain.tb import METRICS_FILE, EpochMetrics, NullWriter, open_summary_writer
+from vggtrain.tracking import Connection, TrackedWriter, connect
 from vggtrain.train import EpochHook, train_epochs
 
 # What fit(resume=...) continues from: True (the config's own run), a run directory (its last.pt)
@@ -108,6 +109,7 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
          test_at_end: bool = True) -> dict | None:
     clock = Laps()  # where the command's time goes, into report.json
     rank0_verdict(d, rd.claim)  # before any work: a used directory, a live run, a stale resume
+    connection = connect_tracking(cfg, d)  # log.mlflow: before the data load and the run directory
     if rd.resume is not None:  # before the data and the model are loaded and built
         check_weights_fit(cfg.model, rd.resume[1]["model"], rd.resume[0])
     start = fine_tuning_start(cfg, rd)  # init.from checked before the run directory is made
@@ -132,7 +134,23 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
     if d.is_main:
         announce(run, rd, len(train), len(val), len(test))
         writer = open_summary_writer(rd.path / "tb", run.global_step + 1 if rd.resume else None)
+        if connection is not None:  # the MLflow run: the checkpoint's, or a new one
+            run.tracker = connection.start(run, EpochMetrics(rd.path / METRICS_FILE, run.epoch).rows)
     clock.lap("setup_s")
+    try:
+        report = train_and_report(run, rd, writer, (train, val, test), clock, on_epoch_end, test_at_end)
+    except BaseException as e:
+        run.tracker.finish(ended_state(e), tracked_files(rd.path))
+        raise
+    run.tracker.finish("finished", tracked_files(rd.path))
+    return report
+
+
+def train_and_report(run: Run, rd: RunDir, writer: Any, splits: tuple[Split, Split, Split], clock: Laps,
+                     on_epoch_end: EpochHook | None, test_at_end: bool) -> dict | None:
+    """The epochs, then (rank 0) the test report, its files and its line; the writer closed."""
+    cfg, d = run.cfg, run.dist
+    train, val, test = splits
     try:
         train_epochs(run, train, val, writer, on_epoch_end)
         clock.lap("train_s")  # epochs, validation and checkpoints
@@ -149,7 +167,7 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
         writer.flush()  # the curves are read back from the event files
         pictures = learning_curves(rd.path / "tb", f"{cfg.name}: learning curves")
         pictures.update(report_pictures(report, evaluation, test))
-        log_report(writer, report, pictures, run.global_step)
+        log_report(TrackedWriter(writer, run.tracker), report, pictures, run.global_step)
     finally:
         writer.close()
     write_report_files(rd.path, report, pictures)
@@ -163,6 +181,31 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
                 f"images) with best.pt from epoch {report['best_epoch']}; report in {rd.path / 'report.md'}"),
           flush=True)
     return report
+
+
+def connect_tracking(cfg: TrainConfig, d: Dist) -> Connection | None:
+    """log.mlflow's store, checked on rank 0 (a missing extra, a server that does not answer: every
+    rank stops with its one line); None elsewhere and without log.mlflow."""
+    found: list[Connection | None] = [None]
+
+    def check() -> None:
+        found[0] = connect(cfg.log.mlflow)
+
+    rank0_verdict(d, check)
+    return found[0]
+
+
+def ended_state(e: BaseException) -> str:
+    """How an exception ends the MLflow run: stopped (a signal, Ctrl-C) or failed."""
+    signalled = isinstance(e, RunStopped) and e.exit_code >= 128
+    return "stopped" if signalled or isinstance(e, KeyboardInterrupt) else "failed"
+
+
+def tracked_files(run_dir: Path) -> list[Path]:
+    """What the MLflow run keeps of the run directory (those that exist when it ends): the config,
+    the epochs' table, the report and its pictures."""
+    names = ["config.yaml", METRICS_FILE, "report.json", "report.md"]
+    return [run_dir / n for n in names] + sorted(run_dir.glob("*.png"))
 
 
 def fine_tuning_start(cfg: TrainConfig, rd: RunDir) -> Start | None:

@@ -29,6 +29,7 @@ from vggtrain.finetune import Start, start_model
 from vggtrain.optim import use_multi_tensor_kernels
 from vggtrain.schedule import build_scheduler
 from vggtrain.selection import Selector, build_selector
+from vggtrain.tracking import NullTracker, Tracker
 from vggtrain.trainable import new_model, optimization, place
 
 
@@ -99,6 +100,9 @@ class Run:
     graphed: Any = None  # train.cuda_graphs' captured step (graphs.GraphedStep), False where it cannot
     init: dict[str, Any] | None = None  # init.from's record: where the weights started (finetune.Start)
     teachers: Teachers | None = None  # distill.teachers' models, on the device, frozen (distill.py)
+    # log.mlflow's record: {mlflow_run_id, tracking_uri}, so a resume goes on in the same MLflow run
+    tracking: dict[str, str] | None = None
+    tracker: Tracker | NullTracker = field(default_factory=NullTracker)  # rank 0's, with log.mlflow
 
     def __post_init__(self) -> None:
         if self.forward is None:
@@ -138,6 +142,7 @@ class Run:
             "early_stop": asdict(self.early_stop),
             "init": self.init,
             "distill": self.teachers.record() if self.teachers else None,  # re-read and checked on resume
+            "tracking": self.tracking,
             "versions": {"vggtrain": vggtrain.__version__, "torch": str(torch.__version__)},
         }
 
@@ -157,6 +162,8 @@ class Run:
             self.train_time_s = float(state["train_time_s"])
             # a checkpoint from before train.early_stop has no counters: they start afresh
             self.early_stop = EarlyStopState(**(state.get("early_stop") or {}))
+            tracking = state.get("tracking")  # a checkpoint from before log.mlflow has none
+            self.tracking = tracking if isinstance(tracking, dict) else None
             _set_rng_state(state["rng"], self.device)
             if self.lookahead is not None:
                 self.lookahead.load_state_dict(state.get("lookahead") or None)

@@ -208,4 +208,6 @@ def status_text(run: Run, state: str) -> str:
               "precision": cfg.train.precision, "device": str(run.device),
               "world_size": run.dist.world, "state": state, "pid": os.getpid(),
               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if run.tracking:  # log.mlflow's run, to find it in the MLflow UI
+        status["mlflow_run_id"] = run.tracking.get("mlflow_run_id")
     return json.dumps(status, indent=1) + "\n"

@@ -259,15 +259,20 @@ def end_interval(run: Run, writer: Any, stop: StopSignals, *, due: bool, where: 
         if run.dist.is_main:
             for tag, value in (scalars or {}).items():
                 writer.add_scalar(tag, value, run.global_step)
+            run.tracker.hold(scalars or {}, run.global_step)  # MLflow gets them once the checkpoint lands
             writer.flush()  # before the checkpoint: a resume purges whatever came after it
             # best.pt first: a run killed between the two writes resumes from the previous
             # last.pt and redoes this epoch, instead of keeping a last.pt whose best_epoch
             # points at weights that best.pt never received. Written in the background
             # (checkpoint.CheckpointWriter): the next steps run while the files are written.
             files = [run.dir / "best.pt"] * improved + [run.dir / "last.pt"]
-            status = status_text(run, "running")  # written after them, by the same thread
-            run.checkpoints.save(files, run.state(), write=save_checkpoint,
-                                 then=lambda: write_status_text(run.dir, status))
+            status, step = status_text(run, "running"), run.global_step  # written after them, by that thread
+
+            def landed() -> None:
+                write_status_text(run.dir, status)
+                run.tracker.released(step)
+
+            run.checkpoints.save(files, run.state(), write=save_checkpoint, then=landed)
     return signum
 
 
@@ -415,8 +420,10 @@ class EpochMeter:
             if not math.isfinite(value):
                 raise diverged(run, f"non-finite loss ({value}) at epoch {run.epoch + 1}, step {first + i}")
             writer.add_scalar("train/loss_step", value, first + i)
+            run.tracker.log_metric("train/loss_step", value, first + i)
         for i, value in enumerate(norms):
             writer.add_scalar("train/grad_norm", value, first + i)
+            run.tracker.log_metric("train/grad_norm", value, first + i)
         if not totals:
             return None
         loss, n_correct, n_seen = values[n_losses + n_norms:]
