@@ -21,7 +21,7 @@ PACKAGE = ROOT / "vggtrain"
 LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("__init__", "errors", "safeio", "atomic", "device", "distributed", "allocator"),
     "core": ("config", "model", "optim", "schedule", "averaging", "trainable", "selection",
-             "checkpoint", "inference", "images", "folder", "data", "evaluate", "finetune"),
+             "checkpoint", "inference", "images", "folder", "policies", "data", "evaluate", "finetune"),
     "training": ("run", "rundir", "graphs", "train", "tb"),
     "reporting": ("report", "draw", "curves"),
     "commands": ("program", "config_reference", "fit", "eval", "export", "predict", "gradcam", "runs",
