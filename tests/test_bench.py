@@ -30,3 +30,19 @@ def test_bench_writes_positive_numbers(tmp_path, capsys):
 def test_bench_rejects_unknown_parts(tmp_path, capsys):
     assert main(["bench", "--config", "smoke.yaml", "--parts", "bare,warp"]) == 2
     assert "--parts takes" in capsys.readouterr().err
+
+
+def test_bench_policies_measures_each_policy_both_ways(tmp_path, capsys, monkeypatch):
+    from vggtrain import data
+
+    monkeypatch.setattr(data, "AUGMENT_CHUNK_IMAGES", 100)  # chunks of 2 batches of 50: seconds, not minutes
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(tmp_path / "unused", tmp_path / "runs"))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--config", str(cfg), "--parts", "policies", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["policies"]
+    assert res["workers"] == 2 and res["rounds"] == 2 and res["images"] == 300
+    assert set(res["by_policy"]) == {"autoaugment", "randaugment", "trivialaugment", "random erasing 0.25"}
+    for name, r in res["by_policy"].items():
+        assert r["batched"] > 0 and r["reference"] > 0 and r["ratio"] == r["batched"] / r["reference"], name
+    table = capsys.readouterr().out
+    assert "torchvision" in table and "trivialaugment" in table
