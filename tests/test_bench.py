@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from conftest import tiny_config, write_yaml
 from vggtrain.cli import main
 
@@ -38,7 +40,12 @@ def test_bench_policies_measures_each_policy_both_ways(tmp_path, capsys, monkeyp
     monkeypatch.setattr(data, "AUGMENT_CHUNK_IMAGES", 100)  # chunks of 2 batches of 50: seconds, not minutes
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(tmp_path / "unused", tmp_path / "runs"))
     out = tmp_path / "bench.json"
-    assert main(["bench", "--config", str(cfg), "--parts", "policies", "--json", str(out)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # kornia's many small operators: two spinning threads on a busy machine crawl
+    try:
+        assert main(["bench", "--config", str(cfg), "--parts", "policies", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     res = json.loads(out.read_text())["policies"]
     assert res["workers"] == 2 and res["rounds"] == 2 and res["images"] == 300
     assert set(res["by_policy"]) == {"autoaugment", "randaugment", "trivialaugment", "random erasing 0.25"}

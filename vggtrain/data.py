@@ -476,7 +476,8 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator,
     from the rank-th on: disjoint shards of equal size (the last n % world images sit out).
     aug None: the images as they are. flips: (N,) bool per image (alternating_flips); None draws
     them at random for this epoch. aug.cutout: a square of each image set to the mean colour,
-    its place drawn from the generator after the shifts and flips.
+    its place drawn from the generator after the shifts and flips. aug.policy: the policy and random
+    erasing (policies.py), seeded per chunk from one more draw of the generator.
     """
     n = len(split)
     device = split.images.device
