@@ -48,7 +48,8 @@ def test_bench_policies_measures_each_policy_both_ways(tmp_path, capsys, monkeyp
         torch.set_num_threads(threads)
     res = json.loads(out.read_text())["policies"]
     assert res["workers"] == 2 and res["rounds"] == 2 and res["images"] == 300
-    assert set(res["by_policy"]) == {"autoaugment", "randaugment", "trivialaugment", "random erasing 0.25"}
+    assert set(res["by_policy"]) == {"crop, flip only", "autoaugment", "randaugment", "trivialaugment",
+                                   "random erasing 0.25"}
     for name, r in res["by_policy"].items():
         assert r["batched"] > 0 and r["reference"] > 0 and r["ratio"] == r["batched"] / r["reference"], name
     table = capsys.readouterr().out
