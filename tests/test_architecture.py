@@ -21,7 +21,7 @@ PACKAGE = ROOT / "vggtrain"
 LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("__init__", "errors", "safeio", "atomic", "device", "distributed", "allocator"),
     "core": ("config", "model", "optim", "schedule", "averaging", "trainable", "selection",
-             "checkpoint", "inference", "images", "folder", "data", "evaluate", "finetune",
+             "checkpoint", "inference", "images", "folder", "policies", "data", "evaluate", "finetune",
              "calibration", "distill"),
     "training": ("run", "rundir", "graphs", "train", "tb", "tracking"),
     "reporting": ("report", "draw", "curves", "calibration_report"),

@@ -9,6 +9,8 @@ real fit        a real `fit` of 3 epochs of N steps on a small synthetic CIFAR-1
 ops             ATen operators and host syncs per training step (stepcount.count_step)
 eval            evaluate.evaluate_split() over a few batches
 allocator       the bare step in two fresh processes: system allocator vs the configured one
+policies        each augmentation policy (data.policy, data.random_erasing) on vggtrain's batched
+                data path vs torchvision's per-image transforms in a DataLoader(2 workers), alternated
 
 Images are random uint8 (speed does not depend on content), so no dataset is needed.
 """
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from vggtrain import allocator
+from vggtrain import data as data_path
 from vggtrain.config import TrainConfig
 from vggtrain.data import CIFAR10_MEAN, CIFAR10_STD, Augmentation, Split, random_split, train_batches
 from vggtrain.device import channels_last_for, select_device, set_deterministic, synchronize
@@ -38,6 +41,7 @@ from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.fit import fit
 from vggtrain.graphs import WARMUP_STEPS
 from vggtrain.model import build_model, count_parameters
+from vggtrain.policies import PolicySpec, kornia_augmentation
 from vggtrain.run import EpochProgress, build_run
 from vggtrain.stepcount import count_step
 from vggtrain.synthetic import write_synthetic_cifar10
@@ -118,6 +122,64 @@ def bench_reference_data_path(cfg: TrainConfig, split: Split, steps: int, worker
                                          num_workers=workers, drop_last=True, persistent_workers=True)
     batches = _endless(lambda: iter(loader))
     return _rate(lambda: len(next(batches)[1]), torch.device("cpu"), 3, steps)
+
+
+# "crop, flip only" is the data path's and the reference data path's work, measured beside the
+# policies: it shows how busy the machine was against the data/reference rows of other runs.
+POLICY_BENCH = (("crop, flip only", PolicySpec()), ("autoaugment", PolicySpec("autoaugment")),
+                ("randaugment", PolicySpec("randaugment")), ("trivialaugment", PolicySpec("trivialaugment")),
+                ("random erasing 0.25", PolicySpec(erasing=0.25)))
+
+
+def torchvision_policy(spec: PolicySpec, stats: tuple = (CIFAR10_MEAN, CIFAR10_STD)) -> Callable:
+    """The same augmentation as torchvision's per-image transforms on a PIL image: crop and flip,
+    the policy (TrivialAugmentWide: torchvision's TrivialAugment), to float, normalise, erase."""
+    from torchvision.transforms import v2
+
+    policy = {"autoaugment": [v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)],
+              "randaugment": [v2.RandAugment(spec.ops, spec.magnitude)],
+              "trivialaugment": [v2.TrivialAugmentWide()], "none": []}[spec.name]
+    erase = [v2.RandomErasing(spec.erasing)] if spec.erasing else []
+    return v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), *policy, v2.PILToTensor(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(*stats), *erase])
+
+
+def bench_policies(cfg: TrainConfig, split: Split, rounds: int = 2, workers: int = 2) -> dict[str, Any]:
+    """Images/s of each policy on the batched data path and through torchvision in a DataLoader,
+    alternated policy by policy for `rounds` rounds in this process; the best round of each counts
+    (the least disturbed by the rest of the machine)."""
+    kornia_augmentation()  # the one-line error before any measurement
+    results: dict[str, Any] = {}
+    for _ in range(rounds):
+        for name, spec in POLICY_BENCH:
+            batched, reference = _policy_rates(cfg, split, spec, workers)
+            best = results.setdefault(name, {"batched": 0.0, "reference": 0.0})
+            best["batched"] = max(best["batched"], batched)
+            best["reference"] = max(best["reference"], reference)
+    for r in results.values():
+        r["ratio"] = r["batched"] / r["reference"]
+    return {"rounds": rounds, "workers": workers, "torch_threads": torch.get_num_threads(),
+            "images": len(split), "by_policy": results}
+
+
+def _policy_rates(cfg: TrainConfig, split: Split, spec: PolicySpec, workers: int) -> tuple[float, float]:
+    """(batched, torchvision) images/s of one policy. The batched path is timed over whole chunks
+    of 8,192 images (data.AUGMENT_CHUNK_IMAGES, the policy's unit of work) after one untimed chunk,
+    crop, flip and normalisation included; torchvision's over as many images, after 3 batches."""
+    bs, device = cfg.train.batch_size, split.images.device
+    channels_last = channels_last_for(cfg.train.channels_last, device)
+    chunk_steps = max(1, data_path.AUGMENT_CHUNK_IMAGES // bs)
+    aug = Augmentation(policy=spec)
+    batches = _endless(lambda: train_batches(split, bs, torch.Generator().manual_seed(0), aug, channels_last))
+    batched = _rate(lambda: len(next(batches)[1]), device, chunk_steps, 2 * chunk_steps)
+    hwc = split.images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
+    ds = _PILDataset(hwc, split.labels.cpu().tolist(), torchvision_policy(spec))
+    loader = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True, num_workers=workers, drop_last=True)
+    # bench's split of 3 chunks outlasts the measurement: no worker restart inside it. The
+    # iterator, and with it its workers, ends as this function returns, before the next measurement.
+    ref_batches = _endless(lambda: iter(loader))
+    reference = _rate(lambda: len(next(ref_batches)[1]), torch.device("cpu"), 3, 2 * chunk_steps)
+    return batched, reference
 
 
 def bench_fit(cfg: TrainConfig, run_dir: Path, steps: int, warmup: int) -> float:
@@ -276,6 +338,8 @@ def run_bench(cfg: TrainConfig, config_arg: str, overrides: list[str], parts: li
         if "ops" in parts:
             counted = count_step(cfg)
             res["ops_per_step"], res["syncs_per_step"] = counted.ops, counted.syncs
+        if "policies" in parts:
+            res["policies"] = bench_policies(cfg, random_split(3 * data_path.AUGMENT_CHUNK_IMAGES, device, 5))
         if "eval" in parts:
             res["eval"] = bench_eval(cfg, Path(tmp), random_split(cfg.train.eval_batch_size * 4, device, 4))
     res["peak_memory_mib"] = peak_memory_mib(device)
@@ -288,6 +352,17 @@ def run_bench(cfg: TrainConfig, config_arg: str, overrides: list[str], parts: li
     if "data_path" in res and "reference_data_path" in res:
         res["data_over_reference"] = res["data_path"] / res["reference_data_path"]
     return res
+
+
+def _policy_lines(p: dict[str, Any] | None) -> list[str]:
+    if not p:
+        return []
+    lines = ["", f"  policies, img/s (best of {p['rounds']} alternated rounds; batched: {p['torch_threads']} "
+             f"torch threads; torchvision: DataLoader, {p['workers']} workers):",
+             f"    {'':<21}{'batched':>10}{'torchvision':>13}{'ratio':>8}"]
+    for name, r in p["by_policy"].items():
+        lines.append(f"    {name:<21}{r['batched']:>10,.0f}{r['reference']:>13,.0f}{r['ratio']:>7.2f}x")
+    return lines
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -307,6 +382,7 @@ def format_table(res: dict[str, Any]) -> str:
              f"({m['cuda'] or m['cpu']}, {m['cores']} cores, torch {m['torch']})",
              f"allocator: {res['allocator']}", ""]
     lines += [f"  {name:<22}{value:>12,.2f} {unit}" for name, value, unit in rows if value is not None]
+    lines += _policy_lines(res.get("policies"))
     a = res.get("allocators")
     if a:
         lines += ["", f"  by allocator (fresh processes, best of {a['rounds']} alternating rounds):",

@@ -35,7 +35,8 @@ from vggtrain.program import (
 ALLOCATOR_COMMANDS = {"fit", "eval", "bench", "info", "sweep", "seeds", "lr-find"}  # they train or evaluate
 # lr-find's --steps, --min-lr, --max-lr: vggtrain.lr_find's defaults (not imported here: it loads torch)
 LR_FIND_STEPS, LR_FIND_MIN_LR, LR_FIND_MAX_LR = 200, 1e-5, 10.0
-BENCH_PARTS = ("bare", "data", "reference", "fit", "real", "ops", "eval", "allocator")
+BENCH_PARTS = ("bare", "data", "reference", "fit", "real", "ops", "eval", "allocator", "policies")
+BENCH_DEFAULT_PARTS = BENCH_PARTS[:-1]  # policies: asked for by name (kornia, the augment extra; minutes)
 BENCH_JSON = "bench/results.json"  # where bench writes without --json
 
 
@@ -159,8 +160,8 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=positive_int, default=3, metavar="N", help="untimed steps first (3)")
     p.add_argument("--data-steps", type=positive_int, default=200, metavar="N",
                    help="timed batches for the data paths (200; the reference uses a quarter)")
-    p.add_argument("--parts", default=",".join(BENCH_PARTS), metavar="LIST",
-                   help=f"comma-separated subset of {','.join(BENCH_PARTS)}")
+    p.add_argument("--parts", default=",".join(BENCH_DEFAULT_PARTS), metavar="LIST",
+                   help=f"comma-separated subset of {','.join(BENCH_PARTS)} (default: all but policies)")
     add_json_option(p, "the results", default=BENCH_JSON)
     p.add_argument("--quiet", action="store_true", help="write the JSON only, print nothing")
 

@@ -30,6 +30,8 @@ from vggtrain.safeio import BoundedLoader, read_yaml, yaml_problem
 Check = Callable[[Any], "str | None"]
 ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "custom")
 TTA_MODES = ("none", "flip", "multicrop")
+POLICIES = ("none", "autoaugment", "randaugment", "trivialaugment")
+RANDAUGMENT_OPS = 15  # kornia's RandAugment candidates, of which each image takes N distinct ones
 WHITEN_MODES = ("none", "3x3", "2x2")
 BLOCK_ORDERS = ("conv_bn_act_pool", "conv_pool_bn_act")
 SCHEDULES = ("step", "multistep", "linear", "cosine", "onecycle")
@@ -178,6 +180,7 @@ _when = Applies  # short beside the fields: _when("optim.name: muon", lambda c: 
 
 
 _AUGMENTED = _when("data.augment: true", lambda c: c.data.augment)
+_RANDAUGMENT = _when("data.policy: randaugment", lambda c: c.data.augment and c.data.policy == "randaugment")
 _MLP = _when("model.head: mlp", lambda c: c.model.head == "mlp")
 _BN = _when("model.batch_norm: true", lambda c: c.model.batch_norm)
 _MUON = _when("optim.name: muon", lambda c: c.optim.name == "muon")
@@ -233,6 +236,16 @@ class DataConfig:
     cutout: int = _opt(0, "The side in pixels (0: off) of a square of each training image set to the mean "
                        "colour, placed at random wholly inside the image (airbench's cutout)",
                        _between(0, 32), applies=_AUGMENTED)
+    policy: str = _opt("none", "A per-image policy on the device after crop and flip (kornia; the augment "
+                       "extra): autoaugment (the CIFAR-10 policy), randaugment, trivialaugment; none: off",
+                       _one_of(*POLICIES), applies=_AUGMENTED)
+    policy_ops: int = _opt(2, "RandAugment's N: distinct operations applied to each image",
+                           _between(1, RANDAUGMENT_OPS), applies=_RANDAUGMENT)
+    policy_magnitude: int = _opt(9, "RandAugment's M: every operation's strength, of 30 (kornia takes 1-29)",
+                                 _between(1, 29), applies=_RANDAUGMENT)
+    random_erasing: float = _opt(0.0, "The chance each training image gets a random rectangle (2-33% of its "
+                                 "area, aspect 0.3-3.3) set to the mean colour (kornia's RandomErasing; "
+                                 "the augment extra); 0: off", _between(0, 1), applies=_AUGMENTED)
     mean: list[float] | None = _opt(None, "The per-channel mean (fractions of 255) images are normalised "
                                     "with; null: CIFAR's published one, or what a folder run measures on "
                                     "its training split when it starts (and writes here)", _STATS)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from vggtrain.config import DataConfig
 from vggtrain.errors import DataError, first_line, os_reason, shown
+from vggtrain.policies import PolicySpec, chunk_seed, policy_for
 from vggtrain.safeio import TEXT_LIMIT, read_bytes
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -415,11 +416,15 @@ class Augmentation:
     pad_mode: str = "zeros"
     flip: str = "random"
     cutout: int = 0  # the side of the square cut out of each image; 0: none
+    policy: PolicySpec = PolicySpec()  # AutoAugment, RandAugment, TrivialAugment; random erasing
 
     @classmethod
     def of(cls, data: DataConfig) -> Augmentation | None:
         """The config's augmentation; None when data.augment is off."""
-        return cls(data.crop_padding, data.crop_pad_mode, data.flip, data.cutout) if data.augment else None
+        if not data.augment:
+            return None
+        policy = PolicySpec(data.policy, data.policy_ops, data.policy_magnitude, data.random_erasing)
+        return cls(data.crop_padding, data.crop_pad_mode, data.flip, data.cutout, policy)
 
 
 def batch_mixer(data: DataConfig, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor],
@@ -471,7 +476,8 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator,
     from the rank-th on: disjoint shards of equal size (the last n % world images sit out).
     aug None: the images as they are. flips: (N,) bool per image (alternating_flips); None draws
     them at random for this epoch. aug.cutout: a square of each image set to the mean colour,
-    its place drawn from the generator after the shifts and flips.
+    its place drawn from the generator after the shifts and flips. aug.policy: the policy and random
+    erasing (policies.py), seeded per chunk from one more draw of the generator.
     """
     n = len(split)
     device = split.images.device
@@ -484,22 +490,33 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator,
     cut = aug.cutout if aug else 0
     # Drawn only when used, so a run without cutout draws (and trains) exactly as before it existed.
     corners = torch.randint(0, 32 - cut + 1, (n, 2), generator=generator).to(device) if cut else None
+    # Drawn only with a policy, so a run without one draws exactly as before policies existed.
+    policy = policy_for(aug.policy, device) if aug and aug.policy.active else None
+    policy_base = int(torch.randint(0, 2**62, (1,), generator=generator)) if policy else 0
     # The augmentation runs on a chunk of batches at a time (airbench augments the epoch at once):
     # a step then costs a few operator launches, not thirty, and a chunk's memory stays bounded.
     per_chunk = max(1, AUGMENT_CHUNK_IMAGES // batch_size) * batch_size
     end = len(perm) - len(perm) % batch_size
     if stop is not None:
         end = min(end, max(stop, 0) * batch_size)
-    for chunk_start in range(start * batch_size, end, per_chunk):
+    first_image = start * batch_size
+    # A policy's draws are seeded per chunk, so its chunks stay where an uninterrupted epoch has
+    # them: a resumed epoch augments the chunk it resumes in whole and yields from its batch on.
+    begin = first_image - first_image % per_chunk if policy else first_image
+    for chunk_start in range(begin, end if first_image < end else begin, per_chunk):
         idx = perm[chunk_start:min(chunk_start + per_chunk, end)]
         images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last, pad, aug.pad_mode) if aug \
             else split.images[idx]
+        erased = None
+        if policy is not None:
+            images, erased = policy(images, chunk_seed(policy_base, rank, chunk_start // per_chunk))
         cutout = cutout_mask(corners[idx], cut) if corners is not None else None
         labels = split.labels[idx]
-        for first in range(0, len(idx), batch_size):
+        for first in range(max(first_image - chunk_start, 0), len(idx), batch_size):
             x = normalize(images[first:first + batch_size], channels_last, stats)
-            if cutout is not None:
-                x.masked_fill_(cutout[first:first + batch_size], 0.0)
+            for mask in (cutout, erased):  # the mean colour, 0 once normalised
+                if mask is not None:
+                    x.masked_fill_(mask[first:first + batch_size], 0.0)
             yield x, labels[first:first + batch_size]
 
 

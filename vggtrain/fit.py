@@ -27,6 +27,7 @@ from vggtrain.errors import STORAGE_ERRNOS, CheckpointError, RunStopped, UserErr
 from vggtrain.evaluate import EvalSettings, Evaluation, eval_settings, evaluate_split, fit_temperatures
 from vggtrain.finetune import Start, choose_stats, open_source
 from vggtrain.model import count_parameters
+from vggtrain.policies import require_policy_extra
 from vggtrain.run import Run, build_run, refuse_finished_run, steps_per_epoch
 from vggtrain.rundir import RunDir, write_error, write_status
 from vggtrain.tb import METRICS_FILE, EpochMetrics, NullWriter, open_summary_writer
@@ -113,6 +114,7 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
     if rd.resume is not None:  # before the data and the model are loaded and built
         check_weights_fit(cfg.model, rd.resume[1]["model"], rd.resume[0])
     start = fine_tuning_start(cfg, rd)  # init.from checked before the run directory is made
+    require_policy_extra(cfg.data)  # a missing kornia stops the run before its directory is made
     set_deterministic(cfg.train.deterministic)  # before the first CUDA kernel
     train, val, test, class_names = load_data(cfg, d)
     clock.lap("data_load_s")

@@ -1,0 +1,205 @@
+"""data.policy and data.random_erasing: each policy's per-image draws against its definition (a
+binomial bound over thousands of images), exact resumes, the missing extra, bad values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from conftest import block_import, tiny_config, write_yaml
+from vggtrain import data as data_module
+from vggtrain.checkpoint import load_checkpoint
+from vggtrain.cli import main
+from vggtrain.config import ConfigError, config_from_dict
+from vggtrain.data import Augmentation, TrainLoader, random_split
+from vggtrain.fit import fit
+from vggtrain.policies import ERASING_SCALE, Policy, PolicySpec
+
+N = 3000  # images per frequency test
+CPU = torch.device("cpu")
+# kornia's operation classes under torchvision's names for them
+TORCHVISION_NAME = {"Saturate": "Color"}
+
+
+def within_binomial(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    """count of n trials is within `sigmas` standard deviations of n*p (exactly n*p when p is 0 or 1)."""
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1e-9
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """kornia runs many small operators; on a shared 2-core machine two OpenMP threads make each
+    of them many times slower than one (spinning), so these tests use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (N, 3, 32, 32), generator=generator, dtype=torch.uint8)
+
+
+def _op_names(candidate: torch.nn.Module) -> list[str]:
+    names = [type(op).__name__ for sub in candidate.children() for op in sub.children()]
+    return [TORCHVISION_NAME.get(n, n) for n in names]
+
+
+def test_autoaugment_is_torchvisions_cifar10_policy_drawn_per_image(images):
+    policy = Policy(PolicySpec("autoaugment"), CPU)
+    out, mask = policy(images, seed=1)
+    draw = policy.last
+    table = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)._policies  # the paper's, as torchvision has it
+    assert len(policy.candidates) == len(table) == 25 and mask is None and out.dtype == torch.uint8
+    assert [_op_names(c) for c in policy.candidates] == [[name for name, _, _ in sub] for sub in table]
+    chosen = draw.choices[0]
+    assert draw.choices.shape == (1, N)
+    for s in range(25):  # each sub-policy chosen uniformly, per image
+        assert within_binomial(int((chosen == s).sum()), N, 1 / 25), s
+    untouched = torch.ones(N, dtype=torch.bool)
+    for step, s, rows, params in draw.applied:
+        assert step == 0 and torch.equal(rows.sort().values, (chosen == s).nonzero().flatten())
+        for (_, probability, _), op in zip(table[s], params[0].data, strict=True):
+            gate = op.data["batch_prob"].bool()
+            assert within_binomial(int(gate.sum()), len(rows), probability), (s, table[s])
+            untouched[rows[gate]] = False
+    # an image whose ops all drew "skip" leaves the policy exactly as it came in
+    assert untouched.any() and torch.equal(out[untouched], images[untouched])
+
+
+def test_randaugment_gives_each_image_n_distinct_operations(images):
+    policy = Policy(PolicySpec("randaugment", ops=3, magnitude=12), CPU)
+    out, _ = policy(images, seed=2)
+    draw, k = policy.last, len(policy.candidates)
+    assert k == 15 and draw.choices.shape == (3, N)
+    per_image = draw.choices.T.sort(dim=1).values
+    assert (per_image[:, 1:] != per_image[:, :-1]).all()  # N distinct operations each
+    for op in range(k):  # each operation in an image's N with chance N / 15
+        assert within_binomial(int((draw.choices == op).any(0).sum()), N, 3 / k), op
+    assert len(draw.applied) == 3 * k
+    for step, op, rows, params in draw.applied:
+        assert torch.equal(rows.sort().values, (draw.choices[step] == op).nonzero().flatten())
+        gates = params[0].data[0].data["batch_prob"]
+        assert bool((gates == 1).all())  # RandAugment always applies what it chose
+        assert params[0].data[0].data["forward_input_shape"][0] == len(rows)
+    assert (out != images).flatten(1).any(1).float().mean() > 0.9
+
+
+def test_trivialaugment_gives_each_image_one_operation_uniformly(images):
+    policy = Policy(PolicySpec("trivialaugment"), CPU)
+    policy(images, seed=3)
+    draw, k = policy.last, len(policy.candidates)
+    assert draw.choices.shape == (1, N) and k == 12
+    for op in range(k):
+        assert within_binomial(int((draw.choices[0] == op).sum()), N, 1 / k), op
+
+
+@pytest.mark.parametrize("p", [0.25, 1.0])
+def test_random_erasing_erases_each_image_with_its_probability(images, p):
+    policy = Policy(PolicySpec("none", erasing=p), CPU)
+    out, mask = policy(images, seed=4)
+    erased = policy.last.erased
+    assert torch.equal(out, images) and mask.shape == (N, 1, 32, 32) and mask.dtype == torch.bool
+    assert within_binomial(int(erased.sum()), N, p)
+    area = mask.flatten(1).sum(1) / 1024
+    assert torch.equal(area > 0, erased)  # a rectangle exactly where the draw said so
+    lo, hi = ERASING_SCALE
+    assert bool(((area[erased] >= lo * 0.8) & (area[erased] <= hi * 1.2)).all())
+
+
+def test_a_policy_draws_the_same_for_the_same_seed_and_leaves_torchs_generator_alone(images):
+    policy = Policy(PolicySpec("trivialaugment", erasing=0.5), CPU)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a, ma = policy(images[:500], seed=9)
+    assert torch.equal(torch.random.get_rng_state(), before)  # MixUp's and dropout's draws unchanged
+    b, mb = policy(images[:500], seed=9)
+    c, _ = policy(images[:500], seed=10)
+    assert torch.equal(a, b) and torch.equal(ma, mb) and not torch.equal(a, c)
+
+
+def _batches(loader: TrainLoader, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(loader.epoch(epoch, start=start))
+
+
+@pytest.mark.parametrize("name", ["autoaugment", "randaugment"])
+def test_a_resumed_epoch_gets_the_same_batches_bit_for_bit(monkeypatch, name):
+    # chunks of 3 batches, so a resume lands inside a chunk and in later ones
+    monkeypatch.setattr(data_module, "AUGMENT_CHUNK_IMAGES", 96)
+    aug = Augmentation(policy=PolicySpec(name, erasing=0.5), cutout=8)
+    loader = TrainLoader(random_split(400, CPU, seed=5), 32, seed=7, aug=aug)
+    whole = _batches(loader, 1)
+    assert len(whole) == 12
+    for start in (1, 4, 8):
+        resumed = _batches(loader, 1, start)
+        assert len(resumed) == len(whole) - start
+        assert all(torch.equal(x, y) and torch.equal(a, b)
+                   for (x, a), (y, b) in zip(resumed, whole[start:], strict=True))
+    assert not torch.equal(whole[0][0], _batches(loader, 2)[0][0])  # another epoch, other draws
+    plain = _batches(TrainLoader(loader.split, 32, seed=7, aug=Augmentation(cutout=8)), 1)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(plain, whole, strict=True))  # same order
+    assert not torch.equal(plain[0][0], whole[0][0])
+
+
+def test_no_policy_is_the_data_path_as_before():
+    split = random_split(300, CPU, seed=6)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    old = list(data_module.train_batches(split, 50, g1, Augmentation(cutout=4)))
+    new = list(data_module.train_batches(split, 50, g2, Augmentation(cutout=4, policy=PolicySpec())))
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(old, new, strict=True))
+    assert torch.equal(g1.get_state(), g2.get_state())  # nothing more drawn
+
+
+def _policy_run(root, tmp_path, name, **train):
+    raw = tiny_config(root, tmp_path / "runs", name=name,
+                      data={"policy": "randaugment", "policy_ops": 1, "random_erasing": 0.5},
+                      train={"epochs": 2, **train})
+    return config_from_dict(raw, "test")
+
+
+def test_a_policy_run_killed_mid_epoch_resumes_bit_for_bit(cifar_bin, tmp_path, monkeypatch):
+    from conftest import die_after_mid_epoch_checkpoint
+
+    fit(_policy_run(cifar_bin, tmp_path, "straight"), test=False)
+    die_after_mid_epoch_checkpoint(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_policy_run(cifar_bin, tmp_path, "killed", checkpoint_every_steps=5), test=False)
+    assert load_checkpoint(tmp_path / "runs" / "killed" / "last.pt")["progress"]["step"] == 5
+    monkeypatch.undo()
+    fit(resume=tmp_path / "runs" / "killed", test=False)
+    a, b = (load_checkpoint(tmp_path / "runs" / n / "last.pt") for n in ("straight", "killed"))
+    assert a["global_step"] == b["global_step"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_policy_without_kornia_is_one_line_and_exit_2(cifar_bin, tmp_path, monkeypatch, capsys):
+    path = write_yaml(tmp_path / "c.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                       data={"policy": "trivialaugment"}))
+    block_import(monkeypatch, "kornia")
+    assert main(["fit", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "vggtrain: data.policy and data.random_erasing need kornia: pip install 'vggtrain[augment]'"
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.policy=autoaugment_imagenet", "data.policy must be one of none, autoaugment, randaugment, "
+                                         "trivialaugment"),
+    ("data.policy_magnitude=30", "data.policy_magnitude must be <= 29"),
+    ("data.policy_ops=16", "data.policy_ops must be <= 15"),
+    ("data.random_erasing=1.5", "data.random_erasing must be in [0, 1]"),
+])
+def test_bad_values_are_refused_in_one_line(cifar_bin, tmp_path, capsys, setting, message):
+    path = write_yaml(tmp_path / "c.yaml", tiny_config(cifar_bin, tmp_path / "runs",
+                                                       data={"policy": "randaugment"}))
+    assert main(["fit", "--config", str(path), "--set", setting]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    with pytest.raises(ConfigError):
+        config_from_dict(tiny_config(cifar_bin, tmp_path, data={"augment": False, "random_erasing": 0.1}),
+                         "t")

@@ -1,0 +1,176 @@
+"""Augmentation policies (AutoAugment's CIFAR-10 policy, RandAugment, TrivialAugment) and random
+erasing, drawn per image and applied to a batched uint8 tensor on the training device, with
+kornia's operations (the `augment` extra).
+
+kornia picks one sub-policy (AutoAugment, TrivialAugment) or one set of N operations
+(RandAugment) per call, for the whole batch; only magnitudes and probability gates are drawn per
+row. These policies are per image, so the choice is drawn here, per image, and each candidate
+runs once on the rows that chose it: kornia's own policy class wrapped around that one candidate,
+so its magnitudes, signs and gates are kornia's. A chunk of 8,192 images costs one kornia call per
+candidate (and per RandAugment step), not one per image.
+
+All draws (the choices here, kornia's inside) come from torch's global generators, forked and
+seeded from the caller's key, so a chunk augments the same way whenever it is made (a resumed
+epoch), and the generators' state outside (MixUp's, dropout's) is left as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from vggtrain.errors import UserError
+
+AUGMENT_EXTRA = "data.policy and data.random_erasing need kornia: pip install 'vggtrain[augment]'"
+ERASING_SCALE, ERASING_RATIO = (0.02, 0.33), (0.3, 3.3)  # torchvision's and timm's RandomErasing defaults
+
+
+def kornia_augmentation() -> Any:
+    """kornia.augmentation, or the one-line error that names the extra."""
+    try:
+        import kornia.augmentation
+        import kornia.augmentation.auto  # noqa: F401  (the policies live in a subpackage)
+    except ImportError:
+        raise UserError(AUGMENT_EXTRA) from None
+    return kornia.augmentation
+
+
+def require_policy_extra(data: Any) -> None:
+    """The one-line error now, where the config (a DataConfig) asks for a policy or random erasing
+    and kornia is missing, rather than at the first training batch."""
+    if data.augment and (data.policy != "none" or data.random_erasing > 0):
+        kornia_augmentation()
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """What a run asks for: a policy (none: only erasing), RandAugment's N and M, erasing's P."""
+
+    name: str = "none"
+    ops: int = 2  # RandAugment's N (torchvision's num_ops)
+    magnitude: int = 9  # RandAugment's M of 30 (torchvision's magnitude, of its 31 bins)
+    erasing: float = 0.0  # the chance each image gets a rectangle erased
+
+    @property
+    def active(self) -> bool:
+        return self.name != "none" or self.erasing > 0
+
+
+@dataclass
+class Draw:
+    """What one call drew, kept for tests and inspection: choices[step, image] is the candidate
+    each image took at each step; applied holds (step, candidate, rows, kornia's parameters) for
+    each kornia call; erased (n,) bool: the images random erasing touched."""
+
+    choices: torch.Tensor
+    applied: list[tuple[int, int, torch.Tensor, Any]] = field(default_factory=list)
+    erased: torch.Tensor | None = None
+
+
+class Policy:
+    """A policy's candidates (each one kornia policy over a single candidate) and how each image
+    chooses among them; call it on uint8 images with a seed."""
+
+    def __init__(self, spec: PolicySpec, device: torch.device) -> None:
+        K = kornia_augmentation()
+        self.spec = spec
+        self.candidates = [c.to(device) for c in _candidates(spec, K)]
+        self.steps = spec.ops if spec.name == "randaugment" else (1 if self.candidates else 0)
+        self.eraser = K.RandomErasing(scale=ERASING_SCALE, ratio=ERASING_RATIO, value=0.0,
+                                      p=spec.erasing).to(device) if spec.erasing > 0 else None
+        self.last: Draw | None = None
+
+    def choose(self, n: int) -> torch.Tensor:
+        """(steps, n) candidate indices on the CPU: one uniformly for AutoAugment's sub-policies and
+        TrivialAugment's operations; RandAugment's N distinct operations in a random order (as
+        kornia's RandAugment draws them: without replacement)."""
+        k = len(self.candidates)
+        if not k:
+            return torch.zeros(0, n, dtype=torch.int64)
+        if self.spec.name == "randaugment":
+            return torch.rand(n, k).argsort(dim=1)[:, :self.steps].T.contiguous()
+        return torch.randint(0, k, (self.steps, n))
+
+    def __call__(self, images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(images after the policy, uint8 like the input; the (n, 1, h, w) bool mask random
+        erasing drew, or None). The policy runs on float [0, 1] and is rounded back to uint8: what
+        torchvision's policies on PIL images or uint8 tensors return, and what the data path
+        normalises."""
+        with _seeded(seed, images.device), torch.no_grad():
+            draw = Draw(self.choose(len(images)))
+            if self.candidates:
+                images = self._apply(images, draw)
+            mask = self._erase(images, draw) if self.eraser is not None else None
+        self.last = draw
+        return images, mask
+
+    def _apply(self, images: torch.Tensor, draw: Draw) -> torch.Tensor:
+        x = images.float().div_(255)
+        for step, chosen in enumerate(draw.choices):
+            # Sorted on the CPU: each candidate's rows are one slice, found without a device sync.
+            order = chosen.argsort(stable=True)
+            counts = torch.bincount(chosen, minlength=len(self.candidates)).tolist()
+            order_dev, first = order.to(x.device), 0
+            for candidate, count in enumerate(counts):
+                if count:
+                    rows = order_dev[first:first + count]
+                    module = self.candidates[candidate]
+                    x[rows] = module(x[rows]).clamp_(0, 1).to(x.dtype)
+                    draw.applied.append((step, candidate, order[first:first + count], module._params))
+                first += count
+        return x.mul_(255).round_().to(torch.uint8)
+
+    def _erase(self, images: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """Where kornia's RandomErasing erases, as a mask: the data path fills it with 0 after
+        normalising (the mean colour, as cutout and torchvision's RandomErasing after Normalize)."""
+        n, _, h, w = images.shape
+        erased = self.eraser(torch.ones(n, 1, h, w, device=images.device)) == 0  # type: ignore[misc]
+        draw.erased = self.eraser._params["batch_prob"].bool().cpu()  # type: ignore[union-attr]
+        return erased
+
+
+def _candidates(spec: PolicySpec, K: Any) -> list[torch.nn.Module]:
+    """kornia's policy class around each of its own candidates, one at a time."""
+    auto = K.auto
+    if spec.name == "autoaugment":
+        from kornia.augmentation.auto.autoaugment.autoaugment import cifar10_policy
+
+        return [auto.AutoAugment(policy=[sub]) for sub in cifar10_policy]
+    if spec.name == "randaugment":
+        from kornia.augmentation.auto.rand_augment.rand_augment import default_policy
+
+        return [auto.RandAugment(n=1, m=spec.magnitude, policy=[op]) for op in default_policy]
+    if spec.name == "trivialaugment":
+        from kornia.augmentation.auto.trivial_augment.trivial_augment import default_policy as trivial
+
+        return [auto.TrivialAugment(policy=[op]) for op in trivial]
+    return []
+
+
+@lru_cache(maxsize=4)
+def policy_for(spec: PolicySpec, device: torch.device) -> Policy:
+    """The spec's Policy on device, built once per process."""
+    return Policy(spec, device)
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's CPU generator (and the device's, on CUDA) forked and seeded: what kornia draws."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed(seed)
+        yield
+
+
+def chunk_seed(base: int, rank: int, chunk: int) -> int:
+    """The seed of one rank's chunk of an epoch, from the epoch's base draw."""
+    return (base * 1_000_003 + rank * 65_537 + chunk) % 2**63
+
