@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "core": ("config", "model", "optim", "schedule", "averaging", "trainable", "selection",
              "checkpoint", "inference", "images", "folder", "data", "evaluate", "finetune"),
     "training": ("run", "rundir", "graphs", "train", "tb"),
-    "reporting": ("report", "draw", "curves"),
+    "reporting": ("report", "draw", "curves", "corruptions"),
     "commands": ("program", "config_reference", "fit", "eval", "export", "predict", "gradcam", "runs",
                  "summary", "sweep", "bench", "stepcount", "synthetic", "lr_find"),
     "cli": ("cli", "__main__"),

@@ -5,32 +5,68 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vggtrain.data import Split, load_dataset, split_train_val
 from vggtrain.device import select_device
 from vggtrain.errors import DataError, UserError
-from vggtrain.evaluate import eval_settings, evaluate_split
+from vggtrain.evaluate import EvalSettings, Evaluation, eval_settings, evaluate_split
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
 from vggtrain.report import build_report
+
+if TYPE_CHECKING:
+    from vggtrain.corruptions import CorruptionRequest
 
 
 def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | None = None,
                         batch_size: int | None = None, device: str = "auto",
-                        tta: str | None = None) -> dict[str, Any]:
+                        tta: str | None = None, corruptions: CorruptionRequest | None = None,
+                        out: str | Path | None = None) -> dict[str, Any]:
     """The report for a checkpoint on the test split, or on the validation split its run held out
     (rebuilt from the stored data.val_size and seed). Needs nothing but the checkpoint and data.
-    tta None means the run's own train.tta, so that a re-test reproduces the run's report."""
+    tta None means the run's own train.tta, so that a re-test reproduces the run's report.
+    corruptions: also measure it on CIFAR-10-C corruptions of the split (the report's
+    `corruptions`); out: write report.json, report.md and the pictures into that directory."""
     dev = select_device(device)
     loaded = load_model(resolve_checkpoint(ckpt), dev)
+    baseline = None
+    if corruptions is not None and corruptions.baseline is not None:
+        baseline = load_model(resolve_checkpoint(corruptions.baseline), dev)  # refused before the work
     cfg = loaded.cfg
     if tta is None:
         tta = cfg.train.tta
     data, names = checkpoint_split(loaded, split, data_root)
-    ev = evaluate_split(loaded.model, data.to(dev), eval_settings(cfg, dev, tta, batch_size))
-    return build_report(ev, split=split, model=loaded.model, cfg=cfg, class_names=names,
-                        checkpoint=loaded.path, checkpoint_epoch=loaded.epoch, device=dev,
-                        precision=cfg.train.precision, tta=tta, weights=loaded.weights)
+    data = data.to(dev)
+    settings = eval_settings(cfg, dev, tta, batch_size)
+    ev = evaluate_split(loaded.model, data, settings)
+    report = build_report(ev, split=split, model=loaded.model, cfg=cfg, class_names=names,
+                          checkpoint=loaded.path, checkpoint_epoch=loaded.epoch, device=dev,
+                          precision=cfg.train.precision, tta=tta, weights=loaded.weights)
+    if corruptions is not None:
+        report["corruptions"] = _corruptions(loaded, baseline, data, settings, ev.top1, corruptions, names)
+    if out is not None:
+        write_eval_files(Path(out), report, ev, data)
+    return report
+
+
+def _corruptions(loaded: LoadedModel, baseline: LoadedModel | None, data: Split, settings: EvalSettings,
+                 clean_top1: float, request: CorruptionRequest, names: list[str]) -> dict[str, Any]:
+    """The report's `corruptions`: the model and, with --baseline, the reference checkpoint on the
+    same corrupted images (same seed), measured the same way (settings: this eval's TTA)."""
+    from vggtrain.corruptions import corruption_section, measure_corruptions
+
+    measured = measure_corruptions(loaded.model, data, settings, request)
+    reference = None
+    if baseline is not None:
+        if baseline.cfg.model.num_classes != len(names):
+            raise DataError(f"--baseline {baseline.path}: its model predicts "
+                            f"{baseline.cfg.model.num_classes} classes, the checkpoint's {len(names)}")
+        base_settings = eval_settings(baseline.cfg, settings.device, settings.tta, settings.batch_size)
+        clean = evaluate_split(baseline.model, data, base_settings).top1
+        accuracy = measure_corruptions(baseline.model, data, base_settings, request)["accuracy"]
+        reference = {"checkpoint": str(baseline.path), "clean_top1": clean, "accuracy": accuracy}
+    measured["images"] = len(data)
+    return corruption_section(request, settings.tta, clean_top1, measured, reference)
 
 
 def checkpoint_split(loaded: LoadedModel, split: str, data_root: str | None = None
@@ -55,3 +91,37 @@ def checkpoint_split(loaded: LoadedModel, split: str, data_root: str | None = No
     else:
         data = test
     return data, names
+
+
+PICTURES = ("curves", "confusion_matrix", "misclassified", "corruptions")  # report.md's order
+
+
+def write_eval_files(out: Path, report: dict[str, Any], ev: Evaluation, data: Split) -> None:
+    """report.json, report.md and the pictures in out, as fit writes a run's (report.json last).
+    Where out already holds the report of this very checkpoint (same config digest, epoch, weights
+    and split: fit's, in the checkpoint's run directory), only the corruptions section is added to
+    it, so `runs` and `seeds` read it with the rest of the run."""
+    from vggtrain.atomic import atomic_write_text
+    from vggtrain.corruptions import corruption_heatmap
+    from vggtrain.draw import save_png
+    from vggtrain.report import format_markdown, report_json, report_pictures
+    from vggtrain.safeio import REPORT_LIMIT, read_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    same = ("config_digest", "checkpoint_epoch", "weights", "split")
+    try:
+        previous = read_json(out / "report.json", REPORT_LIMIT) if (out / "report.json").is_file() else None
+    except UserError:
+        previous = None
+    if isinstance(previous, dict) and report.get("corruptions") \
+            and all(previous.get(k) == report[k] for k in same):
+        report, pictures = {**previous, "corruptions": report["corruptions"]}, {}
+    else:
+        pictures = report_pictures(report, ev, data)
+    if report.get("corruptions"):
+        pictures["corruptions"] = corruption_heatmap(report["corruptions"])
+    for name, img in pictures.items():
+        save_png(out / f"{name}.png", img)
+    images = [(n.replace("_", " "), f"{n}.png") for n in PICTURES if (out / f"{n}.png").is_file()]
+    atomic_write_text(out / "report.md", format_markdown(report, images))
+    atomic_write_text(out / "report.json", report_json(report))

@@ -22,6 +22,7 @@ from torch import nn
 import vggtrain
 from vggtrain.atomic import atomic_write_text
 from vggtrain.config import TrainConfig, digest_of
+from vggtrain.corruptions import corruption_markdown, corruption_text
 from vggtrain.data import Split
 from vggtrain.draw import BLUES, apply_colormap, font, save_png, text_rotated, text_size, to_pil, to_tensor
 from vggtrain.errors import shown
@@ -279,6 +280,8 @@ def format_text(report: dict[str, Any]) -> str:
         lines.append(f"{name:<{name_w}}" + "".join(f" {v:>{cell_w}}" for v in row))
     if heads[0] != names[0][:cell_w]:
         lines.append("columns: " + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
+    if report.get("corruptions"):
+        lines += corruption_text(report["corruptions"])
     return "\n".join(lines) + "\n"
 
 
@@ -329,6 +332,8 @@ def format_markdown(report: dict[str, Any], images: list[tuple[str, str]] = ()) 
                 "|---|" + "--:|" * len(names)]
         for name, row in zip(names, report["confusion_matrix"], strict=True):
             out.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    if report.get("corruptions"):
+        out += corruption_markdown(report["corruptions"])
     for alt, file in images:
         out += ["", f"![{alt}]({file})"]
     return "\n".join(out) + "\n"

@@ -434,7 +434,7 @@ def run_seeds(config: str, overrides: list[str], seeds: int, first_seed: int = 0
         r = _seed_report(report_file)
         ttt = _time_to_target(reached_file) if os.path.lexists(reached_file) else {}
         rows.append({"seed": seed, "test_top1": r["top1"], "val_acc": r["val_acc"],
-                     "train_time_s": r["train_time_s"],
+                     "train_time_s": r["train_time_s"], "corruption_acc": r["corruption_acc"],
                      "time_to_target_s": ttt.get("train_time_s") if ttt.get("target") == target else None,
                      "run_dir": str(run_dir)})
     summary = {"schema": "vggtrain.seeds/1", "config": config, "overrides": overrides, "target": target,
@@ -442,6 +442,9 @@ def run_seeds(config: str, overrides: list[str], seeds: int, first_seed: int = 0
                "train_time_s": describe([r["train_time_s"] for r in rows if r["train_time_s"] is not None]),
                "time_to_target_s": describe([r["time_to_target_s"] for r in rows
                                              if r["time_to_target_s"] is not None])}
+    corrupted = [r["corruption_acc"] for r in rows if r["corruption_acc"] is not None]
+    if corrupted:  # the seeds measured with `eval --corruptions --out <seed dir>`
+        summary["corruption_acc"] = describe(corrupted)
     atomic_write_text(out / "seeds.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -460,7 +463,8 @@ def _seed_report(path: Path) -> dict[str, Any]:
     return {"config_digest": field(data, "config_digest", "string", error, path),
             "top1": field(data, "metrics.top1", "fraction", error, path),
             "val_acc": field(data, "val_acc", "fraction|null", error, path),
-            "train_time_s": field(data, "train_time_s", "number|null", error, path)}
+            "train_time_s": field(data, "train_time_s", "number|null", error, path),
+            "corruption_acc": field(data, "corruptions.mean_acc", "fraction|null", error, path)}
 
 
 def _time_to_target(path: Path) -> dict[str, Any]:
@@ -495,15 +499,22 @@ def describe(values: list[float]) -> dict[str, float | None]:
             "max": max(values)}
 
 
+def _percent(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v * 100 if isinstance(v, float) else v) for k, v in d.items()}
+
+
 def format_seeds(s: dict[str, Any]) -> str:
     def row(name: str, d: dict, fmt: str) -> str:
         cells = [format(d[k], fmt) if d[k] is not None and not math.isnan(d[k]) else "-"
                  for k in ("median", "mean", "std", "min", "max")]
         return f"| {name} | {d['n']} | " + " | ".join(cells) + " |"
 
-    acc = {k: (v * 100 if isinstance(v, float) else v) for k, v in s["test_top1"].items()}
+    acc = _percent(s["test_top1"])
     lines = ["| | runs | median | mean | std | min | max |", "|---|--:|--:|--:|--:|--:|--:|",
-             row("test top-1 (%)", acc, ".2f"), row("training time (s)", s["train_time_s"], ".1f"),
+             row("test top-1 (%)", acc, ".2f"),
+             *([row("mean corruption accuracy (%)", _percent(s["corruption_acc"]), ".2f")]
+               if s.get("corruption_acc") else []),
+             row("training time (s)", s["train_time_s"], ".1f"),
              *([row(f"time to {s['target']:.2%} (s)", s["time_to_target_s"], ".1f")] if s["target"] else []),
              "",
              "seeds: " + ", ".join(f"{r['seed']}: {r['test_top1']:.2%}" for r in s["runs"])]
