@@ -208,3 +208,13 @@ def test_corruptions_added_to_a_runs_own_report_reach_runs_and_seeds(two_runs, c
     assert after.pop("corruptions")["mean_acc"] is not None and after == before  # fit's report kept
     assert "corr_acc" in format_table(list_runs(run.parent))
     assert _seed_report(run / "report.json")["corruption_acc"] is not None
+
+
+def test_seeds_summary_shows_corruption_accuracy_only_when_measured():
+    from vggtrain.sweep import describe, format_seeds
+
+    summary = {"test_top1": describe([0.5, 0.6]), "train_time_s": describe([1.0, 2.0]), "target": None,
+               "runs": [{"seed": 0, "test_top1": 0.5}, {"seed": 1, "test_top1": 0.6}]}
+    assert "corruption" not in format_seeds(summary)
+    summary["corruption_acc"] = describe([0.4, 0.5])
+    assert "| mean corruption accuracy (%) | 2 | 45.00 | 45.00 |" in format_seeds(summary)
