@@ -61,6 +61,11 @@ def require_extras(names: Sequence[str]) -> None:
             raise UserError(f"{', '.join(needing)} need kornia: pip install 'vggtrain[robust]'") from None
 
 
+def _wide(x: torch.Tensor) -> torch.dtype:
+    """float64 for the coordinate arithmetic, but on MPS, which has none."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
 def _uniform(shape: Sequence[int], low: float, high: float, x: Images, g: torch.Generator) -> torch.Tensor:
     return torch.rand(shape, generator=g, device=x.device, dtype=x.dtype) * (high - low) + low
 
@@ -112,7 +117,7 @@ def motion_blur(x: Images, c: tuple[int, float], g: torch.Generator) -> Images:
     Written here because kornia's motion kernel is a symmetric line of equal weights, another blur."""
     radius, sigma = c
     b, _, h, w = x.shape
-    angle = torch.deg2rad(_uniform((b,), -45, 45, x, g).double())
+    angle = torch.deg2rad(_uniform((b,), -45, 45, x, g).to(_wide(x)))
     width = 2 * radius + 1
     weights = torch.exp(-torch.arange(width, dtype=torch.float64) ** 2 / (2 * sigma ** 2))
     weights = (weights / weights.sum()).tolist()
@@ -246,22 +251,19 @@ def _random_affine(x: Images, spread: float, g: torch.Generator) -> Images:
     b, _, h, w = x.shape
     centre, side = h // 2, h // 3
     src = torch.tensor([[centre + side, centre + side], [centre + side, centre - side],
-                        [centre - side, centre - side]], dtype=torch.float64, device=x.device)
-    dst = src + _uniform((b, 3, 2), -spread, spread, x, g).double()
-    ones = torch.ones(3, 1, dtype=torch.float64, device=x.device)
+                        [centre - side, centre - side]], dtype=_wide(x), device=x.device)
+    dst = src + _uniform((b, 3, 2), -spread, spread, x, g).to(_wide(x))
+    ones = torch.ones(3, 1, dtype=_wide(x), device=x.device)
     forward = torch.linalg.solve(torch.cat([src, ones], 1), dst).transpose(1, 2)  # (B, 2, 3): src -> dst
-    inverse = torch.linalg.inv(torch.cat([forward, _last_row(b, x.device)], 1))[:, :2]
-    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float64),
-                            torch.arange(w, device=x.device, dtype=torch.float64), indexing="ij")
+    last_row = torch.tensor([[[0.0, 0.0, 1.0]]], dtype=_wide(x), device=x.device).expand(b, 1, 3)
+    inverse = torch.linalg.inv(torch.cat([forward, last_row], 1))[:, :2]
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=_wide(x)),
+                            torch.arange(w, device=x.device, dtype=_wide(x)), indexing="ij")
     points = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(-1, 3)  # (HW, 3) as x, y, 1
     source = (points @ inverse.transpose(1, 2)).view(b, h, w, 2)
     grid = source / torch.tensor([w - 1, h - 1], device=x.device) * 2 - 1
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection",
                          align_corners=True)
-
-
-def _last_row(b: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor([[[0.0, 0.0, 1.0]]], dtype=torch.float64, device=device).expand(b, 1, 3)
 
 
 def elastic_transform(x: Images, c: tuple[float, float, float], g: torch.Generator) -> Images:
@@ -272,10 +274,10 @@ def elastic_transform(x: Images, c: tuple[float, float, float], g: torch.Generat
     alpha, sigma, spread = c
     b, _, h, w = x.shape
     x = _random_affine(x, spread, g)
-    dx = _gaussian_filter_reflect(_uniform((b, h, w), -1, 1, x, g).double(), sigma) * alpha
-    dy = _gaussian_filter_reflect(_uniform((b, h, w), -1, 1, x, g).double(), sigma) * alpha
-    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float64),
-                            torch.arange(w, device=x.device, dtype=torch.float64), indexing="ij")
+    dx = _gaussian_filter_reflect(_uniform((b, h, w), -1, 1, x, g).to(_wide(x)), sigma) * alpha
+    dy = _gaussian_filter_reflect(_uniform((b, h, w), -1, 1, x, g).to(_wide(x)), sigma) * alpha
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=_wide(x)),
+                            torch.arange(w, device=x.device, dtype=_wide(x)), indexing="ij")
     grid = torch.stack([((xs + dx) * 2 + 1) / w - 1, ((ys + dy) * 2 + 1) / h - 1], -1)
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection",
                          align_corners=False)
