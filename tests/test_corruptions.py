@@ -210,6 +210,15 @@ def test_corruptions_added_to_a_runs_own_report_reach_runs_and_seeds(two_runs, c
     assert _seed_report(run / "report.json")["corruption_acc"] is not None
 
 
+def test_out_holding_another_checkpoints_report_is_refused_before_the_work(two_runs, capsys):
+    run, other = two_runs
+    before = (other / "report.json").read_bytes()
+    code, out, err = _eval(capsys, "--ckpt", str(run), "--corruptions", "contrast", "--out", str(other))
+    assert code == 2 and err.count("\n") == 1 and "holds the report of another checkpoint" in err, err
+    assert not out and (other / "report.json").read_bytes() == before
+    assert not (other / "corruptions.png").exists()
+
+
 def test_seeds_summary_shows_corruption_accuracy_only_when_measured():
     from vggtrain.sweep import describe, format_seeds
 

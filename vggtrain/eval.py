@@ -3,6 +3,7 @@ held out, as a report in report.py's schema. Needs nothing but the checkpoint an
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
     if corruptions is not None and corruptions.baseline is not None:
         baseline = load_model(resolve_checkpoint(corruptions.baseline), dev)  # refused before the work
     cfg = loaded.cfg
+    previous = _report_in(Path(out), loaded, split) if out is not None else None
     if tta is None:
         tta = cfg.train.tta
     data, names = checkpoint_split(loaded, split, data_root)
@@ -45,7 +47,7 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
     if corruptions is not None:
         report["corruptions"] = _corruptions(loaded, baseline, data, settings, ev.top1, corruptions, names)
     if out is not None:
-        write_eval_files(Path(out), report, ev, data)
+        write_eval_files(Path(out), report, ev, data, previous)
     return report
 
 
@@ -94,27 +96,41 @@ def checkpoint_split(loaded: LoadedModel, split: str, data_root: str | None = No
 
 
 PICTURES = ("curves", "confusion_matrix", "misclassified", "corruptions")  # report.md's order
+SAME_REPORT = ("config_digest", "checkpoint_epoch", "weights", "split")  # what makes it this checkpoint's
 
 
-def write_eval_files(out: Path, report: dict[str, Any], ev: Evaluation, data: Split) -> None:
+def _report_in(out: Path, loaded: LoadedModel, split: str) -> dict[str, Any] | None:
+    """The report.json already in --out DIR, which must be this checkpoint's on this split (fit's,
+    in its run directory): refused before the work otherwise, never overwritten."""
+    from vggtrain.report import config_digest
+    from vggtrain.safeio import REPORT_LIMIT, read_json
+
+    if not os.path.lexists(out / "report.json"):
+        return None
+    previous = read_json(out / "report.json", REPORT_LIMIT)
+    this = {"config_digest": config_digest(loaded.cfg), "checkpoint_epoch": loaded.epoch,
+            "weights": loaded.weights, "split": split}
+    if not isinstance(previous, dict) or any(previous.get(k) != v for k, v in this.items()):
+        raise UserError(f"--out {out}: holds the report of another checkpoint or split; choose another "
+                        f"directory")
+    return previous
+
+
+def write_eval_files(out: Path, report: dict[str, Any], ev: Evaluation, data: Split,
+                     previous: dict[str, Any] | None = None) -> None:
     """report.json, report.md and the pictures in out, as fit writes a run's (report.json last).
-    Where out already holds the report of this very checkpoint (same config digest, epoch, weights
-    and split: fit's, in the checkpoint's run directory), only the corruptions section is added to
-    it, so `runs` and `seeds` read it with the rest of the run."""
+    previous: the report already there (_report_in: this checkpoint's, fit's in its run
+    directory), to which only the corruptions section is added, so that `runs` and `seeds` read it
+    with the rest of the run; without one, nothing there changes."""
     from vggtrain.atomic import atomic_write_text
     from vggtrain.corruptions import corruption_heatmap
     from vggtrain.draw import save_png
     from vggtrain.report import format_markdown, report_json, report_pictures
-    from vggtrain.safeio import REPORT_LIMIT, read_json
 
+    if previous is not None and not report.get("corruptions"):
+        return
     out.mkdir(parents=True, exist_ok=True)
-    same = ("config_digest", "checkpoint_epoch", "weights", "split")
-    try:
-        previous = read_json(out / "report.json", REPORT_LIMIT) if (out / "report.json").is_file() else None
-    except UserError:
-        previous = None
-    if isinstance(previous, dict) and report.get("corruptions") \
-            and all(previous.get(k) == report[k] for k in same):
+    if previous is not None:
         report, pictures = {**previous, "corruptions": report["corruptions"]}, {}
     else:
         pictures = report_pictures(report, ev, data)
