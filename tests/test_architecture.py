@@ -24,7 +24,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "checkpoint", "inference", "images", "folder", "policies", "data", "evaluate", "finetune",
              "calibration", "distill"),
     "training": ("run", "rundir", "graphs", "train", "tb", "tracking"),
-    "reporting": ("report", "draw", "curves", "calibration_report"),
+    "reporting": ("report", "draw", "curves", "calibration_report", "corruptions"),
     "commands": ("program", "config_reference", "fit", "eval", "export", "predict", "gradcam", "runs",
                  "summary", "sweep", "bench", "stepcount", "synthetic", "lr_find"),
     "cli": ("cli", "__main__"),

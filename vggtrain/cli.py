@@ -118,6 +118,15 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
                         "adds one-pixel shifts (airbench's level 2); none turns it off")
     _calibrated_option(p, "also measure the probabilities after the checkpoint's temperature for this "
                           "TTA (fitted on its run's validation split: by fit, else now)")
+    p.add_argument("--corruptions", nargs="?", const="all", type=_corruptions, metavar="LIST",
+                   help="also measure accuracy on CIFAR-10-C corruptions of the split, made on the device: "
+                        "all (when given alone) or comma-separated names (docs/evaluation.md)")
+    p.add_argument("--severities", type=_severities, metavar="RANGE",
+                   help="the corruptions' severities: 1-5 (default), 2-4, 1,3,5")
+    p.add_argument("--baseline", metavar="PATH",
+                   help="a reference checkpoint for the (relative) mean corruption error")
+    p.add_argument("--corruption-seed", type=int, metavar="N", help="seeds the random corruptions (0)")
+    p.add_argument("--out", metavar="DIR", help="also write report.json, report.md and the pictures into DIR")
 
 
 def _calibrated_option(p: argparse.ArgumentParser, what: str) -> None:
@@ -126,6 +135,19 @@ def _calibrated_option(p: argparse.ArgumentParser, what: str) -> None:
 
 def _note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+
+def _corruptions(text: str) -> tuple[str, ...]:
+    from vggtrain.corruptions import parse_corruptions
+
+    return parse_corruptions(text)
+
+
+def _severities(text: str) -> tuple[int, ...]:
+    from vggtrain.corruptions import parse_severities
+
+    return parse_severities(text)
 
 
 def _predict_options(p: argparse.ArgumentParser) -> None:
@@ -277,12 +299,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vggtrain.report import format_text, report_json
 
     report = evaluate_checkpoint(args.ckpt, args.split, args.data_root, args.batch_size, args.device,
-                                 args.tta, args.calibrated, _note)
+                                 args.tta, args.calibrated, _note,
+                                 _corruption_request(args), args.out)
     if not json_only(args.json):
         print(format_text(report), end="")
     if args.json is not None:
         write_output(args.json, report_json(report))
     return EXIT_OK
+
+
+def _corruption_request(args: argparse.Namespace) -> object:
+    """eval's corruption options as a CorruptionRequest (None without --corruptions); checked
+    before any model loads."""
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a directory")
+    if args.corruptions is None:
+        given = [o for o, v in (("--severities", args.severities), ("--baseline", args.baseline),
+                                ("--corruption-seed", args.corruption_seed)) if v is not None]
+        if given:
+            raise UserError(f"usage error: {given[0]} needs --corruptions")
+        return None
+    from vggtrain.corruptions import SEVERITIES, CorruptionRequest, require_extras
+
+    require_extras(args.corruptions)
+    return CorruptionRequest(args.corruptions, args.severities or SEVERITIES, args.corruption_seed or 0,
+                             args.baseline)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -3,43 +3,60 @@ held out, as a report in report.py's schema. Needs nothing but the checkpoint an
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vggtrain.data import Split, load_dataset, split_train_val
 from vggtrain.device import select_device
 from vggtrain.errors import DataError, UserError, shown
-from vggtrain.evaluate import eval_settings, evaluate_split, fit_temperatures
+from vggtrain.evaluate import EvalSettings, Evaluation, eval_settings, evaluate_split, fit_temperatures
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
 from vggtrain.report import build_report
+
+if TYPE_CHECKING:
+    from vggtrain.corruptions import CorruptionRequest
 
 
 def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | None = None,
                         batch_size: int | None = None, device: str = "auto",
                         tta: str | None = None, calibrated: bool = False,
-                        note: Callable[[str], None] = print) -> dict[str, Any]:
+                        note: Callable[[str], None] = print, corruptions: CorruptionRequest | None = None,
+                        out: str | Path | None = None) -> dict[str, Any]:
     """The report for a checkpoint on the test split, or on the validation split its run held out
     (rebuilt from the stored data.val_size and seed). Needs nothing but the checkpoint and data.
     tta None means the run's own train.tta, so that a re-test reproduces the run's report.
     calibrated: also measure the probabilities after the checkpoint's temperature for this TTA
-    (checkpoint_temperature; note gets the line saying so when one had to be fitted)."""
+    (checkpoint_temperature; note gets the line saying so when one had to be fitted).
+    corruptions: also measure it on CIFAR-10-C corruptions of the split (the report's
+    `corruptions`); out: write report.json, report.md and the pictures into that directory."""
     dev = select_device(device)
     loaded = load_model(resolve_checkpoint(ckpt), dev)
+    baseline = None
+    if corruptions is not None and corruptions.baseline is not None:
+        baseline = load_model(resolve_checkpoint(corruptions.baseline), dev)  # refused before the work
     cfg = loaded.cfg
+    previous = _report_in(Path(out), loaded, split) if out is not None else None
     if tta is None:
         tta = cfg.train.tta
     temperature, source = None, None
     if calibrated:
         temperature, source = checkpoint_temperature(loaded, tta, data_root, batch_size, note)
     data, names = checkpoint_split(loaded, split, data_root)
+    data = data.to(dev)
     settings = replace(eval_settings(cfg, dev, tta, batch_size), temperature=temperature)
-    ev = evaluate_split(loaded.model, data.to(dev), settings)
-    return build_report(ev, split=split, model=loaded.model, cfg=cfg, class_names=names,
-                        checkpoint=loaded.path, checkpoint_epoch=loaded.epoch, device=dev,
-                        precision=cfg.train.precision, tta=tta, weights=loaded.weights,
-                        temperature=temperature, temperature_from=source)
+    ev = evaluate_split(loaded.model, data, settings)
+    report = build_report(ev, split=split, model=loaded.model, cfg=cfg, class_names=names,
+                          checkpoint=loaded.path, checkpoint_epoch=loaded.epoch, device=dev,
+                          precision=cfg.train.precision, tta=tta, weights=loaded.weights,
+                          temperature=temperature, temperature_from=source)
+    if corruptions is not None:
+        report["corruptions"] = _corruptions(loaded, baseline, data, settings, ev.top1, corruptions, names)
+    if out is not None:
+        write_eval_files(Path(out), report, ev, data, previous)
+    return report
 
 
 def checkpoint_temperature(loaded: LoadedModel, tta: str, data_root: str | None = None,
@@ -64,6 +81,26 @@ def checkpoint_temperature(loaded: LoadedModel, tta: str, data_root: str | None 
     return temperature, source
 
 
+def _corruptions(loaded: LoadedModel, baseline: LoadedModel | None, data: Split, settings: EvalSettings,
+                 clean_top1: float, request: CorruptionRequest, names: list[str]) -> dict[str, Any]:
+    """The report's `corruptions`: the model and, with --baseline, the reference checkpoint on the
+    same corrupted images (same seed), measured the same way (settings: this eval's TTA)."""
+    from vggtrain.corruptions import corruption_section, measure_corruptions
+
+    measured = measure_corruptions(loaded.model, data, settings, request)
+    reference = None
+    if baseline is not None:
+        if baseline.cfg.model.num_classes != len(names):
+            raise DataError(f"--baseline {baseline.path}: its model predicts "
+                            f"{baseline.cfg.model.num_classes} classes, the checkpoint's {len(names)}")
+        base_settings = eval_settings(baseline.cfg, settings.device, settings.tta, settings.batch_size)
+        clean = evaluate_split(baseline.model, data, base_settings).top1
+        accuracy = measure_corruptions(baseline.model, data, base_settings, request)["accuracy"]
+        reference = {"checkpoint": str(baseline.path), "clean_top1": clean, "accuracy": accuracy}
+    measured["images"] = len(data)
+    return corruption_section(request, settings.tta, clean_top1, measured, reference)
+
+
 def checkpoint_split(loaded: LoadedModel, split: str, data_root: str | None = None
                      ) -> tuple[Split, list[str]]:
     """The split a loaded checkpoint is measured on, with the data's class names: the test set,
@@ -86,3 +123,51 @@ def checkpoint_split(loaded: LoadedModel, split: str, data_root: str | None = No
     else:
         data = test
     return data, names
+
+
+PICTURES = ("curves", "confusion_matrix", "misclassified", "corruptions")  # report.md's order
+SAME_REPORT = ("config_digest", "checkpoint_epoch", "weights", "split")  # what makes it this checkpoint's
+
+
+def _report_in(out: Path, loaded: LoadedModel, split: str) -> dict[str, Any] | None:
+    """The report.json already in --out DIR, which must be this checkpoint's on this split (fit's,
+    in its run directory): refused before the work otherwise, never overwritten."""
+    from vggtrain.report import config_digest
+    from vggtrain.safeio import REPORT_LIMIT, read_json
+
+    if not os.path.lexists(out / "report.json"):
+        return None
+    previous = read_json(out / "report.json", REPORT_LIMIT)
+    this = {"config_digest": config_digest(loaded.cfg), "checkpoint_epoch": loaded.epoch,
+            "weights": loaded.weights, "split": split}
+    if not isinstance(previous, dict) or any(previous.get(k) != v for k, v in this.items()):
+        raise UserError(f"--out {out}: holds the report of another checkpoint or split; choose another "
+                        f"directory")
+    return previous
+
+
+def write_eval_files(out: Path, report: dict[str, Any], ev: Evaluation, data: Split,
+                     previous: dict[str, Any] | None = None) -> None:
+    """report.json, report.md and the pictures in out, as fit writes a run's (report.json last).
+    previous: the report already there (_report_in: this checkpoint's, fit's in its run
+    directory), to which only the corruptions section is added, so that `runs` and `seeds` read it
+    with the rest of the run; without one, nothing there changes."""
+    from vggtrain.atomic import atomic_write_text
+    from vggtrain.corruptions import corruption_heatmap
+    from vggtrain.draw import save_png
+    from vggtrain.report import format_markdown, report_json, report_pictures
+
+    if previous is not None and not report.get("corruptions"):
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    if previous is not None:
+        report, pictures = {**previous, "corruptions": report["corruptions"]}, {}
+    else:
+        pictures = report_pictures(report, ev, data)
+    if report.get("corruptions"):
+        pictures["corruptions"] = corruption_heatmap(report["corruptions"])
+    for name, img in pictures.items():
+        save_png(out / f"{name}.png", img)
+    images = [(n.replace("_", " "), f"{n}.png") for n in PICTURES if (out / f"{n}.png").is_file()]
+    atomic_write_text(out / "report.md", format_markdown(report, images))
+    atomic_write_text(out / "report.json", report_json(report))

@@ -28,6 +28,7 @@ from vggtrain.calibration_report import (
     reliability_diagram,
 )
 from vggtrain.config import TrainConfig, digest_of
+from vggtrain.corruptions import corruption_markdown, corruption_text
 from vggtrain.data import Split
 from vggtrain.draw import BLUES, apply_colormap, font, save_png, text_rotated, text_size, to_pil, to_tensor
 from vggtrain.errors import shown
@@ -289,6 +290,8 @@ def format_text(report: dict[str, Any]) -> str:
         lines.append(f"{name:<{name_w}}" + "".join(f" {v:>{cell_w}}" for v in row))
     if heads[0] != names[0][:cell_w]:
         lines.append("columns: " + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
+    if report.get("corruptions"):
+        lines += corruption_text(report["corruptions"])
     return "\n".join(lines) + "\n"
 
 
@@ -340,6 +343,8 @@ def format_markdown(report: dict[str, Any], images: list[tuple[str, str]] = ()) 
         for name, row in zip(names, report["confusion_matrix"], strict=True):
             out.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
     out += calibration_markdown(report)
+    if report.get("corruptions"):
+        out += corruption_markdown(report["corruptions"])
     for alt, file in images:
         out += ["", f"![{alt}]({file})"]
     return "\n".join(out) + "\n"

@@ -17,7 +17,8 @@ from vggtrain.safeio import REPORT_LIMIT, TEXT_LIMIT, read_json, read_yaml
 
 COLUMNS = ("name", "arch", "params", "epochs", "best_val", "test_top1", "test_ece", "time_s",
            "precision", "device", "status")
-SORT_KEYS = COLUMNS
+OPTIONAL_COLUMNS = ("corr_acc",)  # shown only when a run has one: eval --corruptions --out RUN_DIR
+SORT_KEYS = COLUMNS + OPTIONAL_COLUMNS
 STATES = ("finished", "stopped", "running", "diverged")
 
 
@@ -113,7 +114,7 @@ def run_row(path: Path, name: str) -> dict[str, Any] | None:
         state = "diverged"
     else:
         state = "stopped"  # by a signal, or killed (its status still said running)
-    return {
+    row = {
         "name": name, "path": str(path),
         "arch": _text(_get(status, "arch") or _get(config, "model", "arch")),
         "params": _number(_get(status, "params")) or _number(_get(report, "parameters")),
@@ -127,6 +128,10 @@ def run_row(path: Path, name: str) -> dict[str, Any] | None:
         "device": _text(_get(report, "device") or _get(status, "device") or _get(config, "train", "device")),
         "status": state,
     }
+    corr_acc = _number(_get(report, "corruptions", "mean_acc"))  # a field only where a run has one
+    if corr_acc is not None:
+        row["corr_acc"] = corr_acc
+    return row
 
 
 def list_runs(root: Path, depth: int = 2) -> list[dict[str, Any]]:
@@ -155,7 +160,7 @@ def list_runs(root: Path, depth: int = 2) -> list[dict[str, Any]]:
 def sort_rows(rows: list[dict[str, Any]], key: str, reverse: bool = False) -> list[dict[str, Any]]:
     """Sorted by a column; rows without a value go last either way."""
     def value(row: dict[str, Any]) -> Any:
-        v = row[key]
+        v = row.get(key)
         return v[0] if key == "epochs" else v
 
     have = [r for r in rows if value(r) is not None]
@@ -169,7 +174,7 @@ def _cell(key: str, value: Any) -> str:
     if key == "epochs":
         done, planned = value
         return f"{'-' if done is None else f'{done:g}'}/{'-' if planned is None else f'{planned:g}'}"
-    if key in ("best_val", "test_top1", "test_ece"):
+    if key in ("best_val", "test_top1", "test_ece", "corr_acc"):
         return f"{value:.2%}"
     if key == "params":
         return f"{value / 1e6:.2f}M"
@@ -182,8 +187,9 @@ def _cell(key: str, value: Any) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no runs\n"
+    columns = COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if any(r.get(c) is not None for r in rows))
     # What a run's files and its directory's name say reaches the terminal escaped.
-    cells = [list(COLUMNS)] + [[shown(_cell(k, r[k])) for k in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    cells = [list(columns)] + [[shown(_cell(k, r.get(k))) for k in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines) + "\n"

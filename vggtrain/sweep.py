@@ -435,7 +435,7 @@ def run_seeds(config: str, overrides: list[str], seeds: int, first_seed: int = 0
         ttt = _time_to_target(reached_file) if os.path.lexists(reached_file) else {}
         rows.append({"seed": seed, "test_top1": r["top1"], "val_acc": r["val_acc"],
                      "test_ece": r["ece"], "test_ece_calibrated": r["ece_calibrated"],
-                     "train_time_s": r["train_time_s"],
+                     "train_time_s": r["train_time_s"], "corruption_acc": r["corruption_acc"],
                      "time_to_target_s": ttt.get("train_time_s") if ttt.get("target") == target else None,
                      "run_dir": str(run_dir)})
     summary = {"schema": "vggtrain.seeds/1", "config": config, "overrides": overrides, "target": target,
@@ -446,6 +446,9 @@ def run_seeds(config: str, overrides: list[str], seeds: int, first_seed: int = 0
                "train_time_s": describe([r["train_time_s"] for r in rows if r["train_time_s"] is not None]),
                "time_to_target_s": describe([r["time_to_target_s"] for r in rows
                                              if r["time_to_target_s"] is not None])}
+    corrupted = [r["corruption_acc"] for r in rows if r["corruption_acc"] is not None]
+    if corrupted:  # the seeds measured with `eval --corruptions --out <seed dir>`
+        summary["corruption_acc"] = describe(corrupted)
     atomic_write_text(out / "seeds.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -466,7 +469,8 @@ def _seed_report(path: Path) -> dict[str, Any]:
             "val_acc": field(data, "val_acc", "fraction|null", error, path),
             "ece": field(data, "calibration.ece", "fraction|null", error, path),
             "ece_calibrated": field(data, "calibration.calibrated.ece", "fraction|null", error, path),
-            "train_time_s": field(data, "train_time_s", "number|null", error, path)}
+            "train_time_s": field(data, "train_time_s", "number|null", error, path),
+            "corruption_acc": field(data, "corruptions.mean_acc", "fraction|null", error, path)}
 
 
 def _time_to_target(path: Path) -> dict[str, Any]:
@@ -511,11 +515,12 @@ def format_seeds(s: dict[str, Any]) -> str:
                  for k in ("median", "mean", "std", "min", "max")]
         return f"| {name} | {d['n']} | " + " | ".join(cells) + " |"
 
-    acc = {k: (v * 100 if isinstance(v, float) else v) for k, v in s["test_top1"].items()}
+    acc = _percent(s["test_top1"])
     lines = ["| | runs | median | mean | std | min | max |", "|---|--:|--:|--:|--:|--:|--:|",
              row("test top-1 (%)", acc, ".2f"),
              *[row(name, _percent(s[key]), ".2f") for key, name in
-               (("test_ece", "test ECE (%)"), ("test_ece_calibrated", "test ECE after T (%)"))
+               (("test_ece", "test ECE (%)"), ("test_ece_calibrated", "test ECE after T (%)"),
+                ("corruption_acc", "mean corruption accuracy (%)"))
                if s.get(key, {}).get("n")],
              row("training time (s)", s["train_time_s"], ".1f"),
              *([row(f"time to {s['target']:.2%} (s)", s["time_to_target_s"], ".1f")] if s["target"] else []),
