@@ -24,8 +24,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "checkpoint", "inference", "images", "folder", "data", "evaluate", "finetune"),
     "training": ("run", "rundir", "graphs", "train", "tb"),
     "reporting": ("report", "draw", "curves"),
-    "commands": ("program", "config_reference", "fit", "eval", "export", "predict", "gradcam", "runs",
-                 "summary", "sweep", "bench", "stepcount", "synthetic", "lr_find"),
+    "commands": ("program", "config_reference", "fit", "eval", "export", "quantize", "predict", "gradcam",
+                 "runs", "summary", "sweep", "bench", "stepcount", "synthetic", "lr_find"),
     "cli": ("cli", "__main__"),
 }
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
