@@ -103,6 +103,9 @@ def session(path: Path, optimized: Path | None = None, threads: int = 0) -> Any:
     options.intra_op_num_threads = threads
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
+        # ...saved for kernels() to read, not for use elsewhere: ORT's warning that the saved graph
+        # is specific to this CPU would be a stray line on the user's terminal
+        options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
