@@ -31,7 +31,9 @@ MAX_INTERMEDIATE_OUTPUTS = 8  # MinMax merges its ranges every 8 batches: bounde
 class Int8Options:
     calibration_images: int = 1000
     calibration_seed: int = 0
-    method: str = "minmax"  # chosen on airbench94_muon's validation split: docs/export.md
+    # ORT's own default; not yet chosen by measurement (scripts/int8_measure.py methods does it on a
+    # run's validation split; docs/export.md says why it has not run yet)
+    method: str = "minmax"
     max_drop: float = 1.0  # test-accuracy points the int8 model may lose against fp32
     eval_images: int | None = None  # the first N test images; None: all of them
 
