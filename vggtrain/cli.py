@@ -159,7 +159,8 @@ def _export_options(p: argparse.ArgumentParser) -> None:
                    help="onnx (needs vggtrain[export]), exported (a torch.export .pt2), torchscript")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write (and FILE.json)")
     p.add_argument("--data-root", metavar="DIR",
-                   help="the test data for the parity check (default: data.root of the stored config)")
+                   help="the data for the parity check (and int8's calibration and accuracy check; "
+                        "default: data.root of the stored config)")
     q = p.add_argument_group("int8 (ONNX Runtime's static quantization; docs/export.md)")
     q.add_argument("--quantize", choices=["int8"], help="write an int8 ONNX model, checked for accuracy")
     q.add_argument("--calibration-images", type=int, metavar="N",
