@@ -25,8 +25,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "calibration", "distill"),
     "training": ("run", "rundir", "graphs", "train", "tb", "tracking"),
     "reporting": ("report", "draw", "curves", "calibration_report", "corruptions"),
-    "commands": ("program", "config_reference", "fit", "eval", "export", "predict", "gradcam", "runs",
-                 "summary", "sweep", "bench", "stepcount", "synthetic", "lr_find"),
+    "commands": ("program", "config_reference", "fit", "eval", "export", "quantize", "predict", "gradcam",
+                 "runs", "summary", "sweep", "bench", "stepcount", "synthetic", "lr_find"),
     "cli": ("cli", "__main__"),
 }
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}

@@ -194,7 +194,19 @@ def _export_options(p: argparse.ArgumentParser) -> None:
                    help="onnx (needs vggtrain[export]), exported (a torch.export .pt2), torchscript")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write (and FILE.json)")
     p.add_argument("--data-root", metavar="DIR",
-                   help="the test data for the parity check (default: data.root of the stored config)")
+                   help="the data for the parity check (and int8's calibration and accuracy check; "
+                        "default: data.root of the stored config)")
+    q = p.add_argument_group("int8 (ONNX Runtime's static quantization; docs/export.md)")
+    q.add_argument("--quantize", choices=["int8"], help="write an int8 ONNX model, checked for accuracy")
+    q.add_argument("--calibration-images", type=int, metavar="N",
+                   help="training images to calibrate on, drawn at random from the seed (1000)")
+    q.add_argument("--calibration-seed", type=int, metavar="S", help="which images (0)")
+    q.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"],
+                   help="how activation ranges are chosen (minmax)")
+    q.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="test-accuracy points int8 may lose against fp32, else nothing is written (1.0)")
+    q.add_argument("--eval-images", type=int, metavar="N",
+                   help="check accuracy on the first N test images (default: all)")
     _calibrated_option(p, "output logits / T, the checkpoint's temperature inside the exported graph "
                           "(fitted on its run's validation split: by fit, else now)")
 
@@ -396,11 +408,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+INT8_OPTIONS = {"calibration_images": "calibration_images", "calibration_seed": "calibration_seed",
+                 "calibration_method": "method", "max_drop": "max_drop", "eval_images": "eval_images"}
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from vggtrain.export import export_checkpoint
+    from vggtrain.quantize import Int8Options
 
+    set_args = [arg for arg in INT8_OPTIONS if getattr(args, arg) is not None]
+    given = {INT8_OPTIONS[arg]: getattr(args, arg) for arg in set_args}
+    if args.quantize is None and given:
+        flags = ", ".join(f"--{arg.replace('_', '-')}" for arg in set_args)
+        raise UserError(f"usage error: {flags} only apply with --quantize int8")
+    int8 = Int8Options(**given) if args.quantize == "int8" else None
     side = export_checkpoint(args.ckpt, args.format, args.out, args.data_root, calibrated=args.calibrated,
-                             note=_note)
+                             note=_note, int8=int8)
     p = side["parity"]
     speed = f", {p['exported_images_per_s']:,.0f} images/s" if p["exported_images_per_s"] else ""
     scaled = f"; logits divided by the temperature {side['temperature']:.3f}" if side["temperature"] else ""
@@ -408,6 +431,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 f"{side['source']['epoch']}) and {args.out}.json; parity on {p['images_from']}: max |logit "
                 f"difference| {p['max_abs_logit_diff']:.1e} (tolerance {p['tolerance']:.1e}), top-1 the "
                 f"same on all {p['images']:,}{speed}{scaled}"))
+    if int8 is not None:
+        a = side["int8"]["accuracy"]
+        print(shown(f"int8: test accuracy {a['int8_top1']:.2f}% against fp32 {a['fp32_top1']:.2f}% (the "
+                    f"checkpoint's too) on {a['images_from']}: {-a['drop_points']:+.2f} points "
+                    f"(--max-drop {a['max_drop']:g})"))
     return EXIT_OK
 
 

@@ -8,6 +8,10 @@ source checkpoint's digest. The file and its sidecar are written only after the 
 agreed with the checkpoint (the test set when its data is at hand, else random images), both
 to temp files that are renamed into place together at the end: a failed or refused export
 leaves nothing behind and the files it would have replaced as they were.
+
+With int8 (ONNX only; vggtrain.quantize), the checked fp32 export is quantized by ONNX Runtime,
+calibrated on seeded training images, and the int8 model's test accuracy is measured against the
+fp32 model's before anything is written: a drop over --max-drop points writes nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -27,9 +32,10 @@ from torch import nn
 
 from vggtrain import __version__
 from vggtrain.atomic import replace_together
-from vggtrain.data import load_dataset, norm_stats
+from vggtrain.data import Split, load_dataset, norm_stats, split_train_val
 from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line, os_reason
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
+from vggtrain.quantize import Int8Options
 
 FORMATS = ("onnx", "exported", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "exported": ".pt2", "torchscript": ".pt"}
@@ -66,12 +72,17 @@ def deployable(loaded: LoadedModel, temperature: float | None = None) -> ImagesT
 
 def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, data_root: str | None = None,
                       batch_size: int = 500, calibrated: bool = False,
-                      note: Callable[[str], None] = print) -> dict[str, Any]:
-    """Export, check parity, then write `out` and `out`.json. Returns the sidecar's contents.
+                      note: Callable[[str], None] = print, int8: Int8Options | None = None) -> dict[str, Any]:
+    """Export, check parity (and with int8, quantize and check its accuracy), then write `out`
+    and `out`.json. Returns the sidecar's contents.
     calibrated: the checkpoint's no-TTA temperature T baked in (eval.checkpoint_temperature; note
     gets its line when one had to be fitted): the exported model outputs logits / T."""
     if fmt not in FORMATS:
         raise UserError(f"usage error: --format is one of {', '.join(FORMATS)} (got {fmt!r})")
+    if int8 is not None:
+        if fmt != "onnx":
+            raise UserError(f"usage error: --quantize int8 needs --format onnx (got {fmt})")
+        int8.check()
     if fmt == "onnx":
         _require_onnx()
     out = Path(out)
@@ -91,8 +102,10 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, data_root: st
 
         temperature = checkpoint_temperature(loaded, "none", data_root, note=note)[0]
     net = deployable(loaded, temperature)
-    images, source = parity_images(loaded, data_root)
     try:
+        if int8 is not None:
+            return _export_int8(loaded, path, net, out, int8, data_root, batch_size)
+        images, source = parity_images(loaded, data_root)
         return _export_checked(loaded, path, net, fmt, out, images, source, batch_size)
     except OSError as e:  # the output directory or the disk refused a write
         if e.errno in STORAGE_ERRNOS:
@@ -107,15 +120,103 @@ def _export_checked(loaded: LoadedModel, path: Path, net: ImagesToLogits, fmt: s
     # after the parity check: a refused or failed export leaves the files before it as they were.
     with replace_together([out, side]) as (tmp, tmp_side):
         _export(net, fmt, tmp)
-        parity = check_parity(net, load_exported(fmt, tmp), images, batch_size)
-        parity["images_from"] = source
-        if not parity["ok"]:
-            raise UserError(f"export refused: the {fmt} model disagrees with {path} on {source} "
-                            f"(max |logit difference| {parity['max_abs_logit_diff']:.2e}, top-1 differs "
-                            f"on {parity['top1_disagree']} images); nothing was written")
+        parity = checked_parity(net, fmt, tmp, images, source, path, batch_size)
         sidecar = sidecar_for(loaded, path, fmt, out, parity, net)
         tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return sidecar
+
+
+def checked_parity(net: ImagesToLogits, fmt: str, exported: Path, images: torch.Tensor, source: str,
+                   ckpt: Path, batch_size: int) -> dict[str, Any]:
+    """check_parity's figures, or the export refused in one line when the file disagrees."""
+    parity = check_parity(net, load_exported(fmt, exported), images, batch_size)
+    parity["images_from"] = source
+    if not parity["ok"]:
+        raise UserError(f"export refused: the {fmt} model disagrees with {ckpt} on {source} "
+                        f"(max |logit difference| {parity['max_abs_logit_diff']:.2e}, top-1 differs "
+                        f"on {parity['top1_disagree']} images); nothing was written")
+    return parity
+
+
+def _export_int8(loaded: LoadedModel, path: Path, net: ImagesToLogits, out: Path, opts: Int8Options,
+                 data_root: str | None, batch_size: int) -> dict[str, Any]:
+    from vggtrain import quantize
+
+    train, test, source = int8_data(loaded, data_root)
+    calibration = quantize.calibration_images(train, opts.calibration_images, opts.calibration_seed)
+    n = len(test) if opts.eval_images is None else min(opts.eval_images, len(test))
+    evaluated = Split(test.images[:n], test.labels[:n])
+    side = Path(f"{out}.json")
+    # The fp32 export and ORT's intermediate files go to a temp directory; the int8 model and its
+    # description to temp files beside `out`, renamed into place only once its accuracy passed.
+    with replace_together([out, side]) as (tmp, tmp_side), \
+            tempfile.TemporaryDirectory(prefix="vggtrain-int8-") as work:
+        fp32 = Path(work) / "fp32.onnx"
+        _export(net, "onnx", fp32)
+        parity = checked_parity(net, "onnx", fp32, test.images, source, path, batch_size)
+        scheme = _quantized(fp32, tmp, calibration, opts.method, Path(work))
+        measured = int8_accuracy(fp32, tmp, evaluated, batch_size, Path(work))
+        ran = measured.pop("kernels")
+        measured["images_from"] = f"the first {n:,} of {source}" if n < len(test) else source
+        if measured["drop_points"] > opts.max_drop:
+            raise UserError(f"export refused: int8 test accuracy {measured['int8_top1']:.2f}% against fp32 "
+                            f"{measured['fp32_top1']:.2f}% on {measured['images_from']} loses "
+                            f"{measured['drop_points']:.2f} points, over --max-drop {opts.max_drop:g}; "
+                            f"nothing was written")
+        sidecar = sidecar_for(loaded, path, "onnx", out, parity, net)
+        sidecar["quantize"] = "int8"
+        sidecar["int8"] = {"calibration": {"images": len(calibration), "seed": opts.calibration_seed,
+                                           "method": opts.method, "from": "the run's training split "
+                                                                          "(its validation images excluded)"},
+                           "scheme": scheme, "accuracy": measured | {"max_drop": opts.max_drop},
+                           "onnxruntime_version": _ort_version(), "kernels": ran}
+        tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    return sidecar
+
+
+def _quantized(fp32: Path, out: Path, images: torch.Tensor, method: str, work: Path) -> dict[str, Any]:
+    from vggtrain.quantize import quantize_onnx
+
+    try:
+        return quantize_onnx(fp32, out, images, method, work)
+    except OSError as e:
+        if e.errno in STORAGE_ERRNOS:
+            raise
+        raise UserError(f"int8 quantization failed: {os_reason(e)}") from None
+    except Exception as e:  # ORT's limit on a graph is the export's failure, not a traceback
+        raise UserError(f"int8 quantization failed: {type(e).__name__}: {first_line(e)}") from None
+
+
+def int8_accuracy(fp32: Path, int8: Path, test: Split, batch_size: int, work: Path) -> dict[str, Any]:
+    """Both ONNX models' top-1 test accuracy (%) and the int8 model's drop in points; the fp32 one
+    is the checkpoint's too, the parity check having found the same top-1 on every test image."""
+    from vggtrain import quantize
+
+    fp32_top1 = quantize.accuracy(quantize.session(fp32), test, batch_size)
+    optimized = work / "int8.optimized.onnx"
+    session = quantize.session(int8, optimized)
+    int8_top1 = quantize.accuracy(session, test, batch_size)
+    return {"images": len(test), "fp32_top1": round(fp32_top1, 4), "int8_top1": round(int8_top1, 4),
+            "drop_points": round(fp32_top1 - int8_top1, 4), "kernels": quantize.kernels(session, optimized)}
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
+
+
+def int8_data(loaded: LoadedModel, data_root: str | None) -> tuple[Split, Split, str]:
+    """(the training split, the test set, where from) of the run's dataset: calibration needs the
+    former (its validation images kept out), the accuracy check the latter; no random fallback."""
+    from dataclasses import replace
+
+    data = replace(loaded.cfg.data, download=False)
+    if data_root is not None:
+        data = replace(data, root=data_root)
+    train, test, _ = load_dataset(data)
+    train, _ = split_train_val(train, loaded.cfg.data.val_size, loaded.cfg.seed)
+    return train, test, f"the {len(test):,} test images in {data.root}"
 
 
 def _require_onnx() -> None:
