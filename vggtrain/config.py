@@ -171,6 +171,16 @@ def _check_layers(layers: list | None) -> str | None:
     return None
 
 
+CLASSES_RULE = "two or more distinct class names or indices (>= 0)"
+
+
+def _check_classes(classes: list) -> str | None:
+    named = all(isinstance(c, str) and c or isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                for c in classes)
+    return None if named and len(classes) >= 2 and len(set(classes)) == len(classes) else \
+        f"must be {CLASSES_RULE}"
+
+
 LAYERS_RULE = "widths in [1, 8192] (3x3 convolutions) and M (2x2 max-pools, at most 5), one width at least"
 _STATS = _ruled("null, or three numbers (R, G, B) in [0, 1]", lambda v: _check_stats(v, 0.0))
 _STD = _ruled("null, or three numbers (R, G, B) in (0, 1]", lambda v: _check_stats(v, 1e-6))
@@ -222,6 +232,15 @@ class DataConfig:
                                         lambda c: c.data.dataset != "folder"))
     val_size: int = _opt(5000, "Training images held out (at random, from the seed) for validation, which "
                          "picks best.pt; 0: none, all train", _between(0, 50_000))
+    classes: list[int | str] | None = _opt(None, "A subset of the dataset's classes, by name or index, "
+                                           "relabelled 0..k-1 in this order in the training, validation "
+                                           "and test splits alike (the reports keep their names); "
+                                           "model.num_classes must be its length. null: every class",
+                                           _or_null(_ruled(CLASSES_RULE, _check_classes)))
+    train_per_class: int | None = _opt(None, "Training images kept of each class, at random from the seed, "
+                                       "drawn after the validation split (which it never changes) from the "
+                                       "images left; a class with fewer is refused. null: all",
+                                       _or_null(_between(1, 1_000_000)))
     augment: bool = _opt(True, "Random crop and horizontal flip of the training images, batched on the "
                          "device")
     crop_padding: int = _opt(4, "How far a random crop may translate an image, in pixels each way "
@@ -336,6 +355,15 @@ class ModelConfig:
 
 def _first_width(layers: list) -> int:
     return next(x for x in layers if x != "M")
+
+
+@_section_rule("model", "model.num_classes")
+def _classes_counted(c: TrainConfig) -> str | None:
+    """A class subset's length is the head's width: said before any data is read."""
+    if c.data.classes is not None and len(c.data.classes) != c.model.num_classes:
+        return (f"model.num_classes is {c.model.num_classes} but data.classes names "
+                f"{len(c.data.classes)} classes")
+    return None
 
 
 @_section_rule("model", "model.layers")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vggtrain.config import DataConfig
-from vggtrain.errors import DataError, first_line, os_reason, shown
+from vggtrain.errors import ConfigError, DataError, first_line, os_reason, shown
 from vggtrain.policies import PolicySpec, chunk_seed, policy_for
 from vggtrain.safeio import TEXT_LIMIT, read_bytes
 
@@ -239,7 +239,16 @@ def download_cifar10(root: Path, cifar100: bool = False) -> None:
 
 
 def load_dataset(data: DataConfig) -> tuple[Split, Split, list[str]]:
-    """(train, test, class names) of the config's dataset."""
+    """(train, test, class names) of the config's dataset: data.classes of them, where it names some."""
+    train, test, names = _load_every_class(data)
+    if data.classes is None:
+        return train, test, names
+    keep = resolve_classes(data.classes, names)
+    return (select_classes(train, keep, len(names)), select_classes(test, keep, len(names)),
+            [names[i] for i in keep])
+
+
+def _load_every_class(data: DataConfig) -> tuple[Split, Split, list[str]]:
     if data.dataset == "cifar100":
         return load_cifar100(data.root, data.download, data.labels)
     if data.dataset == "folder":
@@ -333,6 +342,48 @@ def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Spli
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     val, rest = perm[:val_size], perm[val_size:]
     return Split(train.images[rest], train.labels[rest]), Split(train.images[val], train.labels[val])
+
+
+def resolve_classes(classes: list[int | str], names: list[str]) -> list[int]:
+    """data.classes as indices into the data's classes: a name must be one of names, an index below
+    their count; anything else is the config's error, in one line listing the data's classes."""
+    indices = []
+    for c in classes:
+        index = names.index(c) if isinstance(c, str) and c in names else \
+            c if isinstance(c, int) and c < len(names) else None
+        if index is None:
+            what = f"{c!r} is not a class of the data" if isinstance(c, str) else \
+                f"index {c} is out of range for the data's {len(names)} classes"
+            raise ConfigError(f"data.classes: {what} (its classes: {', '.join(names)})")
+        indices.append(index)
+    if len(set(indices)) != len(indices):
+        raise ConfigError("data.classes: names a class twice (by its name and its index)")
+    return indices
+
+
+def select_classes(split: Split, keep: list[int], total: int) -> Split:
+    """The split's images of the classes keep lists (indices below total, the data's class count),
+    relabelled 0..k-1 in keep's order; the images stay in their order, not grouped by class."""
+    relabel = torch.full((total,), -1, dtype=torch.int64)
+    relabel[keep] = torch.arange(len(keep))
+    labels = relabel[split.labels]
+    kept = labels >= 0
+    return Split(split.images[kept], labels[kept])
+
+
+def cap_per_class(train: Split, per_class: int, seed: int, classes: list[str]) -> Split:
+    """per_class images of each class, drawn at random from the seed (its own stream, not the
+    validation split's), in their order in the split; a class with fewer is refused in one line."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + 424_242) % 2**63)
+    picked = []
+    for label, name in enumerate(classes):
+        of_class = (train.labels == label).nonzero().flatten()
+        if len(of_class) < per_class:
+            raise DataError(f"data.train_per_class {per_class}: class {name!r} has {len(of_class)} "
+                            f"training images (after the validation split)")
+        picked.append(of_class[torch.randperm(len(of_class), generator=generator)[:per_class]])
+    keep = torch.cat(picked).sort().values
+    return Split(train.images[keep], train.labels[keep])
 
 
 def random_split(n: int, device: torch.device, seed: int = 0) -> Split:

@@ -19,7 +19,7 @@ from vggtrain.atomic import atomic_write_text
 from vggtrain.checkpoint import add_temperatures, check_weights_fit, load_checkpoint, model_weights, same_save
 from vggtrain.config import TrainConfig, check_resume_changes, config_with_overrides, dump_config
 from vggtrain.curves import learning_curves
-from vggtrain.data import Split, load_dataset, measure_stats, split_train_val
+from vggtrain.data import Split, cap_per_class, load_dataset, measure_stats, split_train_val
 from vggtrain.device import set_deterministic
 from vggtrain.distill import Teachers, notes, open_teachers
 from vggtrain.distributed import Dist
@@ -290,6 +290,8 @@ def load_data(cfg: TrainConfig, d: Dist) -> tuple[Split, Split, Split, list[str]
         raise UserError(f"config error: model.num_classes is {cfg.model.num_classes} but the data "
                         f"in {cfg.data.root} has {len(class_names)} classes")
     train, val = split_train_val(train_full, cfg.data.val_size, cfg.seed)
+    if cfg.data.train_per_class is not None:  # after the validation split: it never moves with the cap
+        train = cap_per_class(train, cfg.data.train_per_class, cfg.seed, class_names)
     if cfg.data.mean is None and cfg.data.dataset == "folder":  # its own, from the training split
         mean, std = measure_stats(train.images)
         cfg.data.mean, cfg.data.std = list(mean), list(std)  # into config.yaml and every checkpoint
