@@ -248,9 +248,12 @@ BOMB = "[&a [x, x, x, x, x, x, x, x, x], " + ", ".join(
 
 
 @pytest.mark.parametrize("text, expect", [
-    (f"optim.lr: {{type: categorical, choices: {BOMB}}}\n",
-     "choices are at most 1000 plain values"),  # written out as JSON for a probe, it would never end
-    (f"optim.lr: {{type: float, low: {BOMB}, high: 0.1}}\n", "low must be a finite number"),
+    # Written out as JSON for a probe, it would never end: the loader refuses it (it was refused by the
+    # space's checks, "choices are at most 1000 plain values", before the loader counted values).
+    (f"optim.lr: {{type: categorical, choices: {BOMB}}}\n", "more than 100,000 values once its aliases"),
+    (f"optim.lr: {{type: float, low: {BOMB}, high: 0.1}}\n", "more than 100,000 values once its aliases"),
+    ("optim.lr: {type: categorical, choices: [" + ", ".join(["0.1"] * 1001) + "]}\n",
+     "choices are at most 1000 plain values"),
     ("optim.lr: {type: float, low: 2020-01-01, high: 0.1}\n", "low is not a number ('2020-01-01')"),
     ("train.epochs: {type: int, low: 1, high: 1" + "0" * 200 + "}\n", "an integer of 201 characters"),
     ("optim.lr: {type: float, low: 0.01, high: .inf}\n", "high must be a finite number"),
