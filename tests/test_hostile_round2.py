@@ -713,6 +713,18 @@ def test_sweep_lines_show_hostile_paths_and_choices_escaped(cifar_bin, tmp_path,
     assert "study s in sqlite:///" in out and "trial 0: failed (run directory" in out, (out, err)
 
 
+def test_optunas_own_warnings_are_shown_escaped(capfd):
+    pytest.importorskip("optuna", reason="the [sweep] extra is not installed")
+    import logging
+
+    from vggtrain.sweep import require_optuna
+
+    require_optuna()
+    logging.getLogger("optuna.study.study").warning("Trial 0 failed with parameters: %s", {"name": HOSTILE})
+    err = capfd.readouterr().err
+    assert "Trial 0 failed" in err and "\\x1b]0;owned" in err and not raw_on_terminal(err), err
+
+
 # --- YAML: a document that expands past 100,000 values is refused by the loader itself ------------------
 
 LAUGHS = "\n".join([f"l0: &l0 [{', '.join(['lol'] * 9)}]"] + [

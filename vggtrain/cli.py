@@ -330,7 +330,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(shown_lines(format_table(res)))
     write_output(args.json, json.dumps(res, indent=2) + "\n")  # after the table: a failed write loses nothing
     if talk:
-        print(shown(f"\nwrote {args.json}"))
+        print("\n" + shown(f"wrote {args.json}"))
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -33,7 +34,7 @@ SPACE_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z
 MAX_CHOICES = 1000
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
-OPTUNA_TABLES = frozenset({"studies", "trials", "version_info", "alembic_version"})
+OPTUNA_TABLES = frozenset({"studies", "trials", "version_info", "alembic_version"})  # Optuna's own
 LOCK_WAIT_S = 10.0  # another sweep's write lock lasts milliseconds; one held this long is not that
 
 
@@ -43,7 +44,18 @@ def require_optuna() -> Any:
     except ImportError:
         raise UserError(SWEEP_EXTRA) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # vggtrain prints its own lines
+    for handler in logging.getLogger("optuna").handlers:  # its warnings quote trial parameters
+        if not any(isinstance(f, _ShownRecords) for f in handler.filters):
+            handler.addFilter(_ShownRecords())
     return optuna
+
+
+class _ShownRecords(logging.Filter):
+    """A log record's message through errors.shown (a choice may hold an escape sequence)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = shown(record.getMessage()), None
+        return True
 
 
 # --- the search space -----------------------------------------------------------------------------
@@ -249,7 +261,7 @@ def check_sqlite_storage(url: str, shown_url: str) -> None:
     if head != SQLITE_MAGIC:
         raise UserError(f"{where}: not an SQLite database (its first bytes say otherwise)")
     tables = _sqlite_tables(path, where)
-    if tables and not OPTUNA_TABLES <= tables:
+    if tables and not tables & OPTUNA_TABLES:  # any one: another sweep may be writing the schema now
         listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
         raise UserError(f"{where}: an SQLite database of something else (tables {listed}), not an "
                         f"Optuna study's; name another file")
