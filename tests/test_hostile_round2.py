@@ -248,9 +248,12 @@ BOMB = "[&a [x, x, x, x, x, x, x, x, x], " + ", ".join(
 
 
 @pytest.mark.parametrize("text, expect", [
-    (f"optim.lr: {{type: categorical, choices: {BOMB}}}\n",
-     "choices are at most 1000 plain values"),  # written out as JSON for a probe, it would never end
-    (f"optim.lr: {{type: float, low: {BOMB}, high: 0.1}}\n", "low must be a finite number"),
+    # Written out as JSON for a probe, it would never end: the loader refuses it (it was refused by the
+    # space's checks, "choices are at most 1000 plain values", before the loader counted values).
+    (f"optim.lr: {{type: categorical, choices: {BOMB}}}\n", "more than 100,000 values once its aliases"),
+    (f"optim.lr: {{type: float, low: {BOMB}, high: 0.1}}\n", "more than 100,000 values once its aliases"),
+    ("optim.lr: {type: categorical, choices: [" + ", ".join(["0.1"] * 1001) + "]}\n",
+     "choices are at most 1000 plain values"),
     ("optim.lr: {type: float, low: 2020-01-01, high: 0.1}\n", "low is not a number ('2020-01-01')"),
     ("train.epochs: {type: int, low: 1, high: 1" + "0" * 200 + "}\n", "an integer of 201 characters"),
     ("optim.lr: {type: float, low: 0.01, high: .inf}\n", "high must be a finite number"),
@@ -638,3 +641,325 @@ def test_export_never_replaces_its_own_checkpoint_or_a_directory(model_ckpt, tmp
     refused(capfd, ["export", "--ckpt", str(ckpt), "--format", "torchscript", "--out",
                     str(tmp_path / "m2.pt")], tmp_path, "would replace a directory")
     assert (tmp_path / "m2.pt").read_bytes() == b"the user's earlier export"
+
+
+# --- round two, second pass: every printed line escaped --------------------------------------------------
+
+BIDI = "\u202e"  # RIGHT-TO-LEFT OVERRIDE: reverses what a terminal shows after it
+HOSTILE = f"{ESC}{BAD_BYTE}{BIDI}"
+
+
+def raw_on_terminal(text: str) -> list[str]:
+    """What of a terminal's escapes, bidirectional overrides or undecodable bytes text holds."""
+    return [c for c in ("\x1b", "\x07", BIDI, BAD_BYTE, "\ufffd") if c in text]
+
+
+def test_fit_runs_eval_and_resume_print_hostile_paths_escaped(cifar_bin, tmp_path, capfd):
+    data = tmp_path / f"data{HOSTILE}"
+    data.symlink_to(cifar_bin)
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(data, tmp_path / f"runs{HOSTILE}",
+                                                         data={"val_size": 100},
+                                                         train={"epochs": 1, "batch_size": 100}))
+    # A run directory's path must be UTF-8 (TensorBoard's writer encodes it): refused before any work.
+    refused(capfd, ["fit", "--config", str(cfg)], tmp_path, "holds a byte that is not UTF-8")
+    out_dir = tmp_path / f"runs{ESC}{BIDI}"
+    code, out, err = run_cli(capfd, ["fit", "--config", str(cfg), "--set",
+                                     f"train.out_dir={json.dumps(str(out_dir))}"])
+    assert code == 0 and not raw_on_terminal(out + err), (out, err)
+    assert "runs\\x1b]0;owned\\x07\\x1b[2J\\u202e/tiny" in out  # the "run DIR: ..." header
+    run = out_dir / "tiny"
+    for argv in (["runs", str(out_dir)], ["eval", "--ckpt", str(run), "--device", "cpu"]):
+        code, out, err = run_cli(capfd, argv)
+        assert code == 0 and not raw_on_terminal(out + err), (argv, out, err)
+    (run / "metrics.csv").write_bytes(b"epoch,loss\n\xff\xfe\n")  # not UTF-8: a warning naming it
+    code, out, err = run_cli(capfd, ["fit", "--resume", str(run), "--set", "train.epochs=2"])
+    assert code == 0 and "metrics.csv" in err and not raw_on_terminal(out + err), (out, err)
+    # A neighbour: a file the resumed run rewrites is not a file (it would fail at the first rename).
+    for name, make in (("metrics.csv", os.mkdir), ("status.json", os.mkdir), ("report.json", os.mkfifo)):
+        kept = run / name
+        os.replace(kept, run / "kept")
+        make(kept)
+        refused(capfd, ["fit", "--resume", str(run), "--set", "train.epochs=3"], tmp_path,
+                f"{name} is a {'FIFO' if make is os.mkfifo else 'directory'}")
+        kept.rmdir() if kept.is_dir() else kept.unlink()
+        os.replace(run / "kept", kept)
+
+
+def test_a_warning_naming_a_hostile_path_is_shown_escaped(tmp_path):
+    import warnings
+
+    from vggtrain.program import run_reporting_errors
+
+    shown_as = []
+
+    def command() -> int:  # Python's own showwarning formats through warnings.formatwarning
+        shown_as.append(warnings.formatwarning(f"cannot delete {tmp_path / HOSTILE}", UserWarning, "x.py", 1))
+        return 0
+
+    assert run_reporting_errors("vggtrain", command) == 0
+    assert "cannot delete" in shown_as[0] and "\\x1b]0;owned" in shown_as[0], shown_as
+    assert not raw_on_terminal(shown_as[0])
+
+
+def test_sweep_lines_show_hostile_paths_and_choices_escaped(cifar_bin, tmp_path, capfd):
+    pytest.importorskip("optuna", reason="the [sweep] extra is not installed")
+    out_dir = tmp_path / f"runs{HOSTILE}"
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, out_dir, data={"val_size": 100},
+                                                         train={"epochs": 1, "batch_size": 100}))
+    space = write_yaml(tmp_path / "space.yaml", {"optim.lr": {"type": "categorical", "choices": [0.05]}})
+    code, out, err = run_cli(capfd, ["sweep", "--config", str(cfg), "--space", str(space), "--trials", "1",
+                                     "--study", "s"])
+    assert not raw_on_terminal(out + err), (out, err)
+    assert "study s in sqlite:///" in out and "trial 0: failed (run directory" in out, (out, err)
+
+
+def test_optunas_own_warnings_are_shown_escaped(capfd):
+    pytest.importorskip("optuna", reason="the [sweep] extra is not installed")
+    import logging
+
+    from vggtrain.sweep import require_optuna
+
+    require_optuna()
+    logging.getLogger("optuna.study.study").warning("Trial 0 failed with parameters: %s", {"name": HOSTILE})
+    err = capfd.readouterr().err
+    assert "Trial 0 failed" in err and "\\x1b]0;owned" in err and not raw_on_terminal(err), err
+
+
+# --- YAML: a document that expands past 100,000 values is refused by the loader itself ------------------
+
+LAUGHS = "\n".join([f"l0: &l0 [{', '.join(['lol'] * 9)}]"] + [
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]) + "\n"  # 9^9 values
+
+
+def test_billion_laughs_is_about_a_kilobyte():
+    assert 300 < len(LAUGHS) < 1100
+
+
+def test_a_billion_laughs_config_is_refused_by_the_loader(tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(LAUGHS)
+    refused(capfd, ["fit", "--config", str(cfg)], tmp_path, "more than 100,000 values once its aliases")
+    (tmp_path / "base.yaml").write_text(LAUGHS)
+    cfg.write_text("base: base.yaml\n")
+    refused(capfd, ["summary", "--config", str(cfg)], tmp_path, "more than 100,000 values")
+    cfg.write_text("name: x\n")
+    refused(capfd, ["summary", "--config", str(cfg), "--set", "model.layers=" + LAUGHS.replace("\n", ", ")
+                    .join("{}")], tmp_path, "more than 100,000 values")
+
+
+@pytest.mark.parametrize("where", ["categorical choices", "a bound"])
+def test_a_billion_laughs_sweep_space_is_refused_by_the_loader(where, cifar_bin, tmp_path, capfd):
+    pytest.importorskip("optuna", reason="the [sweep] extra is not installed")
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs"))
+    inline = LAUGHS.replace("\n", ", ").strip(", ")
+    spec = (f"{{type: categorical, choices: [{{{inline}}}]}}" if where == "categorical choices"
+            else f"{{type: float, low: {{{inline}}}, high: 0.1}}")
+    space = tmp_path / "space.yaml"
+    space.write_text(f"optim.lr: {spec}\n")
+    refused(capfd, ["sweep", "--config", str(cfg), "--space", str(space), "--trials", "1", "--study", "s"],
+            tmp_path, "more than 100,000 values once its aliases are expanded")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_runs_lists_a_run_whose_config_is_a_billion_laughs(tmp_path, capfd):
+    run = tmp_path / "runs" / "bomb"
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"")
+    (run / "config.yaml").write_text(LAUGHS + "model:\n  arch: *l8\n")
+    code, out, err = run_cli(capfd, ["runs", str(tmp_path / "runs")])
+    assert code == 0 and not err and len(out.splitlines()) == 2 and "bomb" in out, (out, err)
+
+
+def test_a_few_aliases_that_share_small_values_still_load():
+    from vggtrain.safeio import load_yaml
+
+    text = "a: &a [1, 2, 3]\nb: {x: *a, y: *a}\nc: [" + ", ".join(["*a"] * 900) + "]\n"
+    assert load_yaml(text)["c"][899] == [1, 2, 3]
+
+
+# --- export: the two renames, a failure or a kill between them ------------------------------------------
+
+def _export_argv(ckpt: Path, out: Path) -> list[str]:
+    return ["export", "--ckpt", str(ckpt), "--format", "torchscript", "--out", str(out)]
+
+
+def test_an_export_records_its_file_digest_and_a_mismatch_is_detected(model_ckpt, tmp_path, capfd,
+                                                                       monkeypatch):
+    monkeypatch.setattr(export, "RANDOM_IMAGES", 20)
+    out = tmp_path / "m.pt"
+    code, _, err = run_cli(capfd, _export_argv(model_ckpt, out))
+    assert code == 0, err
+    side = json.loads(Path(f"{out}.json").read_text())
+    assert side["file_sha256"] == export.sha256_of(out) and export.pair_problem(out) is None
+    out.write_bytes(b"another model")  # as a kill between the renames leaves it: new description, old file
+    assert "describes another file than" in export.pair_problem(out)
+    Path(f"{out}.json").write_text('{"file": "m.pt"}\n')  # written before the digest was recorded
+    assert "records no file_sha256" in export.pair_problem(out)
+
+
+@pytest.mark.parametrize("fails", ["the model's rename", "the model's rename and the undo"])
+def test_a_failure_between_the_two_renames_loses_no_file(fails, model_ckpt, old_export, capfd, monkeypatch):
+    import errno
+
+    out, before = old_export
+    monkeypatch.setattr(export, "RANDOM_IMAGES", 20)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == 2 or (fails.endswith("undo") and len(calls) == 3):
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    code, _, err = run_cli(capfd, _export_argv(model_ckpt, out))
+    assert code == 74 and "Input/output error" in err and "Traceback" not in err, err
+    assert calls[:2] == ["model.pt.json", "model.pt"]  # the description first, the model last
+    if fails == "the model's rename":
+        _unchanged(out, before)  # the description put back: the old pair, whole, and no temp file
+        return
+    # The undo failed too (as a kill between the renames would leave it): the old model in place, the
+    # new description beside it saying it describes another file, the old description kept aside.
+    assert out.read_bytes() == b"the previous export"
+    assert "describes another file than" in export.pair_problem(out)
+    kept = [p for p in out.parent.iterdir() if p.name.endswith(".old")]
+    assert [p.read_bytes() for p in kept] == [before["model.pt.json"]]
+    assert not [p for p in out.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_replace_together_puts_every_renamed_file_back(tmp_path, monkeypatch):
+    from vggtrain.atomic import replace_together
+
+    paths = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    paths[0].write_text("old a")  # b is new: removed again; c is never reached
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError), replace_together(paths) as temps:
+        for t in temps:
+            t.write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and paths[0].read_text() == "old a"
+
+
+# --- a hostile Optuna database ----------------------------------------------------------------------------
+
+def _storages(d: Path) -> dict[str, Path]:
+    import sqlite3
+
+    import optuna
+
+    d.mkdir()
+    (d / "garbage.db").write_bytes(b"\x00garbage\xff" * 100)
+    con = sqlite3.connect(d / "unrelated.db")
+    con.execute("CREATE TABLE accounts (name TEXT)")
+    con.commit()
+    con.close()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(study_name="s", storage=f"sqlite:///{d / 'schema.db'}")
+    con = sqlite3.connect(d / "schema.db")
+    con.execute("UPDATE alembic_version SET version_num = 'v99.0.0'")
+    con.commit()
+    con.close()
+    (d / "dir.db").mkdir()
+    os.mkfifo(d / "fifo.db")
+    (d / "zero.db").symlink_to("/dev/zero")
+    (d / "readonly.db").write_bytes((d / "schema.db").read_bytes())
+    (d / "readonly.db").chmod(0o444)
+    (d / "locked.db").write_bytes((d / "schema.db").read_bytes())
+    return {p.name.split(".")[0]: p for p in d.iterdir()}
+
+
+STORAGE_MESSAGES = {
+    "garbage": "not an SQLite database",
+    "unrelated": "an SQLite database of something else (tables accounts)",
+    "schema": "no longer compatible with the table schema", "dir": "a directory, not a regular file",
+    "fifo": "a FIFO (named pipe), not a regular file", "zero": "a character device",
+    "readonly": "read-only", "locked": "locked by another process for more than 0.2 s",
+}
+
+
+def test_a_hostile_optuna_database_is_one_line_and_left_as_it_was(cifar_bin, tmp_path, capfd, monkeypatch):
+    pytest.importorskip("optuna", reason="the [sweep] extra is not installed")
+    import sqlite3
+
+    from vggtrain import sweep
+
+    monkeypatch.setattr(sweep, "LOCK_WAIT_S", 0.2)
+    dbs = _storages(tmp_path / "dbs")
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs"))
+    space = write_yaml(tmp_path / "space.yaml", {"optim.lr": {"type": "float", "low": 0.01, "high": 0.1}})
+    holder = sqlite3.connect(dbs["locked"], isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process's write, held
+    try:
+        for kind, expect in STORAGE_MESSAGES.items():
+            refused(capfd, ["sweep", "--config", str(cfg), "--space", str(space), "--trials", "1",
+                            "--study", "s", "--storage", f"sqlite:///{dbs[kind]}"], tmp_path, expect)
+            assert not (tmp_path / "runs").exists(), kind
+    finally:
+        holder.close()
+    refused(capfd, ["sweep", "--config", str(cfg), "--space", str(space), "--trials", "1", "--study", "s",
+                    "--storage", f"sqlite:///{tmp_path / 'no' / 'such' / 'x.db'}"], tmp_path,
+            "is not a directory this process can write in")
+
+
+# --- neighbours of the classes above -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "huge"])
+def test_a_base_config_that_is_not_a_small_regular_file(kind, tmp_path, capfd):
+    path = specials(tmp_path / "s")[kind]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base: {path}\n")
+    refused(capfd, ["summary", "--config", str(cfg)], tmp_path, SPECIAL_MESSAGES[kind])
+
+
+def test_init_from_a_file_that_is_no_checkpoint_begins_no_run(model_ckpt, cifar_bin, tmp_path, capfd):
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "text.pt").write_text("hello")
+    os.mkfifo(d / "fifo.pt")
+    torch.save({"a": 1}, d / "dict.pt")
+    torch.save([1, 2], d / "list.pt")
+    (d / "empty").mkdir()
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs", train={"epochs": 1}))
+    for name, expect in (("text.pt", "not a checkpoint"), ("fifo.pt", "a FIFO"),
+                         ("dict.pt", "no model/config"), ("list.pt", "no model/config"),
+                         ("empty", "best.pt: no such file"), ("/dev/zero", "a character device")):
+        refused(capfd, ["fit", "--config", str(cfg), "--set", f"init.from={json.dumps(str(d / name))}"],
+                tmp_path, expect)
+    assert not (tmp_path / "runs").exists()
+
+
+def _weights_of_the_wrong_kind(ckpt: Path) -> dict[str, dict]:
+    state = torch.load(ckpt, weights_only=True)
+    key = next(k for k, v in state["model"].items() if v.dim() == 4)
+    weight = state["model"][key]
+    wrong = {"integers": weight.to(torch.int64), "booleans": weight.bool(),
+             "complex": weight.to(torch.complex64), "NaN": torch.full_like(weight, float("nan")),
+             "infinity": torch.full_like(weight, float("inf")),
+             "a trillion values": torch.zeros(1).expand(1 << 40), "text": "weights"}
+    return {what: {**state, "model": {**state["model"], key: value}} for what, value in wrong.items()}
+
+
+def test_a_checkpoint_whose_weights_are_of_the_wrong_kind_is_one_line(model_ckpt, tmp_path, capfd):
+    ckpt = tmp_path / "c.pt"
+    for what, state in _weights_of_the_wrong_kind(model_ckpt).items():
+        save_checkpoint(ckpt, state)
+        expect = {"NaN": "NaN or infinite", "infinity": "NaN or infinite", "a trillion values": "do not fit",
+                  "text": "do not fit"}.get(what, "values where the model has torch.float32 weights")
+        for argv in (["eval", "--ckpt", str(ckpt), "--device", "cpu"],
+                     ["predict", "--ckpt", str(ckpt), str(png(tmp_path / "i" / "a.png")), "--device", "cpu"]):
+            refused(capfd, argv, tmp_path, expect)
+
+
+def test_lr_find_out_that_is_a_directory_is_refused_before_any_step(cifar_bin, tmp_path, capfd):
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(cifar_bin, tmp_path / "runs"))
+    (tmp_path / "pics").mkdir()
+    refused(capfd, ["lr-find", "--config", str(cfg), "--out", str(tmp_path / "pics"), "--steps", "10"],
+            tmp_path, "--out")

@@ -158,6 +158,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
 
 def load_model_state(model: torch.nn.Module, weights: Any, path: str | Path) -> None:
     """load_state_dict, with a mismatch (another architecture or class count) as one clear line."""
+    check_weight_values(model, weights, path)
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -166,6 +167,28 @@ def load_model_state(model: torch.nn.Module, weights: Any, path: str | Path) -> 
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
         raise CheckpointError(f"{path}: weights do not fit this model, it was saved from another "
                               f"architecture or class count ({detail[:200]})") from None
+
+
+def check_weight_values(model: torch.nn.Module, weights: Any, path: str | Path) -> None:
+    """Refuse weights that load_state_dict would quietly cast or keep: integers, booleans or
+    complex numbers where the model has floats (a cast drops what they mean; complex ones warn
+    and lose their imaginary part), and NaN or infinity (the model would answer NaN for every
+    image). Checked only where the shapes match: a mismatch is load_state_dict's to report, and
+    a tensor of absurd shape (a stride-0 view of a trillion values) is never scanned."""
+    if not isinstance(weights, dict):
+        return
+    own = model.state_dict()
+    for key, value in weights.items():
+        mine = own.get(key)
+        if not isinstance(value, torch.Tensor) or mine is None or value.shape != mine.shape:
+            continue
+        if mine.is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(f"{path}: {key} holds {value.dtype} values where the model has "
+                                  f"{mine.dtype} weights; not a checkpoint vggtrain wrote")
+        scanned = value.is_floating_point() and value.device.type != "meta"
+        if scanned and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: {key} holds NaN or infinite values; these weights cannot "
+                                  f"classify anything")
 
 
 def check_weights_fit(model_cfg: ModelConfig, weights: Any, path: str | Path) -> None:

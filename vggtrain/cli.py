@@ -20,7 +20,7 @@ from typing import NoReturn
 
 from vggtrain import __version__
 from vggtrain.config import DEVICE_RE, DEVICE_RULE, RUN_NAME_RE, RUN_NAME_RULE, TTA_MODES
-from vggtrain.errors import UserError, shown
+from vggtrain.errors import UserError, shown, shown_lines
 from vggtrain.program import (
     EXIT_OK,
     EXIT_USAGE,
@@ -314,7 +314,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                  args.tta, args.calibrated, _note,
                                  _corruption_request(args), args.out)
     if not json_only(args.json):
-        print(format_text(report), end="")
+        print(shown_lines(format_text(report)), end="")
     if args.json is not None:
         write_output(args.json, report_json(report))
     return EXIT_OK
@@ -354,7 +354,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for e in errors:
         print(f"vggtrain: {shown(e['error'])}", file=sys.stderr)
     if not json_only(args.json):
-        print(format_predictions(results), end="")
+        print(shown_lines(format_predictions(results)), end="")
     if args.json is not None:
         write_output(args.json, json.dumps(predictions_json(loaded, results, errors, args.topk, temperature),
                                                 indent=2)
@@ -374,7 +374,7 @@ def _cmd_gradcam(args: argparse.Namespace) -> int:
     loaded = load_model(resolve_checkpoint(args.ckpt), device)
     done, errors = explain_files(loaded, args.images, out, args.layer, args.class_name)
     for line in done:
-        print(line)
+        print(shown(line))
     for e in errors:
         print(f"vggtrain: {shown(e)}", file=sys.stderr)
     return EXIT_USAGE if errors else EXIT_OK
@@ -385,7 +385,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     from vggtrain.summary import format_summary, summarize
 
     cfg = load_config(args.config, args.overrides)
-    print(format_summary(cfg.model, summarize(cfg.model)), end="")
+    print(shown_lines(format_summary(cfg.model, summarize(cfg.model))), end="")
     return EXIT_OK
 
 
@@ -401,10 +401,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     res = run_bench(cfg, args.config, args.overrides, parts, args.warmup, args.steps, args.data_steps)
     talk = not args.quiet and not json_only(args.json)
     if talk:
-        print(format_table(res))
+        print(shown_lines(format_table(res)))
     write_output(args.json, json.dumps(res, indent=2) + "\n")  # after the table: a failed write loses nothing
     if talk:
-        print(f"\nwrote {args.json}")
+        print("\n" + shown(f"wrote {args.json}"))
     return EXIT_OK
 
 
@@ -452,7 +452,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         raise UserError(f"{root}: no such directory")
     rows = sort_rows(list_runs(root), args.sort, args.reverse)
     if args.json is None:
-        print(format_table(rows), end="")
+        print(shown_lines(format_table(rows)), end="")
     else:
         write_output(args.json, json.dumps(rows, indent=2) + "\n")
     return EXIT_OK
@@ -480,7 +480,7 @@ def _cmd_seeds(args: argparse.Namespace) -> int:
     with quiet:
         summary = run_seeds(args.config, args.overrides, args.seeds, args.first_seed, args.target)
     if not json_only(args.json):
-        print(format_seeds(summary), end="")
+        print(shown_lines(format_seeds(summary)), end="")
     if args.json:
         write_output(args.json, json.dumps(summary, indent=2) + "\n")
     return EXIT_OK
@@ -495,7 +495,11 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     for out, option in ((args.out, "--out"), (args.json, "--json")):
         if out is not None:
             check_output_writable(out, option)  # before the training steps, not after
-    talk = (lambda line: print(line, file=sys.stderr)) if json_only(args.json) else print
+    stream = sys.stderr if json_only(args.json) else sys.stdout
+
+    def talk(line: str) -> None:
+        print(shown(line), file=stream, flush=True)
+
     test = lr_find(cfg, args.steps, args.min_lr, args.max_lr, args.device, talk)
     for line in notes(test):
         talk(line)
@@ -524,7 +528,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         write_output(args.json, json.dumps(info, indent=2) + "\n")
     else:
         for k, v in info.items():
-            print(f"{k + ':':<16}{v}")
+            print(shown(f"{k + ':':<16}{v}"))
     return EXIT_OK
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from vggtrain.config import DataConfig
-from vggtrain.errors import ConfigError, DataError, first_line, os_reason, shown
+from vggtrain.errors import ConfigError, DataError, ShownStream, first_line, os_reason, shown
 from vggtrain.policies import PolicySpec, chunk_seed, policy_for
 from vggtrain.safeio import TEXT_LIMIT, read_bytes
 
@@ -221,8 +222,9 @@ def download_cifar10(root: Path, cifar100: bool = False) -> None:
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         try:
-            download_and_extract_archive(spec.url, download_root=tmp,
-                                         filename=spec.filename, md5=spec.tgz_md5)
+            with redirect_stdout(ShownStream(sys.stdout)):  # its lines name paths under root
+                download_and_extract_archive(spec.url, download_root=tmp,
+                                             filename=spec.filename, md5=spec.tgz_md5)
         except Exception as e:  # urllib, socket and tarfile all raise their own types
             raise DataError(f"could not download {name} from {spec.url} into {root}: "
                             f"{first_line(e)}") from None

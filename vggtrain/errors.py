@@ -2,6 +2,7 @@
 filesystem refused a write)."""
 
 import errno
+from typing import IO
 
 
 def _escapes() -> dict[int, str]:
@@ -23,6 +24,27 @@ def shown(text: object) -> str:
     and bidirectional overrides escaped, an undecodable byte of a file name as \\xNN. It also
     encodes as UTF-8, which a lone surrogate would not."""
     return str(text).translate(_ESCAPES)
+
+
+def shown_lines(text: object) -> str:
+    """Text of several lines (a table, a report) as it may reach a terminal: each line as shown
+    makes it, the line breaks kept."""
+    return "\n".join(shown(line) for line in str(text).split("\n"))
+
+
+class ShownStream:
+    """A text stream that passes what a library prints (torchvision's "Downloading URL to PATH")
+    on to target through shown_lines."""
+
+    def __init__(self, target: "IO[str]") -> None:
+        self.target = target
+
+    def write(self, text: str) -> int:
+        self.target.write(shown_lines(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
 
 
 def _one_line(message: str) -> str:

@@ -118,10 +118,14 @@ def _export_checked(loaded: LoadedModel, path: Path, net: ImagesToLogits, fmt: s
     side = Path(f"{out}.json")
     # The model and its description are written to temp files and renamed into place together,
     # after the parity check: a refused or failed export leaves the files before it as they were.
-    with replace_together([out, side]) as (tmp, tmp_side):
+    # The description is renamed first and the model last, the model's rename being the commit:
+    # a kill between the two leaves the user's old model in place beside a description whose
+    # file_sha256 does not match it (pair_problem says so), the old description kept aside.
+    with replace_together([side, out]) as (tmp_side, tmp):
         _export(net, fmt, tmp)
         parity = checked_parity(net, fmt, tmp, images, source, path, batch_size)
         sidecar = sidecar_for(loaded, path, fmt, out, parity, net)
+        sidecar["file_sha256"] = sha256_of(tmp)
         tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return sidecar
 
@@ -164,6 +168,7 @@ def _export_int8(loaded: LoadedModel, path: Path, net: ImagesToLogits, out: Path
                             f"{measured['drop_points']:.2f} points, over --max-drop {opts.max_drop:g}; "
                             f"nothing was written")
         sidecar = sidecar_for(loaded, path, "onnx", out, parity, net)
+        sidecar["file_sha256"] = sha256_of(tmp)
         sidecar["quantize"] = "int8"
         sidecar["int8"] = {"calibration": {"images": len(calibration), "seed": opts.calibration_seed,
                                            "method": opts.method, "from": "the run's training split "
@@ -341,6 +346,27 @@ def sidecar_for(loaded: LoadedModel, ckpt: Path, fmt: str, out: Path, parity: di
         "parity": parity,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def pair_problem(out: str | Path) -> str | None:
+    """What is wrong with an exported file and its FILE.json as a pair, or None when the
+    description is of this very file (its file_sha256 matches): the check for a reader that
+    relies on the description, and for an export killed between its two renames."""
+    from vggtrain.safeio import field, read_json
+
+    out = Path(out)
+    side = read_json(f"{out}.json", label=f"{out}.json")
+    recorded = field(side, "file_sha256", "string|null", label=f"{out}.json")
+    if recorded is None:
+        return f"{out}.json records no file_sha256 (written before vggtrain recorded one)"
+    try:
+        actual = sha256_of(out)
+    except OSError as e:
+        return f"{out}: cannot read it ({os_reason(e)})"
+    if actual != recorded:
+        return (f"{out}.json describes another file than {out} (sha256 {recorded[:12]}..., the file's "
+                f"{actual[:12]}...)")
+    return None
 
 
 def sha256_of(path: Path) -> str:

@@ -313,7 +313,7 @@ def announce(run: Run, rd: RunDir, n_train: int, n_val: int, n_test: int) -> Non
     print(shown(f"run {rd.path}: {cfg.model.arch} ({count_parameters(run.model):,} parameters) on "
                 f"{run.device}{ranks}, {cfg.train.precision}; {n_train} train / {n_val} val / "
                 f"{n_test} test images{where}"), flush=True)
-    print(f"allocator: {allocator.in_effect()}", flush=True)
+    print(shown(f"allocator: {allocator.in_effect()}"), flush=True)
 
 
 def test_report(run: Run, test: Split, val: Split | None = None) -> tuple[dict[str, Any], Evaluation]:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vggtrain.errors import shown
 from vggtrain.run import Run
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS/cuDNN workspaces, autotuning)
@@ -114,7 +115,7 @@ def in_use(run: Run) -> bool:
 
 def warn_line(what: str) -> None:
     """One line on stderr, not a Python warning's two."""
-    print(f"vggtrain: warning: train.cuda_graphs: {what}", file=sys.stderr, flush=True)
+    print(shown(f"vggtrain: warning: train.cuda_graphs: {what}"), file=sys.stderr, flush=True)
 
 
 def lr_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

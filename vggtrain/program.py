@@ -8,14 +8,16 @@ Exit codes: 0 ok, 2 bad input, 1 unexpected, 74 a write the filesystem refused (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vggtrain.atomic import atomic_write_text
-from vggtrain.errors import STORAGE_ERRNOS, RunStopped, UserError, WriteError, os_reason
+from vggtrain.errors import STORAGE_ERRNOS, RunStopped, UserError, WriteError, os_reason, shown
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_WRITE = 0, 1, 2, 130, 74
 STDOUT = "-"  # --json's PATH for standard output
@@ -26,14 +28,15 @@ def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
     (2 usage/config/data, 74 a write the filesystem refused, 128 + the signal's number for a stop:
     130 Ctrl-C, 143 SIGTERM; 1 with a traceback for a bug)."""
     try:
-        return command()
+        with shown_warnings():
+            return command()
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         print(f"{prog}{'' if rank == '0' else f' [rank {rank}]'}: {e}", file=sys.stderr)
         return e.exit_code
     except RunStopped as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
-            print(f"{prog}: {e}", file=sys.stderr)
+            print(f"{prog}: {shown(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
@@ -42,6 +45,24 @@ def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
         traceback.print_exc()
         print(f"{prog}: unexpected failure (the traceback above is a bug report)", file=sys.stderr)
         return EXIT_FAILURE
+
+
+@contextlib.contextmanager
+def shown_warnings() -> Iterator[None]:
+    """Python warnings, shown escaped while a command runs: a warning's text often names a path
+    (a run directory, a cache file) that may hold a terminal's escape sequences. Python's own
+    format, the message part through errors.shown."""
+    plain = warnings.formatwarning
+
+    def escaped(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                line: str | None = None) -> str:
+        return plain(shown(message), category, filename, lineno, line)
+
+    warnings.formatwarning = escaped  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        warnings.formatwarning = plain
 
 
 def positive_int(text: str) -> int:

@@ -358,10 +358,10 @@ def _hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for key, value in config.items():
         if isinstance(value, dict):
             flat.update(_hparams(value, f"{prefix}{key}."))
-        elif isinstance(value, (bool, int, float, str)):
+        elif isinstance(value, (bool, int, float)):
             flat[prefix + key] = value
-        elif value is not None:
-            flat[prefix + key] = str(value)  # model.layers
+        elif value is not None:  # text as shown: the event file is UTF-8, a path's odd byte is not
+            flat[prefix + key] = shown(value)  # model.layers as its text
     return flat
 
 

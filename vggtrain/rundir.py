@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from vggtrain.atomic import atomic_write_text
 from vggtrain.config import config_from_dict
-from vggtrain.errors import STORAGE_ERRNOS, UserError, WriteError, os_reason
-from vggtrain.safeio import read_yaml
+from vggtrain.errors import STORAGE_ERRNOS, UserError, WriteError, os_reason, shown
+from vggtrain.safeio import file_kind, read_yaml
 
 if TYPE_CHECKING:
     from vggtrain.run import Run
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 # Torch is imported only inside the functions that need it: `vggtrain runs` imports this module
 # for STATUS_FILE, and listing a hundred runs must not wait for torch to load.
 STATUS_FILE = "status.json"  # the run's progress, rewritten at every checkpoint; runs.py reads it
+# The files a resumed run rewrites (renamed over): each must be a file, or absent.
+RUN_FILES = ("config.yaml", STATUS_FILE, "metrics.csv", "last.pt", "best.pt", "report.json", "report.md",
+             "curves.png", "confusion_matrix.png", "misclassified.png")
 
 
 class RunDir:
@@ -46,6 +49,8 @@ class RunDir:
 
     def claim(self) -> None:
         check_run_dir(self.path, self.resume is not None, self.force)
+        if self.resume is not None:
+            check_run_files(self.path)
         if self.path.is_dir():
             self.locked = lock_run_dir(self.path, self._held)
             if self.locked and self.resume is not None:
@@ -80,6 +85,11 @@ def write_error(e: OSError, run_dir: Path) -> WriteError:
 def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     """Refuse, before any work, to train into a used run directory by accident, or to let --force
     delete a directory that is not a run (a dataset, a home directory)."""
+    try:
+        str(run_dir).encode("utf-8")
+    except UnicodeEncodeError:  # a byte that is not UTF-8, from argv: TensorBoard names files in UTF-8
+        raise UserError(f"run directory {run_dir}: its path holds a byte that is not UTF-8, which "
+                        f"TensorBoard's writer cannot name; pick another --name or train.out_dir") from None
     if resume or not run_dir.exists():
         return
     if not run_dir.is_dir():
@@ -94,6 +104,22 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     if used and not _is_run_dir(run_dir):
         raise UserError(f"--force refuses to delete {run_dir}: it holds no last.pt, best.pt or "
                         f"vggtrain config.yaml, so it is not a run directory")
+
+
+def check_run_files(run_dir: Path) -> None:
+    """Refuse to resume, before any work, a run whose files vggtrain rewrites are not files (a
+    directory or a FIFO put in the place of metrics.csv or status.json): the first rename over it
+    would fail hours later, or, for a FIFO, replace it."""
+    for name in RUN_FILES:
+        try:
+            kind = file_kind(os.stat(run_dir / name).st_mode)
+        except FileNotFoundError:
+            continue  # absent (or a dangling link): written anew
+        except OSError as e:
+            raise UserError(f"run directory {run_dir}: cannot read {name} ({os_reason(e)})") from None
+        if kind is not None:
+            raise UserError(f"run directory {run_dir}: {name} is {kind}, not a file this run can rewrite; "
+                            f"move it away to resume")
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -122,8 +148,8 @@ def delete_run_dir(run_dir: Path) -> None:
     try:
         shutil.rmtree(aside)
     except OSError as e:
-        warnings.warn(f"--force: {run_dir} is gone, but deleting its files in {aside} failed "
-                      f"({os_reason(e)}); remove that directory by hand", stacklevel=2)
+        warnings.warn(shown(f"--force: {run_dir} is gone, but deleting its files in {aside} failed "
+                            f"({os_reason(e)}); remove that directory by hand"), stacklevel=2)
 
 
 def lock_run_dir(run_dir: Path, held: ExitStack) -> bool:

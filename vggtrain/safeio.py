@@ -36,6 +36,7 @@ IMAGE_LIMIT = 1 << 30  # an image file; Pillow bounds its pixels (MAX_IMAGE_PIXE
 YAML_MAX_DEPTH = 32  # a config is 3 levels deep
 YAML_MAX_ALIASES = 1000  # uses of anchors; a config may use a few
 YAML_MAX_INT_CHARS = 100  # the largest integer of ours, a seed below 2**63, has 19 digits
+YAML_MAX_NODES = 100_000  # values once every alias is expanded; a config has about a hundred
 
 ErrorType = Callable[[str], UserError]
 
@@ -117,7 +118,10 @@ def read_text(path: str | os.PathLike, limit: int = TEXT_LIMIT, error: ErrorType
 class _Bounds:
     """Limits on top of PyYAML's safe loader (plain data only: no tag builds an object or calls
     anything): a document nested more than YAML_MAX_DEPTH levels (aliases followed), one that uses
-    its anchors more than YAML_MAX_ALIASES times or holds an alias inside the value it names, and
+    its anchors more than YAML_MAX_ALIASES times or holds an alias inside the value it names, one
+    of more than YAML_MAX_NODES values once its aliases are expanded (what any caller that walks
+    the data, or writes it out as JSON, would meet: a "billion laughs" stays a few shared lists
+    in memory but is a billion values to a walk), and
     an integer of more than YAML_MAX_INT_CHARS characters are refused. A date reads as the text it
     is: YAML 1.2 has no timestamps and no value of ours is a date, so where a number is expected it
     is refused as text, not taken for a datetime."""
@@ -156,10 +160,11 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 
 
 def _check_graph(root: yaml.Node) -> None:
-    """The composed document's depth (aliases followed) and anchor uses, each node visited once
-    and without recursion: expanding the aliases of a "billion laughs" file (a few hundred bytes)
-    would never end, and PyYAML itself limits neither."""
+    """The composed document's depth and size (aliases followed, each use counted) and anchor
+    uses, each node visited once and without recursion: expanding the aliases of a "billion
+    laughs" file (a few hundred bytes) would never end, and PyYAML itself limits none of these."""
     height: dict[int, int] = {}  # id(node) -> levels below and including it
+    size: dict[int, int] = {}  # id(node) -> values below and including it, aliases expanded
     on_path: set[int] = set()
     aliases = 0
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
@@ -172,6 +177,11 @@ def _check_graph(root: yaml.Node) -> None:
             if height[key] > YAML_MAX_DEPTH:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"nested more than {YAML_MAX_DEPTH} levels deep", node.start_mark)
+            size[key] = 1 + sum(size[id(c)] for c in _children(node))
+            if size[key] > YAML_MAX_NODES:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"more than {YAML_MAX_NODES:,} values once its aliases are expanded",
+                    node.start_mark)
         elif key in height:  # met before: an alias
             aliases += 1
             if aliases > YAML_MAX_ALIASES:

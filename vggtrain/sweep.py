@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -25,13 +26,16 @@ from typing import Any
 from vggtrain.atomic import atomic_write_text
 from vggtrain.config import TrainConfig, _show, load_config
 from vggtrain.errors import ConfigError, RunStopped, UserError, first_line, os_reason, shown
-from vggtrain.safeio import finite_number, read_yaml
+from vggtrain.safeio import finite_number, open_regular, read_yaml
 
 SWEEP_EXTRA = "vggtrain sweep needs optuna: pip install 'vggtrain[sweep]'"
 SPACE_TYPES = ("float", "int", "categorical")
 SPACE_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 MAX_CHOICES = 1000
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+OPTUNA_TABLES = frozenset({"studies", "trials", "version_info", "alembic_version"})  # Optuna's own
+LOCK_WAIT_S = 10.0  # another sweep's write lock lasts milliseconds; one held this long is not that
 
 
 def require_optuna() -> Any:
@@ -40,7 +44,18 @@ def require_optuna() -> Any:
     except ImportError:
         raise UserError(SWEEP_EXTRA) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # vggtrain prints its own lines
+    for handler in logging.getLogger("optuna").handlers:  # its warnings quote trial parameters
+        if not any(isinstance(f, _ShownRecords) for f in handler.filters):
+            handler.addFilter(_ShownRecords())
     return optuna
+
+
+class _ShownRecords(logging.Filter):
+    """A log record's message through errors.shown (a choice may hold an escape sequence)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = shown(record.getMessage()), None
+        return True
 
 
 # --- the search space -----------------------------------------------------------------------------
@@ -151,14 +166,15 @@ def run_sweep(config: str, overrides: list[str], space_file: str, trials: int, s
     url = storage or f"sqlite:///{study_dir / 'study.db'}"
     shown_url = _without_password(url)
     try:
+        check_sqlite_storage(url, shown_url)
         study = _open_study(optuna, study_name, url, shown_url, prune_from)
     except UserError:
         for d in made:  # a study that never opened leaves no directories behind
             with contextlib.suppress(OSError):
                 d.rmdir()  # only if empty: a database file written there stays
         raise
-    print(f"study {study_name} in {shown_url}: {trials} trials, trial runs in {study_dir}, pruning "
-          f"from epoch {prune_from}", flush=True)
+    print(shown(f"study {study_name} in {shown_url}: {trials} trials, trial runs in {study_dir}, pruning "
+                f"from epoch {prune_from}"), flush=True)
     requeue_dead_trials(study, optuna)
     waiting = optuna.trial.TrialState.WAITING
     while True:
@@ -186,7 +202,8 @@ def _open_study(optuna: Any, study_name: str, url: str, shown_url: str, prune_fr
             # Two processes creating one new database race to write its schema; the loser finds it
             # written on the next try. A URL that names no database (unparsable, an unknown
             # dialect, a driver not installed) fails alike every time: said at once.
-            if attempt == 4 or isinstance(e, (ArgumentError, ImportError)):
+            # A RuntimeError is Optuna's own word on a schema of another version: final too.
+            if attempt == 4 or isinstance(e, (ArgumentError, ImportError, RuntimeError)):
                 raise UserError(f"--storage {shown_url}: cannot open the study ({type(e).__name__}: "
                                 f"{first_line(e)})") from None
             time.sleep(0.5 + attempt)
@@ -214,6 +231,64 @@ def _ask_lock(study_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # drops the lock
+
+
+def check_sqlite_storage(url: str, shown_url: str) -> None:
+    """Refuse, before SQLAlchemy opens it, an SQLite file that is not an Optuna study's: garbage,
+    another program's database (Optuna would add its tables to it), a directory, a FIFO (SQLite
+    would block reading it), a read-only file or one locked by another process for LOCK_WAIT_S.
+    The file is only read here (a missing file is SQLite's to create); other URLs pass as they are."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: _open_study says so
+        return
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return
+    path, where = Path(parsed.database), f"--storage {shown_url}"
+    if not path.exists():
+        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+            raise UserError(f"{where}: {path.parent} is not a directory this process can write in")
+        return
+    with open_regular(path, UserError, where) as f:  # a directory, FIFO or device: refused here
+        head, mode = f.read(len(SQLITE_MAGIC)), os.fstat(f.fileno()).st_mode
+    if not os.access(path, os.R_OK | os.W_OK) or not mode & 0o222 or not os.access(path.parent, os.W_OK):
+        raise UserError(f"{where}: read-only (a study writes every trial; its directory too, "
+                        f"for SQLite's journal)")
+    if not head:
+        return  # an empty file: SQLite makes it a database, as it would a missing one
+    if head != SQLITE_MAGIC:
+        raise UserError(f"{where}: not an SQLite database (its first bytes say otherwise)")
+    tables = _sqlite_tables(path, where)
+    if tables and not tables & OPTUNA_TABLES:  # any one: another sweep may be writing the schema now
+        listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise UserError(f"{where}: an SQLite database of something else (tables {listed}), not an "
+                        f"Optuna study's; name another file")
+
+
+def _sqlite_tables(path: Path, where: str) -> set[str]:
+    """The tables of an SQLite file, read without writing it; an open write lock (BEGIN
+    IMMEDIATE, rolled back: nothing written) shows that a study could write there."""
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        con = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=rw", uri=True, timeout=LOCK_WAIT_S,
+                              isolation_level=None)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            raise UserError(f"{where}: locked by another process for more than {LOCK_WAIT_S:g} s") from None
+        raise UserError(f"{where}: cannot open it as SQLite ({first_line(e)})") from None
+    except sqlite3.DatabaseError as e:  # "file is not a database", a damaged page
+        raise UserError(f"{where}: not a readable SQLite database ({first_line(e)})") from None
+    return tables
 
 
 def _without_password(url: str) -> str:
@@ -262,8 +337,8 @@ def requeue_dead_trials(study: Any, optuna: Any) -> None:
             continue
         run_dir = attrs.get("run_dir")
         study.enqueue_trial(t.params, user_attrs={"resume_from": run_dir} if run_dir else None)
-        print(f"trial {t.number} was cut short: queued again"
-              + (f", to resume from {run_dir}/last.pt" if run_dir else ""), flush=True)
+        print(shown(f"trial {t.number} was cut short: queued again"
+                    + (f", to resume from {run_dir}/last.pt" if run_dir else "")), flush=True)
 
 
 def run_trial(study: Any, trial: Any, config: str, overrides: list[str], study_dir: Path, optuna: Any
@@ -295,7 +370,7 @@ def run_trial(study: Any, trial: Any, config: str, overrides: list[str], study_d
         pruned = run.epoch < math.ceil(cfg.train.epochs) and trial.should_prune()  # a finished one is not
         return pruned
 
-    print(f"trial {trial.number}: {_params_text(params)}{' (resumed)' if resume else ''}", flush=True)
+    print(shown(f"trial {trial.number}: {_params_text(params)}{' (resumed)' if resume else ''}"), flush=True)
     t_fit = time.perf_counter()
     try:
         result = fit(cfg, run_dir, resume=resume, force=resume is None, on_epoch_end=report_epoch,
@@ -330,7 +405,7 @@ def _trial_failed(study: Any, trial: Any, optuna: Any, e: Exception) -> None:
     """A trial these parameters made fail (a config they break, a diverged loss): told to the
     study as failed, and the sweep goes on."""
     study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    print(f"trial {trial.number}: failed ({e})", flush=True)
+    print(shown(f"trial {trial.number}: failed ({e})"), flush=True)
 
 
 def study_report(study: Any, study_dir: Path, base: TrainConfig, optuna: Any) -> dict[str, Any] | None:
@@ -367,9 +442,9 @@ def study_report(study: Any, study_dir: Path, base: TrainConfig, optuna: Any) ->
     }
     atomic_write_text(study_dir / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(study_dir / "report.md", format_study(report))
-    print(f"best trial {best.number}: val {best.value:.2%}, test {test['top1']:.2%} (measured once, "
-          f"now); {epochs_run:g} of {len(all_trials) * planned:g} trial-epochs run "
-          f"({report['pruning_saved']:.0%} saved by pruning); report in {study_dir / 'report.md'}")
+    print(shown(f"best trial {best.number}: val {best.value:.2%}, test {test['top1']:.2%} (measured once, "
+                f"now); {epochs_run:g} of {len(all_trials) * planned:g} trial-epochs run "
+                f"({report['pruning_saved']:.0%} saved by pruning); report in {study_dir / 'report.md'}"))
     return report
 
 

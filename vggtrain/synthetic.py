@@ -15,7 +15,7 @@ import torch
 
 from vggtrain.atomic import atomic_write, atomic_write_text
 from vggtrain.data import BIN_DIR, PY_DIR, TEST_BATCHES, TRAIN_BATCHES
-from vggtrain.errors import UserError, os_reason
+from vggtrain.errors import UserError, os_reason, shown
 from vggtrain.program import positive_int, run_reporting_errors
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> int:
         try:
-            print(write_synthetic_cifar10(a.root, a.layout, a.per_batch, a.test_size, a.seed))
+            print(shown(write_synthetic_cifar10(a.root, a.layout, a.per_batch, a.test_size, a.seed)))
         except OSError as e:
             raise UserError(f"{a.root}: cannot write the dataset there ({os_reason(e)})") from None
         return 0

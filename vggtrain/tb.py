@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vggtrain.atomic import atomic_write_text
-from vggtrain.errors import UserError
+from vggtrain.errors import UserError, shown
 from vggtrain.safeio import REPORT_LIMIT, read_text
 
 METRICS_FILE = "metrics.csv"
@@ -49,8 +49,8 @@ def open_summary_writer(tb_dir: Path, purge_step: int | None) -> Any:
             pass  # not a name TensorBoard's writers make: it does not take part in the order
     wait = max(seconds, default=0) + 1 - time.time()
     if wait > 5:
-        print(f"warning: {tb_dir} has event files dated {wait:.0f} s ahead of this machine's "
-              f"clock; TensorBoard will read this run's new curves before them", file=sys.stderr)
+        print(shown(f"warning: {tb_dir} has event files dated {wait:.0f} s ahead of this machine's "
+                    f"clock; TensorBoard will read this run's new curves before them"), file=sys.stderr)
     elif wait > 0:
         time.sleep(wait)
     _quiet_writer_thread_errors()
@@ -140,7 +140,7 @@ def _read_rows(path: Path, epochs_done: int) -> list[dict[str, str]]:
     try:
         rows = list(csv.DictReader(io.StringIO(read_text(path, REPORT_LIMIT))))
     except (UserError, csv.Error) as e:
-        print(f"warning: {path}: {e}; it restarts from this epoch", file=sys.stderr)
+        print(shown(f"warning: {e}; it restarts from this epoch"), file=sys.stderr)
         return []
     kept = []
     for row in rows:

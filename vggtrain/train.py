@@ -27,7 +27,7 @@ from vggtrain.checkpoint import save_checkpoint
 from vggtrain.data import Augmentation, Split, TrainLoader, batch_mixer, norm_stats
 from vggtrain.device import autocast
 from vggtrain.distill import loss_function, with_soft_targets
-from vggtrain.errors import RunStopped
+from vggtrain.errors import RunStopped, shown
 from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.run import EpochProgress, Run, steps_per_epoch
 from vggtrain.rundir import status_text, write_status, write_status_text
@@ -339,7 +339,7 @@ def _epochs(run: Run, train: Split, val: Split, writer: Any, stop: StopSignals,
             stop_run(run, signum, f"after epoch {run.epoch}; resume with")
         if run.early_stop.stopped_epoch:
             if d.is_main:
-                print(f"early stop after epoch {run.epoch}: {run.early_stop.reason}", flush=True)
+                print(shown(f"early stop after epoch {run.epoch}: {run.early_stop.reason}"), flush=True)
             break
         if on_epoch_end is not None:  # any rank's True ends training on every rank
             done = torch.tensor(int(bool(on_epoch_end(run))), device=run.device)
