@@ -25,7 +25,7 @@ def test_fit_learns_and_writes_every_artefact(cifar_bin, tmp_path, capsys):
     run = tmp_path / "runs" / "tiny"
     assert sorted(p.name for p in run.iterdir()) == \
         ["best.pt", "config.yaml", "confusion_matrix.png", "curves.png", "last.pt", "metrics.csv",
-         "misclassified.png", "report.json", "report.md", "status.json", "tb"]
+         "misclassified.png", "reliability_diagram.png", "report.json", "report.md", "status.json", "tb"]
 
     # Plain lines when stdout is not a terminal: one per epoch, no bar redraws.
     assert [line.split(" |")[0] for line in out.splitlines() if line.startswith("epoch ")] == \

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -720,7 +721,16 @@ def test_optunas_own_warnings_are_shown_escaped(capfd):
     from vggtrain.sweep import require_optuna
 
     require_optuna()
-    logging.getLogger("optuna.study.study").warning("Trial 0 failed with parameters: %s", {"name": HOSTILE})
+    # Optuna's handler keeps the stream it was made with: in a whole test session that may be an
+    # earlier test's captured stderr, so point it at this test's for the check.
+    handlers = [h for h in logging.getLogger("optuna").handlers if isinstance(h, logging.StreamHandler)]
+    streams = [h.setStream(sys.stderr) for h in handlers]
+    try:
+        logging.getLogger("optuna.study.study").warning("Trial 0 failed with parameters: %s",
+                                                        {"name": HOSTILE})
+    finally:
+        for h, stream in zip(handlers, streams, strict=True):
+            h.setStream(stream)
     err = capfd.readouterr().err
     assert "Trial 0 failed" in err and "\\x1b]0;owned" in err and not raw_on_terminal(err), err
 
