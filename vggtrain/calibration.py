@@ -99,6 +99,9 @@ def rescaled(logp: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logp / temperature, dim=1)
 
 
+T_MIN, T_MAX = 0.05, 20.0  # the temperatures a fit may return
+
+
 def fit_temperature(logp: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
     """The temperature T minimising the mean NLL of softmax(logp / T) on these images (Guo et
     al. 2017): LBFGS with a strong-Wolfe line search over log T, so T stays positive. logp:
@@ -116,5 +119,7 @@ def fit_temperature(logp: torch.Tensor, labels: torch.Tensor, max_iter: int = 10
 
     with torch.enable_grad():
         opt.step(closure)
-    t = float(log_t.detach().exp())
-    return t if math.isfinite(t) and t > 0 else 1.0
+    # A split the model gets all right keeps lowering the NLL as T -> 0: bounded, so such a fit
+    # stores a sharp but finite temperature rather than an arbitrary underflow.
+    t = float(log_t.detach().clamp(math.log(T_MIN), math.log(T_MAX)).exp())
+    return t if math.isfinite(t) else 1.0

@@ -156,6 +156,9 @@ def _predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=positive_int, default=3, metavar="K", help="classes per image (3)")
     _calibrated_option(p, "probabilities after the checkpoint's temperature (softmax(logits / T); "
                           "fitted on its run's validation split: by fit, else now)")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="with --calibrated and no stored temperature: where the run's validation images are "
+                        "(default: data.root of the stored config)")
     add_json_option(p, "the predictions")
     _device_option(p)
 
@@ -349,7 +352,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.calibrated:
         from vggtrain.eval import checkpoint_temperature
 
-        temperature = checkpoint_temperature(loaded, "none", note=_note)[0]  # predict runs no TTA
+        # predict runs no TTA: the temperature fitted without it
+        temperature = checkpoint_temperature(loaded, "none", args.data_root, note=_note)[0]
     results, errors = predict_files(loaded, args.images, device, args.topk, temperature)
     for e in errors:
         print(f"vggtrain: {shown(e['error'])}", file=sys.stderr)

@@ -37,8 +37,15 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
     baseline = None
     if corruptions is not None and corruptions.baseline is not None:
         baseline = load_model(resolve_checkpoint(corruptions.baseline), dev)  # refused before the work
+        if baseline.class_names != loaded.class_names:
+            raise DataError(f"--baseline {baseline.path}: its classes ({', '.join(baseline.class_names)}) "
+                            f"are not the checkpoint's ({', '.join(loaded.class_names)})")
     cfg = loaded.cfg
     previous = _report_in(Path(out), loaded, split) if out is not None else None
+    if previous is not None:  # fit's report stays as fit wrote it; say what --out does there
+        added = "only the corruptions section is added to it" if corruptions is not None else \
+            "nothing is written there"
+        note(shown(f"--out {out}: holds this checkpoint's report; {added}"))
     if tta is None:
         tta = cfg.train.tta
     temperature, source = None, None
@@ -87,12 +94,10 @@ def _corruptions(loaded: LoadedModel, baseline: LoadedModel | None, data: Split,
     same corrupted images (same seed), measured the same way (settings: this eval's TTA)."""
     from vggtrain.corruptions import corruption_section, measure_corruptions
 
+    settings = replace(settings, temperature=None)  # top-1 does not depend on it
     measured = measure_corruptions(loaded.model, data, settings, request)
     reference = None
     if baseline is not None:
-        if baseline.cfg.model.num_classes != len(names):
-            raise DataError(f"--baseline {baseline.path}: its model predicts "
-                            f"{baseline.cfg.model.num_classes} classes, the checkpoint's {len(names)}")
         base_settings = eval_settings(baseline.cfg, settings.device, settings.tta, settings.batch_size)
         clean = evaluate_split(baseline.model, data, base_settings).top1
         accuracy = measure_corruptions(baseline.model, data, base_settings, request)["accuracy"]
@@ -125,20 +130,20 @@ def checkpoint_split(loaded: LoadedModel, split: str, data_root: str | None = No
     return data, names
 
 
-PICTURES = ("curves", "confusion_matrix", "misclassified", "corruptions")  # report.md's order
-SAME_REPORT = ("config_digest", "checkpoint_epoch", "weights", "split")  # what makes it this checkpoint's
+# report.md's order
+PICTURES = ("curves", "confusion_matrix", "misclassified", "reliability_diagram", "corruptions")
 
 
 def _report_in(out: Path, loaded: LoadedModel, split: str) -> dict[str, Any] | None:
     """The report.json already in --out DIR, which must be this checkpoint's on this split (fit's,
     in its run directory): refused before the work otherwise, never overwritten."""
-    from vggtrain.report import config_digest
     from vggtrain.safeio import REPORT_LIMIT, read_json
 
     if not os.path.lexists(out / "report.json"):
         return None
     previous = read_json(out / "report.json", REPORT_LIMIT)
-    this = {"config_digest": config_digest(loaded.cfg), "checkpoint_epoch": loaded.epoch,
+    # the stored config's digest, as fit's report.json gives it (not today's defaults' reading of it)
+    this = {"config_digest": loaded.config_digest, "checkpoint_epoch": loaded.epoch,
             "weights": loaded.weights, "split": split}
     if not isinstance(previous, dict) or any(previous.get(k) != v for k, v in this.items()):
         raise UserError(f"--out {out}: holds the report of another checkpoint or split; choose another "

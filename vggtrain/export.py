@@ -153,7 +153,7 @@ def _export_int8(loaded: LoadedModel, path: Path, net: ImagesToLogits, out: Path
     side = Path(f"{out}.json")
     # The fp32 export and ORT's intermediate files go to a temp directory; the int8 model and its
     # description to temp files beside `out`, renamed into place only once its accuracy passed.
-    with replace_together([out, side]) as (tmp, tmp_side), \
+    with replace_together([side, out]) as (tmp_side, tmp), \
             tempfile.TemporaryDirectory(prefix="vggtrain-int8-") as work:
         fp32 = Path(work) / "fp32.onnx"
         _export(net, "onnx", fp32)
