@@ -37,6 +37,7 @@ from vggtrain import data as data_path
 from vggtrain.config import TrainConfig
 from vggtrain.data import CIFAR10_MEAN, CIFAR10_STD, Augmentation, Split, random_split, train_batches
 from vggtrain.device import channels_last_for, select_device, set_deterministic, synchronize
+from vggtrain.errors import ConfigError
 from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.fit import fit
 from vggtrain.graphs import WARMUP_STEPS
@@ -61,6 +62,9 @@ def _rate(fn: Callable[[], int], device: torch.device, warmup: int, steps: int) 
 
 
 def _bench_run(cfg: TrainConfig, run_dir: Path, train_size: int) -> Any:
+    if cfg.distill.teachers:  # the bare step below is the network's own; a teacher's forward is not in it
+        raise ConfigError("bench measures the network's own step, without distill.teachers; "
+                          "set distill.teachers=[] (the epoch line of a fit gives the teachers' share)")
     return build_run(cfg, run_dir, [str(i) for i in range(cfg.model.num_classes)], train_size)
 
 

@@ -138,6 +138,8 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
         writer = open_summary_writer(rd.path / "tb", run.global_step + 1 if rd.resume else None)
         if connection is not None:  # the MLflow run: the checkpoint's, or a new one
             run.tracker = connection.start(run, EpochMetrics(rd.path / METRICS_FILE, run.epoch).rows)
+        else:  # log.mlflow off (a resume may turn it off): no checkpoint names an MLflow run it is not in
+            run.tracking = None
     clock.lap("setup_s")
     try:
         report = train_and_report(run, rd, writer, (train, val, test), clock, on_epoch_end, test_at_end)

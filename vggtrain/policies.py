@@ -130,7 +130,7 @@ class Policy:
         normalising (the mean colour, as cutout and torchvision's RandomErasing after Normalize)."""
         n, _, h, w = images.shape
         erased = self.eraser(torch.ones(n, 1, h, w, device=images.device)) == 0  # type: ignore[misc]
-        draw.erased = self.eraser._params["batch_prob"].bool().cpu()  # type: ignore[union-attr]
+        draw.erased = self.eraser._params["batch_prob"].bool()  # type: ignore[union-attr]  # no host copy
         return erased
 
 

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 STATUS_FILE = "status.json"  # the run's progress, rewritten at every checkpoint; runs.py reads it
 # The files a resumed run rewrites (renamed over): each must be a file, or absent.
 RUN_FILES = ("config.yaml", STATUS_FILE, "metrics.csv", "last.pt", "best.pt", "report.json", "report.md",
-             "curves.png", "confusion_matrix.png", "misclassified.png")
+             "curves.png", "confusion_matrix.png", "misclassified.png", "reliability_diagram.png",
+             "corruptions.png")
 
 
 class RunDir:

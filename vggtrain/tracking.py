@@ -167,11 +167,14 @@ class Connection:
         run_id = mlflow_run.info.run_id
         run.tracking = {"mlflow_run_id": run_id, "tracking_uri": self.uri}
         tracker = Tracker(self.client, run_id, self.uri, last_steps)
-        for row in rows:
-            step = int(row["step"])
-            for key, value in row.items():
-                if key != "step":
-                    tracker.log_metric(key, float(value), step)
+        for row in rows:  # metrics.csv is the user's file too: a cell that is no number is skipped
+            try:
+                step = int(row["step"])
+                points = [(key, float(value)) for key, value in row.items() if key != "step"]
+            except (KeyError, TypeError, ValueError):
+                continue
+            for key, value in points:
+                tracker.log_metric(key, value, step)
         return tracker
 
     def _continued(self, run: Any) -> Any:
