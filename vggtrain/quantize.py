@@ -10,6 +10,7 @@ it loads the file. This module chooses the options and checks the result.
 
 from __future__ import annotations
 
+import logging
 import math
 import platform
 from collections import Counter
@@ -86,12 +87,19 @@ def quantize_onnx(fp32: Path, out: Path, images: torch.Tensor, method: str, work
     prepared = work / "prepared.onnx"
     # Shape inference and ORT's graph optimisations (BatchNorm folded into Conv): one Conv per
     # layer to quantize, and the ranges measured where the int8 kernel will see them.
-    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(out), ImageBatches(images), quant_format=QuantFormat.QDQ,
-                    per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, METHODS[method]),
-                    extra_options={"CalibMaxIntermediateOutputs": MAX_INTERMEDIATE_OUTPUTS})
+    # ORT's quantizer logs through the root logger, e.g. "Axis 1 is out-of-range for weight ... with
+    # rank 1" for each 1-D weight (a BatchNorm left unfolded: it quantizes it per tensor instead):
+    # lines on the user's terminal about nothing they can change; the result is checked below.
+    logging.disable(logging.WARNING)
+    try:
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out), ImageBatches(images), quant_format=QuantFormat.QDQ,
+                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, METHODS[method]),
+                        extra_options={"CalibMaxIntermediateOutputs": MAX_INTERMEDIATE_OUTPUTS})
+    finally:
+        logging.disable(logging.NOTSET)
     return {"format": "QDQ", "activations": "uint8 (asymmetric, per tensor)",
             "weights": "int8 per output channel, reduce_range (7-bit)",
             "prepared_with": "onnxruntime.quantization.quant_pre_process"}
