@@ -219,6 +219,30 @@ def test_out_holding_another_checkpoints_report_is_refused_before_the_work(two_r
     assert not (other / "corruptions.png").exists()
 
 
+def test_a_run_from_before_newer_config_keys_gets_its_corruptions_added(two_runs, tmp_path, capsys):
+    # A run saved before keys such as distill/log existed: its report's digest is of the config as
+    # stored then, which today's loader (adding defaults) would digest differently.
+    import shutil
+
+    from vggtrain.config import digest_of
+
+    old = tmp_path / "old"
+    shutil.copytree(two_runs[1], old)
+    for name in ("best.pt", "last.pt"):
+        state = torch.load(old / name, weights_only=True)
+        for section in ("distill", "log"):
+            state["config"].pop(section)
+        torch.save(state, old / name)
+    report = json.loads((old / "report.json").read_text())
+    report["config_digest"] = digest_of(state["config"])
+    (old / "report.json").write_text(json.dumps(report))
+    code, _, err = _eval(capsys, "--ckpt", str(old), "--corruptions", "contrast", "--severities", "1",
+                         "--out", str(old))
+    assert code == 0, err
+    assert "holds this checkpoint's report; only the corruptions section is added to it" in err
+    assert json.loads((old / "report.json").read_text())["corruptions"]["severities"] == [1]
+
+
 def test_seeds_summary_shows_corruption_accuracy_only_when_measured():
     from vggtrain.sweep import describe, format_seeds
 
