@@ -16,7 +16,6 @@ re-reads its teachers from their paths and refuses one whose file changed (its s
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from vggtrain.data import Stats, norm_stats
 from vggtrain.device import autocast
 from vggtrain.errors import CheckpointError, shown
 from vggtrain.inference import load_model, resolve_checkpoint
+from vggtrain.safeio import sha256_of
 
 
 @dataclass
@@ -171,14 +171,10 @@ def with_soft_targets(prepare: Prepare, teachers: Teachers) -> Prepare:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        return "sha256:" + sha256_of(path)
     except OSError as e:
         raise CheckpointError(f"distill.teachers {path}: cannot read it ({e.strerror or e})") from None
-    return "sha256:" + digest.hexdigest()
 
 
 def open_teachers(cfg: TrainConfig, class_names: list[str] | None = None,

@@ -16,7 +16,6 @@ fp32 model's before anything is written: a drop over --max-drop points writes no
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from vggtrain.data import Split, load_dataset, norm_stats, split_train_val
 from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line, os_reason
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
 from vggtrain.quantize import Int8Options
+from vggtrain.safeio import sha256_of
 
 FORMATS = ("onnx", "exported", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "exported": ".pt2", "torchscript": ".pt"}
@@ -367,11 +367,3 @@ def pair_problem(out: str | Path) -> str | None:
         return (f"{out}.json describes another file than {out} (sha256 {recorded[:12]}..., the file's "
                 f"{actual[:12]}...)")
     return None
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

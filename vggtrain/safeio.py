@@ -14,6 +14,7 @@ UserError subclass naming the file. quiet_decoding keeps decoders' chatter off t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -322,3 +323,12 @@ def quiet_decoding() -> Iterator[None]:
 __all__ = ["open_regular", "read_bytes", "read_text", "read_yaml", "load_yaml", "read_json", "field",
            "quiet_decoding", "file_kind", "finite_number", "yaml_problem", "BoundedLoader",
            "FastBoundedLoader"]
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks (OSError as open raises it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
