@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import signal
 import subprocess
 import threading
@@ -98,6 +99,16 @@ def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def write_yaml(path: Path, data: object) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def fit_tiny_run(data_root: Path, tmp: Path) -> Path:
+    """tiny_config's run fitted quietly under tmp; its run directory."""
+    from vggtrain.cli import main
+
+    cfg = write_yaml(tmp / "tiny.yaml", tiny_config(data_root, tmp / "runs"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["fit", "--config", str(cfg)]) == 0
+    return tmp / "runs" / "tiny"
 
 
 def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 600) -> None:

@@ -4,15 +4,13 @@ written; a failed accuracy check or a bad value writes nothing, in one line."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import block_import, tiny_config, write_yaml
+from conftest import block_import, fit_tiny_run
 from vggtrain import export, quantize
 from vggtrain.cli import main
 from vggtrain.data import Split, load_cifar10
@@ -24,11 +22,7 @@ onnx = pytest.importorskip("onnx", reason="the [export] extra is not installed")
 @pytest.fixture(scope="module")
 def run(cifar_bin, tmp_path_factory) -> Path:
     """A tiny trained run with BatchNorm (folded into the convolutions before quantization)."""
-    tmp = tmp_path_factory.mktemp("int8")
-    cfg = write_yaml(tmp / "tiny.yaml", tiny_config(cifar_bin, tmp / "runs"))
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["fit", "--config", str(cfg)]) == 0
-    return tmp / "runs" / "tiny"
+    return fit_tiny_run(cifar_bin, tmp_path_factory.mktemp("int8"))
 
 
 def _logits(path: Path, images: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config, write_yaml
+from conftest import fit_tiny_run
 from vggtrain.cli import main
 from vggtrain.data import load_cifar10, normalize
 from vggtrain.gradcam import PANEL, find_layer, grad_cam, output_paths, upsample
@@ -24,11 +22,7 @@ from vggtrain.synthetic import SIGNAL
 
 @pytest.fixture(scope="module")
 def run(cifar_bin, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("predict")
-    cfg = write_yaml(tmp / "tiny.yaml", tiny_config(cifar_bin, tmp / "runs"))
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["fit", "--config", str(cfg)]) == 0
-    return tmp / "runs" / "tiny"
+    return fit_tiny_run(cifar_bin, tmp_path_factory.mktemp("predict"))
 
 
 @pytest.fixture(scope="module")
