@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from vggtrain import export, quantize
-from vggtrain.data import load_dataset, split_train_val
+from vggtrain.data import split_train_val
+from vggtrain.eval import checkpoint_dataset
 from vggtrain.inference import load_model, resolve_checkpoint
 
 
@@ -35,7 +36,7 @@ def methods(ckpt: str, work: str, count: int = 1000, seed: int = 0) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_model(resolve_checkpoint(ckpt), "cpu")
     net = export.deployable(loaded)
-    full, _, _ = load_dataset(loaded.cfg.data)
+    full, _, _, _ = checkpoint_dataset(loaded, download=False)
     train, val = split_train_val(full, loaded.cfg.data.val_size, loaded.cfg.seed)
     images = quantize.calibration_images(train, count, seed)
     fp32 = work_dir / "fp32.onnx"

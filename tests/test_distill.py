@@ -179,6 +179,13 @@ def test_resume_with_a_teacher_is_exact_and_refuses_a_changed_teacher(data, teac
     assert len(err) == 1 and f"distill.teachers {mine / 'best.pt'}: the file changed since this run " \
         "started" in err[0]
     (mine / "best.pt").write_bytes(kept)
+    checkpoint = load_checkpoint(out / "half" / "last.pt")
+    (mine / "best.pt").rename(mine / "moved.pt")
+    assert main(["fit", "--resume", str(out / "half")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"distill.teachers {mine / 'best.pt'}: no such file" in err[0]
+    (mine / "moved.pt").rename(mine / "best.pt")
+    assert load_checkpoint(out / "half" / "last.pt")["global_step"] == checkpoint["global_step"]
     assert main(["fit", "--resume", str(out / "half")]) == 0
 
     a, b = load_checkpoint(out / "whole" / "last.pt"), load_checkpoint(out / "half" / "last.pt")
@@ -190,6 +197,17 @@ def test_resume_with_a_teacher_is_exact_and_refuses_a_changed_teacher(data, teac
         "path": str(mine / "best.pt"), "config_digest": source["config_digest"],
         "sha256": report["distill"][0]["sha256"], "weights": "ema"}]
     assert report["distill"][0]["sha256"].startswith("sha256:")
+
+
+def test_a_relative_teacher_missing_on_resume_is_said_missing_not_changed(data, teacher, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.chdir(teacher.parent)
+    cfg = config_from_dict(_cfg(data, tmp_path, "s", distill={"teachers": ["teacher"]}), "t")
+    recorded = open_teachers(cfg, NAMES).record()  # as the run's checkpoint keeps it
+    monkeypatch.chdir(tmp_path)  # resumed from another directory
+    with pytest.raises(Exception, match=r"distill.teachers teacher: no such file \(a relative "
+                       r"path is read from the current directory\)$"):
+        open_teachers(cfg, NAMES, recorded)
 
 
 def test_the_step_with_a_teacher_never_syncs_the_host(teacher, tmp_path):

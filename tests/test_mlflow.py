@@ -262,3 +262,38 @@ def test_under_torchrun_rank_0_alone_logs(server, data, tmp_path):
     experiment = c.get_run(run_id).info.experiment_id
     same_dir = c.search_runs([experiment], f"tags.`vggtrain.run_dir` = '{run.absolute()}'")
     assert [r.info.run_id for r in same_dir] == [run_id]
+
+
+def test_a_stopped_run_waits_briefly_for_a_store_that_hangs(monkeypatch, capsys):
+    """After Ctrl-C or a signal the end of the run waits STOPPED_WAIT_S for a hung store, not the
+    whole FINISH_WAIT_S a finished run allows; either way it says it gave up."""
+    pytest.importorskip("mlflow", reason=NO_EXTRA)
+    from vggtrain import tracking
+
+    release = threading.Event()
+
+    class HungStore:
+        def log_batch(self, *args, **kwargs):
+            release.wait(60)
+
+        def log_artifact(self, *args, **kwargs):
+            pass
+
+        def set_terminated(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(tracking, "FINISH_WAIT_S", 4.0)
+    monkeypatch.setattr(tracking, "STOPPED_WAIT_S", 1.0)
+    waited = {}
+    try:
+        for state in ("stopped", "finished"):
+            tracker = tracking.Tracker(HungStore(), "r1", "http://127.0.0.1:9", {})
+            tracker.log_metric("train/loss_step", 1.0, 1)
+            t0 = time.perf_counter()
+            tracker.finish(state, [])
+            waited[state] = time.perf_counter() - t0
+    finally:
+        release.set()
+    assert 1.0 <= waited["stopped"] < 3.0 <= waited["finished"], waited
+    err = capsys.readouterr().err
+    assert "still sending after 1 s; gave up" in err and "still sending after 4 s; gave up" in err

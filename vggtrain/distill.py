@@ -191,8 +191,11 @@ def open_teachers(cfg: TrainConfig, class_names: list[str] | None = None,
     members = []
     for i, given in enumerate(cfg.distill.teachers):
         path = resolve_checkpoint(given)
-        sha = file_sha256(path) if path.is_file() else ""
         then = recorded[i] if recorded is not None else None
+        if then is not None and not path.exists():  # said as missing, not as changed
+            where = "" if path.is_absolute() else " (a relative path is read from the current directory)"
+            raise CheckpointError(f"distill.teachers {path}: no such file{where}")
+        sha = file_sha256(path) if path.is_file() else ""
         if then is not None and (not isinstance(then, dict) or then.get("sha256") != sha):
             was = then.get("sha256") if isinstance(then, dict) else None
             raise CheckpointError(f"distill.teachers {path}: the file changed since this run started "

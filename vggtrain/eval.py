@@ -106,28 +106,36 @@ def _corruptions(loaded: LoadedModel, baseline: LoadedModel | None, data: Split,
     return corruption_section(request, settings.tta, clean_top1, measured, reference)
 
 
-def checkpoint_split(loaded: LoadedModel, split: str, data_root: str | None = None
-                     ) -> tuple[Split, list[str]]:
-    """The split a loaded checkpoint is measured on, with the data's class names: the test set,
-    or the validation images its run held out (rebuilt from the stored data.val_size and seed).
-    The data must have the checkpoint's classes."""
+def checkpoint_dataset(loaded: LoadedModel, data_root: str | None = None, download: bool = True
+                       ) -> tuple[Split, Split, list[str], str]:
+    """(training images, test images, class names, the root read) of a loaded checkpoint's dataset:
+    at data_root when given, else at the stored data.root, downloaded there only when download and
+    the run's config allow it and no data_root was given. The data must have the checkpoint's
+    classes. The one place eval, calibration and export find a checkpoint's data."""
     cfg = loaded.cfg
-    root = data_root if data_root is not None else cfg.data.root
-    train, test, names = load_dataset(replace(cfg.data, root=str(root),
-                                              download=cfg.data.download and data_root is None))
+    root = str(data_root if data_root is not None else cfg.data.root)
+    fetch = download and cfg.data.download and data_root is None
+    train, test, names = load_dataset(replace(cfg.data, root=root, download=fetch))
     if len(names) != cfg.model.num_classes:
         raise DataError(f"{root}: the data has {len(names)} classes but the checkpoint's model "
                         f"predicts {cfg.model.num_classes}")
     if names != loaded.class_names and loaded.class_names != [str(i) for i in range(len(names))]:
         raise DataError(f"{root}: the data's classes ({', '.join(names)}) are not the checkpoint's "
                         f"({', '.join(loaded.class_names)})")
+    return train, test, names, root
+
+
+def checkpoint_split(loaded: LoadedModel, split: str, data_root: str | None = None
+                     ) -> tuple[Split, list[str]]:
+    """The split a loaded checkpoint is measured on, with the data's class names: the test set,
+    or the validation images its run held out (rebuilt from the stored data.val_size and seed)."""
+    cfg = loaded.cfg
+    if split == "val" and cfg.data.val_size == 0:
+        raise UserError(f"{loaded.path}: its run held out no validation images (data.val_size 0)")
+    train, test, names, _ = checkpoint_dataset(loaded, data_root)
     if split == "val":
-        if cfg.data.val_size == 0:
-            raise UserError(f"{loaded.path}: its run held out no validation images (data.val_size 0)")
-        _, data = split_train_val(train, cfg.data.val_size, cfg.seed)
-    else:
-        data = test
-    return data, names
+        return split_train_val(train, cfg.data.val_size, cfg.seed)[1], names
+    return test, names
 
 
 # report.md's order

@@ -31,7 +31,7 @@ from torch import nn
 
 from vggtrain import __version__
 from vggtrain.atomic import replace_together
-from vggtrain.data import Split, load_dataset, norm_stats, split_train_val
+from vggtrain.data import Split, norm_stats, split_train_val
 from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line, os_reason
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
 from vggtrain.quantize import Int8Options
@@ -214,14 +214,11 @@ def _ort_version() -> str:
 def int8_data(loaded: LoadedModel, data_root: str | None) -> tuple[Split, Split, str]:
     """(the training split, the test set, where from) of the run's dataset: calibration needs the
     former (its validation images kept out), the accuracy check the latter; no random fallback."""
-    from dataclasses import replace
+    from vggtrain.eval import checkpoint_dataset
 
-    data = replace(loaded.cfg.data, download=False)
-    if data_root is not None:
-        data = replace(data, root=data_root)
-    train, test, _ = load_dataset(data)
+    train, test, _, root = checkpoint_dataset(loaded, data_root, download=False)
     train, _ = split_train_val(train, loaded.cfg.data.val_size, loaded.cfg.seed)
-    return train, test, f"the {len(test):,} test images in {data.root}"
+    return train, test, f"the {len(test):,} test images in {root}"
 
 
 def _require_onnx() -> None:
@@ -283,20 +280,17 @@ def load_exported(fmt: str, path: Path) -> Any:
 def parity_images(loaded: LoadedModel, data_root: str | None) -> tuple[torch.Tensor, str]:
     """uint8 test images of the run's dataset, or random ones when the data is not at hand (with
     --data-root given, missing data is an error)."""
-    from dataclasses import replace
+    from vggtrain.eval import checkpoint_dataset
 
-    data = replace(loaded.cfg.data, download=False)
-    if data_root is not None:
-        data = replace(data, root=data_root)
     try:
-        _, test, _ = load_dataset(data)
+        _, test, _, root = checkpoint_dataset(loaded, data_root, download=False)
     except DataError:
         if data_root is not None:
             raise
         g = torch.Generator().manual_seed(0)
         return (torch.randint(0, 256, (RANDOM_IMAGES, 3, 32, 32), dtype=torch.uint8, generator=g),
-                f"{RANDOM_IMAGES} random images (no test data at {data.root}; give --data-root)")
-    return test.images, f"the {len(test):,} test images in {data.root}"
+                f"{RANDOM_IMAGES} random images (no test data at {loaded.cfg.data.root}; give --data-root)")
+    return test.images, f"the {len(test):,} test images in {root}"
 
 
 @torch.no_grad()

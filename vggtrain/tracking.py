@@ -34,6 +34,7 @@ LOCAL_DB, LOCAL_ARTIFACTS = "mlflow.db", "artifacts"  # a local store: one SQLit
 CHECK_TIMEOUT_S = 5  # the up-front check's request: one try, this long
 SEND_EVERY_S = 2.0  # the sender thread's batching period
 FINISH_WAIT_S = 120.0  # how long the end of a run waits for the last metrics and the artifacts
+STOPPED_WAIT_S = 10.0  # the same after Ctrl-C or a signal: whoever stopped the run wants it gone
 BATCH_LIMIT = 1000  # MLflow's limit on metrics per log_batch call
 ENDED = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
 
@@ -255,7 +256,7 @@ class Tracker:
 
     Hand-written rather than MLflow's own asynchronous logging, whose failures surface as its log
     lines and whose flush waits out every retry: here a failure is one warning line and the end of
-    the run waits FINISH_WAIT_S at most."""
+    the run waits FINISH_WAIT_S at most (STOPPED_WAIT_S after a stop)."""
 
     def __init__(self, client: Any, run_id: str, uri: str, last_steps: dict[str, int]) -> None:
         self.client, self.run_id, self.uri = client, run_id, uri
@@ -303,13 +304,15 @@ class Tracker:
 
     def finish(self, state: str, artifacts: list[Path]) -> None:
         """Send what is pending, upload the artifacts that exist, end the MLflow run as
-        ENDED[state] (finished, stopped or failed): at most FINISH_WAIT_S. Scalars still held
-        are dropped: their checkpoint never landed, and the resume redoes their epoch."""
+        ENDED[state] (finished, stopped or failed): at most FINISH_WAIT_S, STOPPED_WAIT_S when
+        stopped. Scalars still held are dropped: their checkpoint never landed, and the resume
+        redoes their epoch. A second Ctrl-C while waiting ends the wait (the join is interrupted)."""
         self._ending = (state, artifacts)
         self._wake.set()
-        self._thread.join(FINISH_WAIT_S)
+        wait_s = STOPPED_WAIT_S if state == "stopped" else FINISH_WAIT_S
+        self._thread.join(wait_s)
         if self._thread.is_alive():
-            warn(f"{self.uri}: still sending after {FINISH_WAIT_S:.0f} s; gave up (the run directory "
+            warn(f"{self.uri}: still sending after {wait_s:.0f} s; gave up (the run directory "
                  f"keeps every metric)")
         elif self.lost:
             warn(f"{self.lost} metric point(s) were not logged to run {self.run_id}")
