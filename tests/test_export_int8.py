@@ -62,6 +62,16 @@ def test_int8_export_agrees_with_fp32_and_says_so(run, cifar_bin, tmp_path, caps
     assert not list(tmp_path.glob(".*.tmp*"))
 
 
+def test_entropy_calibration_keeps_onnx_runtimes_progress_off_stdout(run, tmp_path, capsys):
+    """ORT's entropy calibrator print()s its progress; the user's stdout has vggtrain's lines only."""
+    out = tmp_path / "int8.onnx"
+    assert main(["export", "--ckpt", str(run), "--format", "onnx", "--out", str(out), "--quantize", "int8",
+                 "--calibration-images", "100", "--calibration-method", "entropy"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and printed[0].startswith("wrote ") and printed[1].startswith("int8: "), printed
+    assert json.loads(Path(f"{out}.json").read_text())["int8"]["calibration"]["method"] == "entropy"
+
+
 def test_a_failed_accuracy_check_writes_nothing(run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"the user's model")

@@ -10,6 +10,8 @@ it loads the file. This module chooses the options and checks the result.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import platform
@@ -90,14 +92,17 @@ def quantize_onnx(fp32: Path, out: Path, images: torch.Tensor, method: str, work
     # ORT's quantizer logs through the root logger, e.g. "Axis 1 is out-of-range for weight ... with
     # rank 1" for each 1-D weight (a BatchNorm left unfolded: it quantizes it per tensor instead):
     # lines on the user's terminal about nothing they can change; the result is checked below.
+    # Its entropy and percentile calibrators also print() their progress ("Collecting tensor
+    # data ..."): kept off standard output, which carries vggtrain's own lines only.
     logging.disable(logging.WARNING)
     try:
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(out), ImageBatches(images), quant_format=QuantFormat.QDQ,
-                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8,
-                        calibrate_method=getattr(CalibrationMethod, METHODS[method]),
-                        extra_options={"CalibMaxIntermediateOutputs": MAX_INTERMEDIATE_OUTPUTS})
+        with contextlib.redirect_stdout(io.StringIO()):
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(out), ImageBatches(images), quant_format=QuantFormat.QDQ,
+                            per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8,
+                            calibrate_method=getattr(CalibrationMethod, METHODS[method]),
+                            extra_options={"CalibMaxIntermediateOutputs": MAX_INTERMEDIATE_OUTPUTS})
     finally:
         logging.disable(logging.NOTSET)
     return {"format": "QDQ", "activations": "uint8 (asymmetric, per tensor)",
