@@ -9,7 +9,9 @@ and quantization code:
                          threads 2, batch 256, alternated repeats side by side; then one profiled
                          int8 run, whose kernel names say what executed
 
-Prints JSON lines. Nothing here is timed inside a test: these are measurements for the docs.
+Reads the run's data where its config says (data.root; never downloads), checked to have the
+checkpoint's classes. Prints JSON lines. Nothing here is timed inside a test: these are
+measurements for the docs.
 """
 
 from __future__ import annotations

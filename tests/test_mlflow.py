@@ -297,3 +297,25 @@ def test_a_stopped_run_waits_briefly_for_a_store_that_hangs(monkeypatch, capsys)
     assert 1.0 <= waited["stopped"] < 3.0 <= waited["finished"], waited
     err = capsys.readouterr().err
     assert "still sending after 1 s; gave up" in err and "still sending after 4 s; gave up" in err
+
+
+def test_a_second_ctrl_c_while_waiting_for_the_store_keeps_the_stop_and_its_resume_hint(
+        data, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C during the end-of-run wait ends the wait; the run's own stop (exit code, resume hint)
+    is still what the user sees, not a bare 'interrupted'."""
+    from vggtrain import fit as fit_module
+    from vggtrain import tracking
+    from vggtrain.errors import RunStopped
+
+    def stopped(run, rd, *args, **kwargs):
+        raise RunStopped(f"stopped by SIGINT at epoch 1: vggtrain fit --resume {rd.path}", 130)
+
+    def impatient(self, state, artifacts):
+        assert state == "stopped"
+        raise KeyboardInterrupt  # the second Ctrl-C, while finish waits
+
+    monkeypatch.setattr(fit_module, "train_and_report", stopped)
+    monkeypatch.setattr(tracking.NullTracker, "finish", impatient)
+    assert main(["fit", "--config", str(config(data, tmp_path, None))]) == 130
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT at epoch 1: vggtrain fit --resume" in err and "interrupted" not in err

@@ -106,16 +106,19 @@ def _corruptions(loaded: LoadedModel, baseline: LoadedModel | None, data: Split,
     return corruption_section(request, settings.tta, clean_top1, measured, reference)
 
 
-def checkpoint_dataset(loaded: LoadedModel, data_root: str | None = None, download: bool = True
-                       ) -> tuple[Split, Split, list[str], str]:
+def checkpoint_dataset(loaded: LoadedModel, data_root: str | None = None, download: bool = True,
+                       check_classes: bool = True) -> tuple[Split, Split, list[str], str]:
     """(training images, test images, class names, the root read) of a loaded checkpoint's dataset:
     at data_root when given, else at the stored data.root, downloaded there only when download and
     the run's config allow it and no data_root was given. The data must have the checkpoint's
-    classes. The one place eval, calibration and export find a checkpoint's data."""
+    classes (unless check_classes is False: images only, no labels read). The one place eval,
+    calibration and export find a checkpoint's data."""
     cfg = loaded.cfg
     root = str(data_root if data_root is not None else cfg.data.root)
     fetch = download and cfg.data.download and data_root is None
     train, test, names = load_dataset(replace(cfg.data, root=root, download=fetch))
+    if not check_classes:
+        return train, test, names, root
     if len(names) != cfg.model.num_classes:
         raise DataError(f"{root}: the data has {len(names)} classes but the checkpoint's model "
                         f"predicts {cfg.model.num_classes}")

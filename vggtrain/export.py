@@ -283,7 +283,8 @@ def parity_images(loaded: LoadedModel, data_root: str | None) -> tuple[torch.Ten
     from vggtrain.eval import checkpoint_dataset
 
     try:
-        _, test, _, root = checkpoint_dataset(loaded, data_root, download=False)
+        # images only: parity compares logits, so data of other classes serves as well
+        _, test, _, root = checkpoint_dataset(loaded, data_root, download=False, check_classes=False)
     except DataError:
         if data_root is not None:
             raise

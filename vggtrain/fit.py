@@ -144,7 +144,10 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
     try:
         report = train_and_report(run, rd, writer, (train, val, test), clock, on_epoch_end, test_at_end)
     except BaseException as e:
-        run.tracker.finish(ended_state(e), tracked_files(rd.path))
+        try:
+            run.tracker.finish(ended_state(e), tracked_files(rd.path))
+        except KeyboardInterrupt:  # a second Ctrl-C ends the wait; e still says how the run ended
+            pass
         raise
     run.tracker.finish("finished", tracked_files(rd.path))
     return report
