@@ -35,7 +35,7 @@ from vggtrain.data import Split, norm_stats, split_train_val
 from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line, os_reason
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
 from vggtrain.quantize import Int8Options
-from vggtrain.safeio import sha256_of
+from vggtrain.safeio import field, read_json, sha256_of
 
 FORMATS = ("onnx", "exported", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "exported": ".pt2", "torchscript": ".pt"}
@@ -347,8 +347,6 @@ def pair_problem(out: str | Path) -> str | None:
     """What is wrong with an exported file and its FILE.json as a pair, or None when the
     description is of this very file (its file_sha256 matches): the check for a reader that
     relies on the description, and for an export killed between its two renames."""
-    from vggtrain.safeio import field, read_json
-
     out = Path(out)
     side = read_json(f"{out}.json", label=f"{out}.json")
     recorded = field(side, "file_sha256", "string|null", label=f"{out}.json")

@@ -36,6 +36,7 @@ SEND_EVERY_S = 2.0  # the sender thread's batching period
 FINISH_WAIT_S = 120.0  # how long the end of a run waits for the last metrics and the artifacts
 STOPPED_WAIT_S = 10.0  # the same after Ctrl-C or a signal: whoever stopped the run wants it gone
 BATCH_LIMIT = 1000  # MLflow's limit on metrics per log_batch call
+PARAMS_LIMIT = 100  # and on params (and tags) per call
 ENDED = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
 
 
@@ -205,8 +206,7 @@ class Connection:
         tags = {"vggtrain.run_dir": str(Path(run.dir).absolute()), "vggtrain.version": __version__}
         created = self.client.create_run(self.experiment_id, run_name=run.cfg.name, tags=tags)
         params = [Param(k, v) for k, v in flat_params(run.cfg.to_dict()).items()]
-        for i in range(0, len(params), 100):  # MLflow's limit on params per call
-            self.client.log_batch(created.info.run_id, params=params[i:i + 100])
+        self._log_params(created.info.run_id, params, [])
         return created
 
     def _resumed(self, found: Any, run: Any) -> dict[str, int]:
@@ -219,10 +219,14 @@ class Connection:
         self.client.update_run(run_id, status="RUNNING")
         new = [Param(k, v) for k, v in now.items() if k not in logged]
         changed = [RunTag(f"resumed.{k}", v) for k, v in now.items() if k in logged and logged[k] != v]
-        for i in range(0, max(len(new), len(changed)), 100):  # MLflow's limit on params per call
-            self.client.log_batch(run_id, params=new[i:i + 100], tags=changed[i:i + 100])
+        self._log_params(run_id, new, changed)
         return {key: max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1)
                 for key in found.data.metrics}
+
+    def _log_params(self, run_id: str, params: list[Any], tags: list[Any]) -> None:
+        """params and tags in as few log_batch calls as MLflow's PARAMS_LIMIT allows."""
+        for i in range(0, max(len(params), len(tags)), PARAMS_LIMIT):
+            self.client.log_batch(run_id, params=params[i:i + PARAMS_LIMIT], tags=tags[i:i + PARAMS_LIMIT])
 
 
 class NullTracker:
@@ -259,6 +263,9 @@ class Tracker:
     the run waits FINISH_WAIT_S at most (STOPPED_WAIT_S after a stop)."""
 
     def __init__(self, client: Any, run_id: str, uri: str, last_steps: dict[str, int]) -> None:
+        from mlflow.entities import Metric
+
+        self._metric_class = Metric  # imported once: _metric runs for every step's points
         self.client, self.run_id, self.uri = client, run_id, uri
         self._last = dict(last_steps)
         self._pending: list[Any] = []
@@ -292,12 +299,10 @@ class Tracker:
         self._wake.set()
 
     def _metric(self, key: str, value: float, step: int) -> Any:
-        from mlflow.entities import Metric
-
         if step <= self._last.get(key, -1):
             return None
         self._last[key] = step
-        return Metric(key, float(value), int(time.time() * 1000), int(step))
+        return self._metric_class(key, float(value), int(time.time() * 1000), int(step))
 
     def flush(self) -> None:
         self._wake.set()
