@@ -103,8 +103,18 @@ def _endless(epoch: Callable[[], Iterator[Any]]) -> Iterator[Any]:
 class _PILDataset(torch.utils.data.Dataset):
     """What torchvision.datasets.CIFAR10 does per item: a PIL image, then the transform."""
 
-    def __init__(self, images_hwc: Any, labels: list[int], transform: Callable) -> None:
+    def __init__(self, images_hwc: Any, labels: list[int], transform: Callable | None) -> None:
         self.images, self.labels, self.transform = images_hwc, labels, transform
+
+    @classmethod
+    def of(cls, split: Split, transform: Callable | None) -> _PILDataset:
+        """split's images as the (N, H, W, C) uint8 array PIL reads, and its labels."""
+        return cls(split.images.cpu().permute(0, 2, 3, 1).contiguous().numpy(), split.labels.cpu().tolist(),
+                   transform)
+
+    def with_transform(self, transform: Callable) -> _PILDataset:
+        """The same images and labels (not copied) under another transform."""
+        return _PILDataset(self.images, self.labels, transform)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -120,10 +130,20 @@ def bench_reference_data_path(cfg: TrainConfig, split: Split, steps: int, worker
 
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
-    hwc = split.images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
-    ds = _PILDataset(hwc, split.labels.cpu().tolist(), transform)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True,
-                                         num_workers=workers, drop_last=True, persistent_workers=True)
+    loader = _reference_loader(_PILDataset.of(split, transform), cfg.train.batch_size, workers,
+                               persistent=True)
+    return _reference_rate(loader, steps)
+
+
+def _reference_loader(ds: _PILDataset, batch_size: int, workers: int,
+                      persistent: bool = False) -> torch.utils.data.DataLoader:
+    """torchvision's usual training loader over ds: shuffled, workers, last partial batch dropped."""
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       drop_last=True, persistent_workers=persistent)
+
+
+def _reference_rate(loader: torch.utils.data.DataLoader, steps: int) -> float:
+    """Images/s of loader's batches over `steps` batches, after 3 (the workers' start-up)."""
     batches = _endless(lambda: iter(loader))
     return _rate(lambda: len(next(batches)[1]), torch.device("cpu"), 3, steps)
 
@@ -153,10 +173,12 @@ def bench_policies(cfg: TrainConfig, split: Split, rounds: int = 2, workers: int
     alternated policy by policy for `rounds` rounds in this process; the best round of each counts
     (the least disturbed by the rest of the machine)."""
     kornia_augmentation()  # the one-line error before any measurement
+    pil = _PILDataset.of(split, transform=None)  # converted once, for every policy and round
     results: dict[str, Any] = {}
     for _ in range(rounds):
         for name, spec in POLICY_BENCH:
-            batched, reference = _policy_rates(cfg, split, spec, workers)
+            batched, reference = _policy_rates(cfg, split, pil.with_transform(torchvision_policy(spec)),
+                                               spec, workers)
             best = results.setdefault(name, {"batched": 0.0, "reference": 0.0})
             best["batched"] = max(best["batched"], batched)
             best["reference"] = max(best["reference"], reference)
@@ -166,23 +188,22 @@ def bench_policies(cfg: TrainConfig, split: Split, rounds: int = 2, workers: int
             "images": len(split), "by_policy": results}
 
 
-def _policy_rates(cfg: TrainConfig, split: Split, spec: PolicySpec, workers: int) -> tuple[float, float]:
-    """(batched, torchvision) images/s of one policy. The batched path is timed over whole chunks
-    of 8,192 images (data.AUGMENT_CHUNK_IMAGES, the policy's unit of work) after one untimed chunk,
-    crop, flip and normalisation included; torchvision's over as many images, after 3 batches."""
+def _policy_rates(cfg: TrainConfig, split: Split, reference_ds: _PILDataset, spec: PolicySpec,
+                  workers: int) -> tuple[float, float]:
+    """(batched, torchvision) images/s of one policy: spec on split's tensor, reference_ds (the
+    same images under torchvision_policy(spec)) in a DataLoader. The batched path is timed over
+    whole chunks of 8,192 images (data.AUGMENT_CHUNK_IMAGES, the policy's unit of work) after one
+    untimed chunk, crop, flip and normalisation included; torchvision's over as many images, after
+    3 batches."""
     bs, device = cfg.train.batch_size, split.images.device
     channels_last = channels_last_for(cfg.train.channels_last, device)
     chunk_steps = max(1, data_path.AUGMENT_CHUNK_IMAGES // bs)
     aug = Augmentation(policy=spec)
     batches = _endless(lambda: train_batches(split, bs, torch.Generator().manual_seed(0), aug, channels_last))
     batched = _rate(lambda: len(next(batches)[1]), device, chunk_steps, 2 * chunk_steps)
-    hwc = split.images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
-    ds = _PILDataset(hwc, split.labels.cpu().tolist(), torchvision_policy(spec))
-    loader = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True, num_workers=workers, drop_last=True)
     # bench's split of 3 chunks outlasts the measurement: no worker restart inside it. The
     # iterator, and with it its workers, ends as this function returns, before the next measurement.
-    ref_batches = _endless(lambda: iter(loader))
-    reference = _rate(lambda: len(next(ref_batches)[1]), torch.device("cpu"), 3, 2 * chunk_steps)
+    reference = _reference_rate(_reference_loader(reference_ds, bs, workers), 2 * chunk_steps)
     return batched, reference
 
 
