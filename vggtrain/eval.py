@@ -53,7 +53,8 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
         temperature, source = checkpoint_temperature(loaded, tta, data_root, batch_size, note)
     data, names = checkpoint_split(loaded, split, data_root)
     data = data.to(dev)
-    settings = replace(eval_settings(cfg, dev, tta, batch_size), temperature=temperature)
+    # the report's calibration entry needs the calibration sums (evaluate.EvalSettings.calibration)
+    settings = replace(eval_settings(cfg, dev, tta, batch_size), calibration=True, temperature=temperature)
     ev = evaluate_split(loaded.model, data, settings)
     report = build_report(ev, split=split, model=loaded.model, cfg=cfg, class_names=names,
                           checkpoint=loaded.path, checkpoint_epoch=loaded.epoch, device=dev,
@@ -94,7 +95,8 @@ def _corruptions(loaded: LoadedModel, baseline: LoadedModel | None, data: Split,
     same corrupted images (same seed), measured the same way (settings: this eval's TTA)."""
     from vggtrain.corruptions import corruption_section, measure_corruptions
 
-    settings = replace(settings, temperature=None)  # top-1 does not depend on it
+    # only top-1 is read from these passes: no calibration sums, and no temperature for them
+    settings = replace(settings, calibration=False, temperature=None)
     measured = measure_corruptions(loaded.model, data, settings, request)
     reference = None
     if baseline is not None:
