@@ -18,7 +18,7 @@ from conftest import tiny_config, write_yaml
 from vggtrain import calibration
 from vggtrain.checkpoint import load_checkpoint, same_save, save_checkpoint
 from vggtrain.cli import main
-from vggtrain.data import CIFAR10_STATS, Split
+from vggtrain.data import CIFAR10_STATS, Split, load_dataset
 from vggtrain.evaluate import EvalSettings, evaluate_split
 from vggtrain.sweep import format_seeds
 
@@ -217,7 +217,8 @@ def test_eval_calibrated_uses_the_stored_temperature(run, tmp_path):
     assert c["temperature"] is None and c["calibrated"] is None
 
 
-def test_an_old_checkpoint_without_a_temperature_evaluates_and_fits_one_on_request(run, tmp_path, capfd):
+def test_an_old_checkpoint_without_a_temperature_evaluates_and_fits_one_on_request(run, tmp_path, capfd,
+                                                                                    monkeypatch):
     state = load_checkpoint(run / "best.pt")
     del state["temperature"]
     old = tmp_path / "old.pt"
@@ -226,13 +227,27 @@ def test_an_old_checkpoint_without_a_temperature_evaluates_and_fits_one_on_reque
     assert quiet_main(["eval", "--ckpt", str(old), "--json", str(out)])[0] == 0
     assert json.loads(out.read_text())["calibration"]["temperature"] is None
     capfd.readouterr()
+    reads = []
+
+    def counted(*args, **kwargs):
+        reads.append(1)
+        return load_dataset(*args, **kwargs)
+
+    monkeypatch.setattr("vggtrain.eval.load_dataset", counted)
     assert quiet_main(["eval", "--ckpt", str(old), "--calibrated", "--json", str(out)])[0] == 0
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no temperature stored" in err[0] and "200 validation images" in err[0]
+    assert len(reads) == 1  # the validation split the temperature is fitted on: the same read's
     c = json.loads(out.read_text())["calibration"]
     # the same validation split as fit's, rebuilt from the seed: the same temperature
     stored = load_checkpoint(run / "best.pt")["temperature"]["flip"]
     assert c["temperature"] == pytest.approx(stored, rel=1e-4)
+    reads.clear()  # measured on the validation split itself: one read too
+    argv = ["eval", "--ckpt", str(old), "--calibrated", "--split", "val", "--json", str(out)]
+    assert quiet_main(argv)[0] == 0
+    assert len(reads) == 1
+    c = json.loads(out.read_text())["calibration"]
+    assert c["temperature"] == pytest.approx(stored, rel=1e-4) and c["calibrated"] is not None
 
 
 def test_predict_and_export_calibrated_apply_the_no_tta_temperature(run, cifar_bin, tmp_path):
