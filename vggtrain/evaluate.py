@@ -1,7 +1,7 @@
-"""Measure a model on a split: top-1, top-5, loss, per-class accuracy, confusion matrix,
-calibration (calibration.py: ECE, NLL, Brier; before and after a temperature). The
-loop validates with it, `fit` and `vggtrain eval` (eval.py) test with it, and report.py turns
-its Evaluation into the report."""
+"""Measure a model on a split: top-1, top-5, loss, per-class accuracy, confusion matrix, and
+where asked for (EvalSettings.calibration) calibration (calibration.py: ECE, NLL, Brier; before
+and after a temperature). The loop validates with it, `fit` and `vggtrain eval` (eval.py) test
+with it, and report.py turns its Evaluation into the report."""
 
 from __future__ import annotations
 
