@@ -18,7 +18,7 @@ from conftest import tiny_config, write_yaml
 from vggtrain import calibration
 from vggtrain.checkpoint import load_checkpoint, same_save, save_checkpoint
 from vggtrain.cli import main
-from vggtrain.data import CIFAR10_STATS, Split
+from vggtrain.data import CIFAR10_STATS, Split, load_dataset
 from vggtrain.evaluate import EvalSettings, evaluate_split
 from vggtrain.sweep import format_seeds
 
@@ -107,7 +107,7 @@ def test_evaluate_split_reports_the_sums_of_its_probabilities_and_after_a_temper
     logits = torch.randn(200, 10, generator=g) * 3
     labels = torch.randint(0, 10, (200,), generator=g)
     images = torch.arange(200, dtype=torch.uint8)[:, None, None, None].expand(200, 3, 32, 32).contiguous()
-    settings = EvalSettings(10, 64, torch.device("cpu"), temperature=1.7)
+    settings = EvalSettings(10, 64, torch.device("cpu"), calibration=True, temperature=1.7)
     ev = evaluate_split(Lookup(logits), Split(images, labels), settings)
     before = measured(torch.log_softmax(logits, 1), labels)
     after = measured(torch.log_softmax(logits / 1.7, 1), labels)
@@ -116,8 +116,45 @@ def test_evaluate_split_reports_the_sums_of_its_probabilities_and_after_a_temper
     assert ev.calibrated.ece == pytest.approx(after.ece, abs=1e-6)
     assert ev.calibrated.brier == pytest.approx(after.brier, abs=1e-6)
     assert ev.calibrated.ece != pytest.approx(ev.calibration.ece)
-    assert evaluate_split(Lookup(logits), Split(images, labels), EvalSettings(10, 64, torch.device("cpu"))
-                          ).calibrated is None
+    assert evaluate_split(Lookup(logits), Split(images, labels),
+                          EvalSettings(10, 64, torch.device("cpu"), calibration=True)).calibrated is None
+
+
+def test_a_pass_without_calibration_sums_none_and_measures_the_same(monkeypatch):
+    # Validation, bench, the corruption passes and the probes read no calibration: they skip its sums.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(100, 10, generator=g) * 3
+    labels = torch.randint(0, 10, (100,), generator=g)
+    images = torch.arange(100, dtype=torch.uint8)[:, None, None, None].expand(100, 3, 32, 32).contiguous()
+    split, cpu = Split(images, labels), torch.device("cpu")
+    added = []
+    add_batch = calibration.add_batch
+    monkeypatch.setattr(calibration, "add_batch", lambda *a, **k: added.append(1))
+    passes = [evaluate_split(Lookup(logits), split, s)
+              for s in (EvalSettings(10, 32, cpu), EvalSettings(10, 32, cpu, temperature=1.5))]
+    assert all(ev.calibration is None and ev.calibrated is None for ev in passes) and not added
+    monkeypatch.setattr(calibration, "add_batch", add_batch)
+    full = evaluate_split(Lookup(logits), split, EvalSettings(10, 32, cpu, calibration=True, temperature=1.5))
+    assert full.calibration is not None and full.calibrated is not None
+    for ev in passes:
+        # the packed host reads, with no calibration sums in them, give the same measurements
+        assert (ev.loss, ev.top1, ev.top5, ev.images) == (full.loss, full.top1, full.top5, full.images)
+        assert torch.equal(ev.confusion, full.confusion) and torch.equal(ev.predictions, full.predictions)
+        assert torch.equal(ev.confidence, full.confidence)
+
+
+def test_add_batch_takes_the_confidence_the_caller_has():
+    logp, labels = fixed_set(saturated=True)
+    pred = logp.argmax(1)
+    own = calibration.new_sums(logp.device)
+    given = calibration.new_sums(logp.device)
+    calibration.add_batch(own, logp, labels, pred)
+    calibration.add_batch(given, logp, labels, pred, logp.gather(1, pred[:, None]).squeeze(1).exp())
+    assert torch.equal(own[0], given[0]) and torch.equal(own[1], given[1])  # bit for bit
+    # and it is what the bins are made of: every image at confidence 0.5 lands in bin 7
+    halves = calibration.new_sums(logp.device)
+    calibration.add_batch(halves, logp, labels, pred, torch.full((len(labels),), 0.5))
+    assert calibration.summarize(*halves).images[7] == len(labels)
 
 
 # --- fit, eval, predict, export ------------------------------------------------------------------
@@ -180,7 +217,8 @@ def test_eval_calibrated_uses_the_stored_temperature(run, tmp_path):
     assert c["temperature"] is None and c["calibrated"] is None
 
 
-def test_an_old_checkpoint_without_a_temperature_evaluates_and_fits_one_on_request(run, tmp_path, capfd):
+def test_an_old_checkpoint_without_a_temperature_evaluates_and_fits_one_on_request(run, tmp_path, capfd,
+                                                                                    monkeypatch):
     state = load_checkpoint(run / "best.pt")
     del state["temperature"]
     old = tmp_path / "old.pt"
@@ -189,13 +227,27 @@ def test_an_old_checkpoint_without_a_temperature_evaluates_and_fits_one_on_reque
     assert quiet_main(["eval", "--ckpt", str(old), "--json", str(out)])[0] == 0
     assert json.loads(out.read_text())["calibration"]["temperature"] is None
     capfd.readouterr()
+    reads = []
+
+    def counted(*args, **kwargs):
+        reads.append(1)
+        return load_dataset(*args, **kwargs)
+
+    monkeypatch.setattr("vggtrain.eval.load_dataset", counted)
     assert quiet_main(["eval", "--ckpt", str(old), "--calibrated", "--json", str(out)])[0] == 0
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no temperature stored" in err[0] and "200 validation images" in err[0]
+    assert len(reads) == 1  # the validation split the temperature is fitted on: the same read's
     c = json.loads(out.read_text())["calibration"]
     # the same validation split as fit's, rebuilt from the seed: the same temperature
     stored = load_checkpoint(run / "best.pt")["temperature"]["flip"]
     assert c["temperature"] == pytest.approx(stored, rel=1e-4)
+    reads.clear()  # measured on the validation split itself: one read too
+    argv = ["eval", "--ckpt", str(old), "--calibrated", "--split", "val", "--json", str(out)]
+    assert quiet_main(argv)[0] == 0
+    assert len(reads) == 1
+    c = json.loads(out.read_text())["calibration"]
+    assert c["temperature"] == pytest.approx(stored, rel=1e-4) and c["calibrated"] is not None
 
 
 def test_predict_and_export_calibrated_apply_the_no_tta_temperature(run, cifar_bin, tmp_path):

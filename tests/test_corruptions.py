@@ -151,6 +151,15 @@ def test_without_kornia_its_families_are_refused_in_one_line(tmp_path, capsys, m
     assert "defocus_blur, brightness, saturate need kornia" in err
 
 
+def test_a_kornia_family_called_without_kornia_names_the_families_that_need_it(images, monkeypatch):
+    # corrupt() itself, past require_extras (as a library caller may): the same one-line refusal
+    from vggtrain.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "kornia", None)
+    with pytest.raises(UserError, match="defocus_blur, brightness, saturate need kornia: pip install"):
+        corrupt(images[:2], "brightness", 1)
+
+
 @pytest.fixture(scope="module")
 def two_runs(cifar_bin, tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("corrupt")

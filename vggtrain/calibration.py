@@ -37,13 +37,21 @@ def new_sums(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.zeros(FLOATS, device=device))
 
 
+def top1_confidence(logp: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """(B,) the probability of each image's predicted class, from log-probabilities (B, C)."""
+    return logp.gather(1, pred[:, None]).squeeze(1).exp()
+
+
 def add_batch(sums: tuple[torch.Tensor, torch.Tensor], logp: torch.Tensor, y: torch.Tensor,
-              pred: torch.Tensor) -> None:
+              pred: torch.Tensor, conf: torch.Tensor | None = None) -> None:
     """Add a batch's log-probabilities (B, C), labels and predicted classes to sums, in place,
-    without a host sync."""
+    without a host sync. conf: top1_confidence(logp, pred), where the caller has it already
+    (evaluate_split keeps it per image); computed here otherwise."""
     ints, floats = sums
     probs = logp.exp()
-    conf = probs.gather(1, pred[:, None]).squeeze(1).clamp(max=1.0)  # exp can round above 1
+    if conf is None:
+        conf = top1_confidence(logp, pred)
+    conf = conf.clamp(max=1.0)  # exp can round above 1
     edges = torch.linspace(0, 1, N_BINS + 1, device=logp.device)
     # as torchmetrics: [k/15, (k+1)/15), then 1.0; clamped for a diverged model's NaN
     slot = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, N_BINS)

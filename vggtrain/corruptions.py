@@ -43,11 +43,13 @@ class Family:
 KORNIA_FAMILIES = ("defocus_blur", "brightness", "saturate")  # the `robust` extra's
 
 
-def _kornia() -> Any:
+def _kornia(needing: Sequence[str] = KORNIA_FAMILIES) -> Any:
+    """kornia, imported when first needed (an optional extra); where it is missing, the one-line
+    UserError naming the corruptions (needing) that need it."""
     try:
         import kornia
     except ImportError:
-        raise UserError("these corruptions need kornia: pip install 'vggtrain[robust]'") from None
+        raise UserError(f"{', '.join(needing)} need kornia: pip install 'vggtrain[robust]'") from None
     return kornia
 
 
@@ -55,10 +57,7 @@ def require_extras(names: Sequence[str]) -> None:
     """Refuse, before any work, corruptions whose library is not installed."""
     needing = [n for n in names if n in KORNIA_FAMILIES]
     if needing:
-        try:
-            import kornia  # noqa: F401
-        except ImportError:
-            raise UserError(f"{', '.join(needing)} need kornia: pip install 'vggtrain[robust]'") from None
+        _kornia(needing)
 
 
 def _wide(x: torch.Tensor) -> torch.dtype:

@@ -48,12 +48,11 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
         note(shown(f"--out {out}: holds this checkpoint's report; {added}"))
     if tta is None:
         tta = cfg.train.tta
-    temperature, source = None, None
-    if calibrated:
-        temperature, source = checkpoint_temperature(loaded, tta, data_root, batch_size, note)
-    data, names = checkpoint_split(loaded, split, data_root)
+    data, names, temperature, source = _measured_split(loaded, split, tta, calibrated, data_root,
+                                                       batch_size, note)
     data = data.to(dev)
-    settings = replace(eval_settings(cfg, dev, tta, batch_size), temperature=temperature)
+    # the report's calibration entry needs the calibration sums (evaluate.EvalSettings.calibration)
+    settings = replace(eval_settings(cfg, dev, tta, batch_size), calibration=True, temperature=temperature)
     ev = evaluate_split(loaded.model, data, settings)
     report = build_report(ev, split=split, model=loaded.model, cfg=cfg, class_names=names,
                           checkpoint=loaded.path, checkpoint_epoch=loaded.epoch, device=dev,
@@ -72,14 +71,48 @@ def checkpoint_temperature(loaded: LoadedModel, tta: str, data_root: str | None 
     """(temperature, where it came from) for the loaded model's log-probabilities under tta: the
     one its checkpoint stores for that mode, else one fitted now on the validation split its run
     held out (rebuilt as fit did, from data.val_size and the seed; note says so in one line).
-    Without either: UserError (exit 2)."""
+    Without either: UserError (exit 2), before any data is read."""
+    stored = _stored_temperature(loaded, tta)
+    if stored is not None:
+        return stored
+    val, _ = checkpoint_split(loaded, "val", data_root)
+    return _fitted_temperature(loaded, tta, val, batch_size, note)
+
+
+def _measured_split(loaded: LoadedModel, split: str, tta: str, calibrated: bool, data_root: str | None,
+                    batch_size: int | None, note: Callable[[str], None]
+                    ) -> tuple[Split, list[str], float | None, str | None]:
+    """(the split eval measures, the data's class names, the temperature and where it came from:
+    None without calibrated), as checkpoint_split and checkpoint_temperature give them but from one
+    read of the dataset: a temperature fitted now needs the validation split too, which is the
+    same data's. Refusals come before the read, in checkpoint_temperature's order."""
+    found = _stored_temperature(loaded, tta) if calibrated else None
+    _refuse_missing_val(loaded, split)
+    train, test, names, _ = checkpoint_dataset(loaded, data_root)
+    fit_now = calibrated and found is None
+    val = _held_out(loaded, train) if split == "val" or fit_now else None
+    if fit_now and val is not None:  # val is there exactly then
+        found = _fitted_temperature(loaded, tta, val, batch_size, note)
+    temperature, source = found or (None, None)
+    return (val if split == "val" and val is not None else test), names, temperature, source
+
+
+def _stored_temperature(loaded: LoadedModel, tta: str) -> tuple[float, str] | None:
+    """(temperature, where it came from) as the checkpoint stores it for tta; None where it stores
+    none but its run held out validation images to fit one on; UserError (exit 2) otherwise."""
     stored = loaded.temperatures.get(tta)
     if stored is not None:
         return stored, "stored in the checkpoint, fitted on the run's validation split"
     if loaded.cfg.data.val_size == 0:
         raise UserError(f"{loaded.path}: no temperature stored for TTA {tta} and its run held out no "
                         "validation images to fit one on (data.val_size 0); run without --calibrated")
-    val, _ = checkpoint_split(loaded, "val", data_root)
+    return None
+
+
+def _fitted_temperature(loaded: LoadedModel, tta: str, val: Split, batch_size: int | None,
+                        note: Callable[[str], None]) -> tuple[float, str]:
+    """(temperature, where it came from), fitted now on val, the run's validation split; note
+    gets the line saying so."""
     device = next(loaded.model.parameters()).device
     settings = eval_settings(loaded.cfg, device, tta, batch_size)
     temperature = fit_temperatures(loaded.model, val.to(device), settings, [tta])[tta]
@@ -94,7 +127,8 @@ def _corruptions(loaded: LoadedModel, baseline: LoadedModel | None, data: Split,
     same corrupted images (same seed), measured the same way (settings: this eval's TTA)."""
     from vggtrain.corruptions import corruption_section, measure_corruptions
 
-    settings = replace(settings, temperature=None)  # top-1 does not depend on it
+    # only top-1 is read from these passes: no calibration sums, and no temperature for them
+    settings = replace(settings, calibration=False, temperature=None)
     measured = measure_corruptions(loaded.model, data, settings, request)
     reference = None
     if baseline is not None:
@@ -132,13 +166,20 @@ def checkpoint_split(loaded: LoadedModel, split: str, data_root: str | None = No
                      ) -> tuple[Split, list[str]]:
     """The split a loaded checkpoint is measured on, with the data's class names: the test set,
     or the validation images its run held out (rebuilt from the stored data.val_size and seed)."""
-    cfg = loaded.cfg
-    if split == "val" and cfg.data.val_size == 0:
-        raise UserError(f"{loaded.path}: its run held out no validation images (data.val_size 0)")
+    _refuse_missing_val(loaded, split)
     train, test, names, _ = checkpoint_dataset(loaded, data_root)
-    if split == "val":
-        return split_train_val(train, cfg.data.val_size, cfg.seed)[1], names
-    return test, names
+    return (_held_out(loaded, train) if split == "val" else test), names
+
+
+def _refuse_missing_val(loaded: LoadedModel, split: str) -> None:
+    """UserError (exit 2), before any data is read, for the val split of a run that held none out."""
+    if split == "val" and loaded.cfg.data.val_size == 0:
+        raise UserError(f"{loaded.path}: its run held out no validation images (data.val_size 0)")
+
+
+def _held_out(loaded: LoadedModel, train: Split) -> Split:
+    """The validation images the checkpoint's run held out of train (its data.val_size and seed)."""
+    return split_train_val(train, loaded.cfg.data.val_size, loaded.cfg.seed)[1]
 
 
 # report.md's order

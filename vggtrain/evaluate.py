@@ -1,7 +1,7 @@
-"""Measure a model on a split: top-1, top-5, loss, per-class accuracy, confusion matrix,
-calibration (calibration.py: ECE, NLL, Brier; before and after a temperature). The
-loop validates with it, `fit` and `vggtrain eval` (eval.py) test with it, and report.py turns
-its Evaluation into the report."""
+"""Measure a model on a split: top-1, top-5, loss, per-class accuracy, confusion matrix, and
+where asked for (EvalSettings.calibration) calibration (calibration.py: ECE, NLL, Brier; before
+and after a temperature). The loop validates with it, `fit` and `vggtrain eval` (eval.py) test
+with it, and report.py turns its Evaluation into the report."""
 
 from __future__ import annotations
 
@@ -33,7 +33,14 @@ class EvalSettings:
     channels_last: bool = False
     tta: str = "none"  # one of TTA_MODES, as train.tta
     stats: Stats = CIFAR10_STATS  # the normalisation the model was trained with
-    temperature: float | None = None  # also measure softmax(log-probabilities / T) (calibration.py)
+    # Measure calibration (ECE, NLL, Brier: Evaluation.calibration) too. Off by default: only the
+    # reports read it (fit's test pass, `vggtrain eval`), and validation, bench, the corruption
+    # passes and the probes run often enough for its per-batch sums (and under torchrun its two
+    # all-reduces) to be worth skipping.
+    calibration: bool = False
+    # with calibration, also measure softmax(log-probabilities / T) (Evaluation.calibrated); T > 0
+    # changes no prediction, so without calibration it changes nothing measured
+    temperature: float | None = None
 
 
 def eval_settings(cfg: TrainConfig, device: torch.device, tta: str | None = None,
@@ -56,8 +63,8 @@ class Evaluation:
     predictions: torch.Tensor  # int64 (N,) predicted class per image, in split order
     confidence: torch.Tensor  # float32 (N,) probability of the predicted class
     seconds: float  # wall time of the pass, host syncs included
-    calibration: Calibration | None = None  # ECE, NLL, Brier of the probabilities as measured
-    calibrated: Calibration | None = None  # the same after settings.temperature, where given
+    calibration: Calibration | None = None  # ECE, NLL, Brier as measured (with settings.calibration)
+    calibrated: Calibration | None = None  # the same after settings.temperature, where given too
 
     @property
     def images_per_s(self) -> float | None:
@@ -107,8 +114,9 @@ def evaluate_split(model: nn.Module, split: Split, settings: EvalSettings,
     topk = torch.zeros((), device=device, dtype=torch.int64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
     preds, confs = [], []
-    # calibration's sums: of the probabilities as measured, then after the temperature (if any)
-    cal = [calibration.new_sums(device) for _ in range(1 if s.temperature is None else 2)]
+    # calibration's sums, where asked for: of the probabilities as measured, then after the
+    # temperature (if any)
+    cal = [calibration.new_sums(device) for _ in range(_calibration_sets(s))]
     synchronize(device)
     t0 = time.perf_counter()
     for x, y in eval_batches(split, s.batch_size, s.channels_last, s.stats):
@@ -121,10 +129,9 @@ def evaluate_split(model: nn.Module, split: Split, settings: EvalSettings,
         topk += (best == y[:, None]).any(1).sum()
         confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
         preds.append(pred)
-        confs.append(logp.gather(1, pred[:, None]).squeeze(1).exp())
-        calibration.add_batch(cal[0], logp, y, pred)
-        if s.temperature is not None:  # T > 0 leaves every prediction as it is
-            calibration.add_batch(cal[1], calibration.rescaled(logp, s.temperature), y, pred)
+        confs.append(calibration.top1_confidence(logp, pred))
+        if cal:
+            _add_calibration(cal, logp, y, pred, confs[-1], s.temperature)
     if dist.enabled:
         counts = distributed.all_sum(torch.stack([top1, topk]), dist)
         top1, topk = counts[0], counts[1]
@@ -141,13 +148,41 @@ def evaluate_split(model: nn.Module, split: Split, settings: EvalSettings,
     seconds = time.perf_counter() - t0
     c1, ck, cells = int(ints[0]), int(ints[1]), num_classes * num_classes
     i, f = 2 + cells + len(cal) * calibration.INTS, 1 + len(cal) * calibration.FLOATS
-    measured = [calibration.summarize(ints[2 + cells:i].view(len(cal), -1)[j],
-                                      floats[1:f].view(len(cal), -1)[j]) for j in range(len(cal))]
+    measured, calibrated = _summaries(ints[2 + cells:i], floats[1:f], len(cal))
     d = max(total, 1)
     return Evaluation(loss=float(floats[0]) / d, top1=c1 / d, top5=ck / d, images=total,
                       confusion=ints[2:2 + cells].view(num_classes, num_classes),
                       predictions=ints[i:], confidence=floats[f:], seconds=seconds,
-                      calibration=measured[0], calibrated=measured[1] if len(cal) > 1 else None)
+                      calibration=measured, calibrated=calibrated)
+
+
+def _calibration_sets(s: EvalSettings) -> int:
+    """How many sets of calibration sums a pass keeps: none unless asked for, then one, and one
+    more after a temperature."""
+    if not s.calibration:
+        return 0
+    return 1 if s.temperature is None else 2
+
+
+def _add_calibration(cal: list[tuple[torch.Tensor, torch.Tensor]], logp: torch.Tensor, y: torch.Tensor,
+                     pred: torch.Tensor, conf: torch.Tensor, temperature: float | None) -> None:
+    """Add a batch to the pass's calibration sums: as measured (conf: the confidences the pass
+    already computed), then after the temperature, whose confidences differ (T > 0 leaves every
+    prediction as it is, not its probability)."""
+    calibration.add_batch(cal[0], logp, y, pred, conf)
+    if len(cal) > 1 and temperature is not None:
+        calibration.add_batch(cal[1], calibration.rescaled(logp, temperature), y, pred)
+
+
+def _summaries(ints: torch.Tensor, floats: torch.Tensor, n: int
+               ) -> tuple[Calibration | None, Calibration | None]:
+    """(as measured, after the temperature) from the n (0 to 2) sets of calibration sums read
+    back in the pass's packed reads (ints and floats: their slices of them); None where not
+    measured."""
+    sets = [calibration.summarize(a, b)
+            for a, b in zip(ints.view(n, calibration.INTS), floats.view(n, calibration.FLOATS), strict=True)]
+    padded: list[Calibration | None] = [*sets, None, None]
+    return padded[0], padded[1]
 
 
 @torch.no_grad()

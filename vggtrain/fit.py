@@ -336,7 +336,7 @@ def test_report(run: Run, test: Split, val: Split | None = None) -> tuple[dict[s
     cfg = run.cfg
     settings = eval_settings(cfg, run.device)
     temperature = calibrate_best(run, val, settings).get(cfg.train.tta)
-    ev = evaluate_split(run.model, test, replace(settings, temperature=temperature))
+    ev = evaluate_split(run.model, test, replace(settings, calibration=True, temperature=temperature))
     report = build_report(ev, split="test", model=run.model, cfg=cfg, class_names=run.class_names,
                           checkpoint=run.dir / "best.pt", checkpoint_epoch=int(best["epoch"]),
                           device=run.device, precision=cfg.train.precision, tta=cfg.train.tta,
