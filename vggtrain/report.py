@@ -11,6 +11,7 @@ make_grid: a confusion matrix needs labelled text, which is all matplotlib would
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -399,13 +400,16 @@ def report_pictures(report: dict[str, Any], ev: Evaluation, split: Split) -> dic
     return pictures
 
 
-def write_report_files(out_dir: Path, report: dict[str, Any], pictures: dict[str, torch.Tensor]) -> None:
+def write_report_files(out_dir: Path, report: dict[str, Any], pictures: dict[str, torch.Tensor],
+                       order: Sequence[str] | None = None) -> None:
     """The pictures, then report.md. The caller writes report.json after these: once it exists,
-    everything it describes does too."""
-    images = []
+    everything it describes does too. report.md shows the pictures, as given; or, given order
+    (eval's: it adds to a directory that may hold a fit report's pictures already), each name in
+    order whose PNG is in out_dir, so that the pictures kept there are shown with the new ones."""
     for name, img in pictures.items():
         save_png(out_dir / f"{name}.png", img)
-        images.append((name.replace("_", " "), f"{name}.png"))
+    names = list(pictures) if order is None else [n for n in order if (out_dir / f"{n}.png").is_file()]
+    images = [(name.replace("_", " "), f"{name}.png") for name in names]
     atomic_write_text(out_dir / "report.md", format_markdown(report, images))
 
 
