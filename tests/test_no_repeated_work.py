@@ -162,3 +162,21 @@ def test_a_resume_reads_metrics_csv_once_and_gives_its_rows_to_mlflow(data, tmp_
     assert code == 0
     assert reads == [1]  # twice before: for MLflow in fit, and again for the epochs in train
     assert [r["train/epoch"] for r in connection.rows] == ["1"] and connection.rows[0]["step"] == str(STEPS)
+
+
+def test_eval_and_fit_write_their_pictures_and_report_md_through_one_function(tmp_path, monkeypatch):
+    """eval's order: the PNGs in the directory in PICTURES order, a kept one (curves) with the new
+    one; fit's: its pictures as given."""
+    from vggtrain import report
+    from vggtrain.eval import PICTURES
+
+    shown: list[list[tuple[str, str]]] = []
+    monkeypatch.setattr(report, "format_markdown", lambda r, images: shown.append(images) or "md\n")
+    (tmp_path / "curves.png").write_bytes(b"fit's, kept")
+    picture = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    report.write_report_files(tmp_path, {}, {"corruptions": picture}, order=PICTURES)
+    report.write_report_files(tmp_path, {}, {"misclassified": picture, "confusion_matrix": picture})
+    assert shown == [[("curves", "curves.png"), ("corruptions", "corruptions.png")],
+                     [("misclassified", "misclassified.png"), ("confusion matrix", "confusion_matrix.png")]]
+    assert (tmp_path / "curves.png").read_bytes() == b"fit's, kept"
+    assert (tmp_path / "report.md").read_text() == "md\n"
