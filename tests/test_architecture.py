@@ -19,7 +19,8 @@ PACKAGE = ROOT / "vggtrain"
 # lives here, not in the package: nothing at run time needs it, and docs/architecture.md's table
 # is checked against it (test_the_architecture_page_lists_every_module_in_its_layer).
 LAYERS: dict[str, tuple[str, ...]] = {
-    "base": ("__init__", "errors", "safeio", "atomic", "device", "distributed", "allocator"),
+    "base": ("__init__", "errors", "safeio", "atomic", "device", "distributed", "allocator",
+             "numfmt"),
     "core": ("config", "model", "optim", "schedule", "averaging", "trainable", "selection",
              "checkpoint", "inference", "images", "folder", "policies", "data", "evaluate", "finetune",
              "calibration", "distill"),

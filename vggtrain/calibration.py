@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vggtrain.numfmt import finite
+
 N_BINS = 15
 SLOTS = N_BINS + 1  # the 15 bins, then confidences of exactly 1.0 (torchmetrics' binning)
 FLOATS = SLOTS + 2  # per slot: the sum of confidences; then the NLL sum, the Brier sum
@@ -82,8 +84,8 @@ class Calibration:
         for k, (n, c, s) in enumerate(zip(self.images, self.correct, self.confidence_sum, strict=True)):
             lower, upper = (k / N_BINS, (k + 1) / N_BINS) if k < N_BINS else (1.0, 1.0)
             bins.append({"lower": lower, "upper": upper, "images": n, "correct": c,
-                         "mean_confidence": _finite(s / n) if n else None})
-        return {"ece": _finite(self.ece), "nll": _finite(self.nll), "brier": _finite(self.brier),
+                         "mean_confidence": finite(s / n) if n else None})
+        return {"ece": finite(self.ece), "nll": finite(self.nll), "brier": finite(self.brier),
                 "bins": bins}
 
 
@@ -96,10 +98,6 @@ def summarize(ints: torch.Tensor, floats: torch.Tensor) -> Calibration:
     ece = float((correct.double() - conf).abs().sum()) / total
     return Calibration(ece=ece, nll=float(floats[SLOTS]) / total, brier=float(floats[SLOTS + 1]) / total,
                        images=images.tolist(), correct=correct.tolist(), confidence_sum=conf.tolist())
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None  # JSON has no NaN or Infinity: a diverged model's are null
 
 
 def rescaled(logp: torch.Tensor, temperature: float) -> torch.Tensor:

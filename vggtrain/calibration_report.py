@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from vggtrain.calibration import N_BINS
 from vggtrain.draw import font, text_size, to_tensor
 from vggtrain.evaluate import Evaluation
+from vggtrain.numfmt import pct
 
 
 def calibration_entry(ev: Evaluation, temperature: float | None, temperature_from: str | None
@@ -31,21 +32,17 @@ def _nll(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2%}"
-
-
 def calibration_lines(report: dict[str, Any]) -> list[str]:
     """The terminal's lines: ECE, NLL, Brier; after the temperature where one was applied."""
     c = report.get("calibration")
     if not c:
         return []
-    lines = [f"calibration: ECE {_pct(c['ece'])}   NLL {_nll(c['nll'])}   Brier {_nll(c['brier'])}"
+    lines = [f"calibration: ECE {pct(c['ece'])}   NLL {_nll(c['nll'])}   Brier {_nll(c['brier'])}"
              f"   ({c.get('n_bins', N_BINS)} bins)"]
     if c.get("calibrated"):
         a = c["calibrated"]
         lines.append(f"after temperature {c['temperature']:.3f} ({c['temperature_from']}): ECE "
-                     f"{_pct(a['ece'])}   NLL {_nll(a['nll'])}   Brier {_nll(a['brier'])}")
+                     f"{pct(a['ece'])}   NLL {_nll(a['nll'])}   Brier {_nll(a['brier'])}")
     return lines
 
 
@@ -58,10 +55,10 @@ def calibration_markdown(report: dict[str, Any]) -> list[str]:
            f"Expected calibration error over {c.get('n_bins', N_BINS)} equal-width bins of the top-1 "
            "confidence, negative log-likelihood and Brier score (docs/evaluation.md, \"Calibration\").",
            "", "| | ECE | NLL | Brier |", "|---|--:|--:|--:|",
-           f"| as measured | {_pct(c['ece'])} | {_nll(c['nll'])} | {_nll(c['brier'])} |"]
+           f"| as measured | {pct(c['ece'])} | {_nll(c['nll'])} | {_nll(c['brier'])} |"]
     if c.get("calibrated"):
         a = c["calibrated"]
-        out.append(f"| after temperature {c['temperature']:.3f} | {_pct(a['ece'])} | {_nll(a['nll'])} | "
+        out.append(f"| after temperature {c['temperature']:.3f} | {pct(a['ece'])} | {_nll(a['nll'])} | "
                    f"{_nll(a['brier'])} |")
         out += ["", f"The temperature was {c['temperature_from']}."]
     else:
@@ -95,7 +92,7 @@ def reliability_diagram(report: dict[str, Any]) -> torch.Tensor:
     draw = ImageDraw.Draw(img)
     black, grey = (20, 20, 20), (150, 150, 150)
     name = report["config"].get("name") or "model"
-    draw.text((pad, pad), f"{name}: reliability, {report['split']} set, ECE {_pct(c['ece'])}",
+    draw.text((pad, pad), f"{name}: reliability, {report['split']} set, ECE {pct(c['ece'])}",
               font=title_f, fill=black)
     draw.text((pad, pad + 22), "bars: accuracy per confidence bin; red: gap to the bin's mean confidence",
               font=f, fill=(110, 110, 110))

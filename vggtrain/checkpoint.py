@@ -156,9 +156,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     return state
 
 
-def load_model_state(model: torch.nn.Module, weights: Any, path: str | Path) -> None:
-    """load_state_dict, with a mismatch (another architecture or class count) as one clear line."""
-    check_weight_values(model, weights, path)
+def load_model_state(model: torch.nn.Module, weights: Any, path: str | Path, *, scan: bool = True) -> None:
+    """load_state_dict, with a mismatch (another architecture or class count) as one clear line.
+    scan=False: weights already scanned for NaN and infinity (check_weights_fit's were the same
+    tensors), not read through a second time."""
+    check_weight_values(model, weights, path, scan=scan)
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -169,12 +171,13 @@ def load_model_state(model: torch.nn.Module, weights: Any, path: str | Path) -> 
                               f"architecture or class count ({detail[:200]})") from None
 
 
-def check_weight_values(model: torch.nn.Module, weights: Any, path: str | Path) -> None:
+def check_weight_values(model: torch.nn.Module, weights: Any, path: str | Path, *, scan: bool = True) -> None:
     """Refuse weights that load_state_dict would quietly cast or keep: integers, booleans or
     complex numbers where the model has floats (a cast drops what they mean; complex ones warn
     and lose their imaginary part), and NaN or infinity (the model would answer NaN for every
     image). Checked only where the shapes match: a mismatch is load_state_dict's to report, and
-    a tensor of absurd shape (a stride-0 view of a trillion values) is never scanned."""
+    a tensor of absurd shape (a stride-0 view of a trillion values) is never scanned. scan=False:
+    the dtypes only (a scan reads every value; the caller scanned these already)."""
     if not isinstance(weights, dict):
         return
     own = model.state_dict()
@@ -185,7 +188,7 @@ def check_weight_values(model: torch.nn.Module, weights: Any, path: str | Path) 
         if mine.is_floating_point() and not value.is_floating_point():
             raise CheckpointError(f"{path}: {key} holds {value.dtype} values where the model has "
                                   f"{mine.dtype} weights; not a checkpoint vggtrain wrote")
-        scanned = value.is_floating_point() and value.device.type != "meta"
+        scanned = scan and value.is_floating_point() and value.device.type != "meta"
         if scanned and not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{path}: {key} holds NaN or infinite values; these weights cannot "
                                   f"classify anything")
@@ -227,15 +230,22 @@ def stored_temperatures(state: dict[str, Any], path: str | Path) -> dict[str, fl
     return dict(stored)
 
 
-def add_temperatures(path: Path, temperatures: dict[str, float]) -> None:
-    """Write temperatures into the checkpoint at path (atomically, the file whole either way)."""
+def add_temperatures(path: Path, temperatures: dict[str, float]) -> dict[str, Any]:
+    """Write temperatures into the checkpoint at path (atomically, the file whole either way).
+    Returns the state written, so that a caller that wants more of it need not read it again."""
     state = load_checkpoint(path)
     state["temperature"] = {mode: float(t) for mode, t in temperatures.items()}
     save_checkpoint(path, state)
+    return state
+
+
+def save_of(state: dict[str, Any]) -> tuple[Any, Any]:
+    """(epoch, global_step): the save that wrote a checkpoint; two checkpoints of the same save
+    hold the same weights."""
+    return state.get("epoch"), state.get("global_step")
 
 
 def same_save(a: Path, b: Path) -> bool:
-    """Whether two checkpoints were written by the same save (the same epoch and step): the same
-    weights. Their tensors are mapped, not read."""
-    sa, sb = load_checkpoint(a, mmap=True), load_checkpoint(b, mmap=True)
-    return (sa.get("epoch"), sa.get("global_step")) == (sb.get("epoch"), sb.get("global_step"))
+    """Whether two checkpoints were written by the same save (save_of). Their tensors are mapped,
+    not read."""
+    return save_of(load_checkpoint(a, mmap=True)) == save_of(load_checkpoint(b, mmap=True))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from vggtrain.data import Split
 from vggtrain.device import synchronize
 from vggtrain.errors import UserError
+from vggtrain.numfmt import pct
 
 Images = torch.Tensor  # float (B, 3, H, W) in [0, 1]
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -434,10 +435,6 @@ def corruption_section(request: CorruptionRequest, tta: str, clean_top1: float, 
 
 # --- presenting -----------------------------------------------------------------------------------
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2%}"
-
-
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -447,19 +444,19 @@ def corruption_markdown(section: dict[str, Any]) -> list[str]:
     with a baseline, each corruption's CE and relative CE."""
     sev, base = section["severities"], section["baseline"]
     out = ["", "## Corruptions (CIFAR-10-C)", "",
-           f"Mean corruption accuracy **{_pct(section['mean_acc'])}** (clean {_pct(section['clean_top1'])}) "
+           f"Mean corruption accuracy **{pct(section['mean_acc'])}** (clean {pct(section['clean_top1'])}) "
            f"over {len(section['accuracy'])} corruptions x severities {', '.join(map(str, sev))}; seed "
            f"{section['seed']}, TTA {section['tta_mode']}."]
     if base is not None:
-        out += ["", f"Against `{base['checkpoint']}` (clean {_pct(base['clean_top1'])}, mean corruption "
-                    f"accuracy {_pct(base['mean_acc'])}): mCE {_num(section['mce'])}, relative mCE "
+        out += ["", f"Against `{base['checkpoint']}` (clean {pct(base['clean_top1'])}, mean corruption "
+                    f"accuracy {pct(base['mean_acc'])}): mCE {_num(section['mce'])}, relative mCE "
                     f"{_num(section['relative_mce'])}."]
     extra = " CE | relative CE |" if base is not None else ""
     out += ["", "| corruption | " + " | ".join(f"severity {s}" for s in sev) + " | mean |" + extra,
             "|---|" + "--:|" * (len(sev) + 1) + ("--:|--:|" if base is not None else "")]
     for name, accs in section["accuracy"].items():
-        mean = _pct(section["mean_per_corruption"][name])
-        row = f"| {name} | " + " | ".join(_pct(a) for a in accs) + f" | {mean} |"
+        mean = pct(section["mean_per_corruption"][name])
+        row = f"| {name} | " + " | ".join(pct(a) for a in accs) + f" | {mean} |"
         if base is not None:
             row += f" {_num(section['ce'][name])} | {_num(section['relative_ce'][name])} |"
         out.append(row)
@@ -471,14 +468,14 @@ def corruption_text(section: dict[str, Any]) -> list[str]:
     sev, base = section["severities"], section["baseline"]
     width = max(len(n) for n in section["accuracy"])
     lines = ["", f"corruptions (seed {section['seed']}, TTA {section['tta_mode']}): mean accuracy "
-                 f"{_pct(section['mean_acc'])}, clean {_pct(section['clean_top1'])}"]
+                 f"{pct(section['mean_acc'])}, clean {pct(section['clean_top1'])}"]
     if base is not None:
         lines.append(f"against {base['checkpoint']}: mCE {_num(section['mce'])}, relative mCE "
                      f"{_num(section['relative_mce'])}")
     lines.append(f"{'corruption':<{width}}" + "".join(f"  {'s' + str(s):>7}" for s in sev) + f"  {'mean':>7}")
     for name, accs in section["accuracy"].items():
-        lines.append(f"{name:<{width}}" + "".join(f"  {_pct(a):>7}" for a in accs)
-                     + f"  {_pct(section['mean_per_corruption'][name]):>7}")
+        lines.append(f"{name:<{width}}" + "".join(f"  {pct(a):>7}" for a in accs)
+                     + f"  {pct(section['mean_per_corruption'][name]):>7}")
     lines.append(f"made in {section['generate_s']:.1f} s, measured in {section['forward_s']:.1f} s")
     return lines
 
@@ -499,7 +496,7 @@ def corruption_heatmap(section: dict[str, Any], title: str = "") -> torch.Tensor
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = max(text_size(scratch, n, label_f)[0] for n in names) + 12
     cell_w, cell_h, pad = 64, 26, 14
-    title = title or f"accuracy under corruption (mean {_pct(section['mean_acc'])})"
+    title = title or f"accuracy under corruption (mean {pct(section['mean_acc'])})"
     x0, y0 = pad + label_w, pad + 30 + cell_h
     width = max(x0 + cell_w * len(columns) + pad, 2 * pad + text_size(scratch, title, title_f)[0])
     img = Image.new("RGB", (width, y0 + cell_h * len(names) + pad), "white")

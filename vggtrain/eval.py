@@ -211,8 +211,7 @@ def write_eval_files(out: Path, report: dict[str, Any], ev: Evaluation, data: Sp
     with the rest of the run; without one, nothing there changes."""
     from vggtrain.atomic import atomic_write_text
     from vggtrain.corruptions import corruption_heatmap
-    from vggtrain.draw import save_png
-    from vggtrain.report import format_markdown, report_json, report_pictures
+    from vggtrain.report import report_json, report_pictures, write_report_files
 
     if previous is not None and not report.get("corruptions"):
         return
@@ -223,8 +222,5 @@ def write_eval_files(out: Path, report: dict[str, Any], ev: Evaluation, data: Sp
         pictures = report_pictures(report, ev, data)
     if report.get("corruptions"):
         pictures["corruptions"] = corruption_heatmap(report["corruptions"])
-    for name, img in pictures.items():
-        save_png(out / f"{name}.png", img)
-    images = [(n.replace("_", " "), f"{n}.png") for n in PICTURES if (out / f"{n}.png").is_file()]
-    atomic_write_text(out / "report.md", format_markdown(report, images))
+    write_report_files(out, report, pictures, order=PICTURES)
     atomic_write_text(out / "report.json", report_json(report))

@@ -124,8 +124,7 @@ def _export_checked(loaded: LoadedModel, path: Path, net: ImagesToLogits, fmt: s
     with replace_together([side, out]) as (tmp_side, tmp):
         _export(net, fmt, tmp)
         parity = checked_parity(net, fmt, tmp, images, source, path, batch_size)
-        sidecar = sidecar_for(loaded, path, fmt, out, parity, net)
-        sidecar["file_sha256"] = sha256_of(tmp)
+        sidecar = sidecar_for(loaded, path, fmt, out, parity, net, tmp)
         tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return sidecar
 
@@ -167,8 +166,7 @@ def _export_int8(loaded: LoadedModel, path: Path, net: ImagesToLogits, out: Path
                             f"{measured['fp32_top1']:.2f}% on {measured['images_from']} loses "
                             f"{measured['drop_points']:.2f} points, over --max-drop {opts.max_drop:g}; "
                             f"nothing was written")
-        sidecar = sidecar_for(loaded, path, "onnx", out, parity, net)
-        sidecar["file_sha256"] = sha256_of(tmp)
+        sidecar = sidecar_for(loaded, path, "onnx", out, parity, net, tmp)
         sidecar["quantize"] = "int8"
         sidecar["int8"] = {"calibration": {"images": len(calibration), "seed": opts.calibration_seed,
                                            "method": opts.method, "from": "the run's training split "
@@ -318,7 +316,9 @@ def check_parity(reference: nn.Module, exported: Any, images: torch.Tensor, batc
 
 
 def sidecar_for(loaded: LoadedModel, ckpt: Path, fmt: str, out: Path, parity: dict[str, Any],
-                net: ImagesToLogits) -> dict[str, Any]:
+                net: ImagesToLogits, exported: Path) -> dict[str, Any]:
+    """The description written beside out. exported: the model file as written (the temp file
+    renamed to out after the description): its file_sha256, which pair_problem checks the pair by."""
     mean, std = norm_stats(loaded.cfg.data)
     t = net.temperature
     return {
@@ -340,6 +340,7 @@ def sidecar_for(loaded: LoadedModel, ckpt: Path, fmt: str, out: Path, parity: di
                    "weights": loaded.weights, "arch": loaded.cfg.model.arch},
         "parity": parity,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "file_sha256": sha256_of(exported),
     }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from vggtrain import allocator, distributed, graphs
 from vggtrain.atomic import atomic_write_text
-from vggtrain.checkpoint import add_temperatures, check_weights_fit, load_checkpoint, model_weights, same_save
+from vggtrain.checkpoint import add_temperatures, check_weights_fit, load_checkpoint, model_weights, save_of
 from vggtrain.config import TrainConfig, check_resume_changes, config_with_overrides, dump_config
 from vggtrain.curves import learning_curves
 from vggtrain.data import Split, cap_per_class, load_dataset, measure_stats, split_train_val
@@ -133,16 +133,19 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
     train, val, test = train.to(run.device), val.to(run.device), test.to(run.device)
     rank0_verdict(d, lambda: rd.prepare(dump_config(cfg)))  # every rank stops, not only the one that knows
     writer: Any = NullWriter()
+    metrics: EpochMetrics | None = None
     if d.is_main:
         announce(run, rd, len(train), len(val), len(test))
         writer = open_summary_writer(rd.path / "tb", run.global_step + 1 if rd.resume else None)
+        metrics = EpochMetrics(rd.path / METRICS_FILE, run.epoch)  # read once: for MLflow and the epochs
         if connection is not None:  # the MLflow run: the checkpoint's, or a new one
-            run.tracker = connection.start(run, EpochMetrics(rd.path / METRICS_FILE, run.epoch).rows)
+            run.tracker = connection.start(run, metrics.rows)
         else:  # log.mlflow off (a resume may turn it off): no checkpoint names an MLflow run it is not in
             run.tracking = None
     clock.lap("setup_s")
     try:
-        report = train_and_report(run, rd, writer, (train, val, test), clock, on_epoch_end, test_at_end)
+        report = train_and_report(run, rd, writer, metrics, (train, val, test), clock, on_epoch_end,
+                                  test_at_end)
     except BaseException as e:
         try:
             run.tracker.finish(ended_state(e), tracked_files(rd.path))
@@ -153,13 +156,15 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
     return report
 
 
-def train_and_report(run: Run, rd: RunDir, writer: Any, splits: tuple[Split, Split, Split], clock: Laps,
-                     on_epoch_end: EpochHook | None, test_at_end: bool) -> dict | None:
-    """The epochs, then (rank 0) the test report, its files and its line; the writer closed."""
+def train_and_report(run: Run, rd: RunDir, writer: Any, metrics: EpochMetrics | None,
+                     splits: tuple[Split, Split, Split], clock: Laps, on_epoch_end: EpochHook | None,
+                     test_at_end: bool) -> dict | None:
+    """The epochs, then (rank 0) the test report, its files and its line; the writer closed.
+    metrics: metrics.csv as _fit read it (rank 0's; None on the others)."""
     cfg, d = run.cfg, run.dist
     train, val, test = splits
     try:
-        train_epochs(run, train, val, writer, on_epoch_end)
+        train_epochs(run, train, val, writer, metrics, on_epoch_end)
         clock.lap("train_s")  # epochs, validation and checkpoints
         if not d.is_main:
             return None
@@ -370,7 +375,8 @@ def calibrate_best(run: Run, val: Split | None, settings: EvalSettings) -> dict[
         return {}
     temperatures = fit_temperatures(run.model, val, settings, [run.cfg.train.tta, "none"])
     best, last = run.dir / "best.pt", run.dir / "last.pt"
-    add_temperatures(best, temperatures)
-    if last.is_file() and same_save(best, last):  # else last.pt's weights are not the ones measured
+    stored = add_temperatures(best, temperatures)  # best.pt as read to rewrite it: not read again
+    # only where last.pt is of the same save: else its weights are not the ones measured
+    if last.is_file() and save_of(load_checkpoint(last, mmap=True)) == save_of(stored):
         add_temperatures(last, temperatures)
     return temperatures

@@ -48,7 +48,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     check_weights_fit(cfg.model, state["model"], path)
     model = build_model(cfg.model)
     weights, which = model_weights(state)
-    load_model_state(model, weights, path)
+    # the raw weights were scanned for NaN and infinity by check_weights_fit; the EMA's were not
+    load_model_state(model, weights, path, scan=weights is not state["model"])
     names = state.get("class_names")
     recorded = names is not None
     if names is None:

@@ -11,7 +11,7 @@ make_grid: a confusion matrix needs labelled text, which is all matplotlib would
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from vggtrain.draw import BLUES, apply_colormap, font, save_png, text_rotated, t
 from vggtrain.errors import shown
 from vggtrain.evaluate import Evaluation
 from vggtrain.model import count_parameters
+from vggtrain.numfmt import finite, pct
 
 SCHEMA = "vggtrain.report/1"  # bump when a key changes meaning or goes away; adding keys is fine
 MISTAKES_SHOWN = 32
@@ -42,11 +43,6 @@ MISTAKES_SHOWN = 32
 def config_digest(cfg: TrainConfig) -> str:
     """sha256 of the resolved config as canonical JSON: equal digests, equal configs."""
     return digest_of(cfg.to_dict())
-
-
-def _finite(x: float | None) -> float | None:
-    # JSON has no NaN or Infinity; a diverged model's loss is reported as null.
-    return x if x is not None and math.isfinite(x) else None
 
 
 def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConfig,
@@ -61,7 +57,7 @@ def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConf
     return {
         "schema": SCHEMA,
         "split": split,
-        "metrics": {"top1": ev.top1, "top5": ev.top5, "loss": _finite(ev.loss), "images": ev.images},
+        "metrics": {"top1": ev.top1, "top5": ev.top5, "loss": finite(ev.loss), "images": ev.images},
         "tta": tta != "none",
         "tta_mode": tta,
         "per_class": per_class,
@@ -240,10 +236,6 @@ def mistakes_image(split: Split, ev: Evaluation, class_names: list[str],
 
 # --- text -------------------------------------------------------------------------------------
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2%}"
-
-
 def _short_labels(names: list[str], width: int) -> list[str]:
     """Column headers cut to width; indices when cutting makes two of them equal."""
     cut = [n[:width] for n in names]
@@ -253,7 +245,7 @@ def _short_labels(names: list[str], width: int) -> list[str]:
 def headline(report: dict[str, Any]) -> str:
     m = report["metrics"]
     loss = "-" if m["loss"] is None else f"{m['loss']:.4f}"
-    return f"top-1 {_pct(m['top1'])}   top-5 {_pct(m['top5'])}   loss {loss}"
+    return f"top-1 {pct(m['top1'])}   top-5 {pct(m['top5'])}   loss {loss}"
 
 
 EMA_TEXT = "the weight EMA (optim.ema_decay)"
@@ -280,7 +272,7 @@ def format_text(report: dict[str, Any]) -> str:
     lines.append(f"{'class':<{name_w}}  {'correct':>{cw}} / {'total':<{tw}}  {'acc':>7}")
     for r in report["per_class"]:
         lines.append(f"{r['class']:<{name_w}}  {r['correct']:>{cw}} / {r['total']:<{tw}}  "
-                     f"{_pct(r['acc']):>7}")
+                     f"{pct(r['acc']):>7}")
     lines += ["", "confusion matrix (rows: true class, columns: predicted class)"]
     cm = report["confusion_matrix"]
     cell_w = max(5, len(str(max((max(row) for row in cm), default=0))))
@@ -315,7 +307,7 @@ def format_markdown(report: dict[str, Any], images: list[tuple[str, str]] = ()) 
     if "best_epoch" in report:
         val = report.get("val_acc")
         out.append(f"| best epoch | {report['best_epoch']} of {report['epochs']}"
-                   + (f" (validation accuracy {_pct(val)})" if val is not None else "") + " |")
+                   + (f" (validation accuracy {pct(val)})" if val is not None else "") + " |")
     if report.get("stopped_early"):
         stop = report["stopped_early"]
         out.append(f"| stopped early | after epoch {stop['epoch']}: {stop['reason']} |")
@@ -327,7 +319,7 @@ def format_markdown(report: dict[str, Any], images: list[tuple[str, str]] = ()) 
             f"| versions | torch {report['torch_version']}, vggtrain {report['vggtrain_version']} |",
             "", "## Per class", "", "| class | correct | total | accuracy |", "|---|--:|--:|--:|"]
     for r in report["per_class"]:
-        out.append(f"| {r['class']} | {r['correct']} | {r['total']} | {_pct(r['acc'])} |")
+        out.append(f"| {r['class']} | {r['correct']} | {r['total']} | {pct(r['acc'])} |")
     if len(names) > MATRIX_MAX_CLASSES:  # a 100-column table reads as nothing: the worst pairs
         out += ["", "## Most confused pairs", "",
                 f"The {PAIRS_SHOWN} largest off-diagonal counts of the {len(names)}x{len(names)} "
@@ -335,7 +327,7 @@ def format_markdown(report: dict[str, Any], images: list[tuple[str, str]] = ()) 
                 "| true class | predicted as | images | share of the class |", "|---|---|--:|--:|"]
         for t, p, n in most_confused_pairs(report["confusion_matrix"], PAIRS_SHOWN):
             total = report["per_class"][t]["total"]
-            out.append(f"| {names[t]} | {names[p]} | {n} | {_pct(n / total if total else None)} |")
+            out.append(f"| {names[t]} | {names[p]} | {n} | {pct(n / total if total else None)} |")
     else:
         out += ["", "## Confusion matrix", "", "Rows: true class; columns: predicted class.", "",
                 "| true \\ predicted | " + " | ".join(names) + " |",
@@ -393,7 +385,7 @@ def log_report(writer: Any, report: dict[str, Any], pictures: dict[str, torch.Te
 def report_pictures(report: dict[str, Any], ev: Evaluation, split: Split) -> dict[str, torch.Tensor]:
     m = report["metrics"]
     title = (f"{report['config'].get('name') or 'model'}: {report['split']} set, {m['images']:,} images, "
-             f"top-1 {_pct(m['top1'])}")
+             f"top-1 {pct(m['top1'])}")
     cm, names = torch.as_tensor(report["confusion_matrix"]), report["class_names"]
     if len(names) > MATRIX_MAX_CLASSES:  # its most confused classes; recall stays of the whole row
         keep = most_confused_classes(cm, MATRIX_MAX_CLASSES)
@@ -408,13 +400,16 @@ def report_pictures(report: dict[str, Any], ev: Evaluation, split: Split) -> dic
     return pictures
 
 
-def write_report_files(out_dir: Path, report: dict[str, Any], pictures: dict[str, torch.Tensor]) -> None:
+def write_report_files(out_dir: Path, report: dict[str, Any], pictures: dict[str, torch.Tensor],
+                       order: Sequence[str] | None = None) -> None:
     """The pictures, then report.md. The caller writes report.json after these: once it exists,
-    everything it describes does too."""
-    images = []
+    everything it describes does too. report.md shows the pictures, as given; or, given order
+    (eval's: it adds to a directory that may hold a fit report's pictures already), each name in
+    order whose PNG is in out_dir, so that the pictures kept there are shown with the new ones."""
     for name, img in pictures.items():
         save_png(out_dir / f"{name}.png", img)
-        images.append((name.replace("_", " "), f"{name}.png"))
+    names = list(pictures) if order is None else [n for n in order if (out_dir / f"{n}.png").is_file()]
+    images = [(name.replace("_", " "), f"{name}.png") for name in names]
     atomic_write_text(out_dir / "report.md", format_markdown(report, images))
 
 

@@ -32,7 +32,8 @@ from vggtrain.evaluate import eval_settings, evaluate_split
 from vggtrain.run import EpochProgress, Run, steps_per_epoch
 from vggtrain.rundir import status_text, write_status, write_status_text
 from vggtrain.schedule import rate_at
-from vggtrain.tb import METRICS_FILE, EpochMetrics, NullWriter
+from vggtrain.tb import EpochMetrics, NullWriter
+from vggtrain.tracking import TrackedWriter
 from vggtrain.trainable import apply_gradients, optimizer_step
 
 EpochHook = Callable[[Run], bool]
@@ -285,24 +286,26 @@ def stop_run(run: Run, signum: int, where: str) -> None:
                      128 + signum)
 
 
-def train_epochs(run: Run, train: Split, val: Split, writer: Any, on_epoch_end: EpochHook | None = None
-                 ) -> None:
+def train_epochs(run: Run, train: Split, val: Split, writer: Any, metrics: EpochMetrics | None,
+                 on_epoch_end: EpochHook | None = None) -> None:
     """Epochs until cfg.train.epochs: train, validate, log, checkpoint (last.pt, best.pt).
+
+    metrics: metrics.csv, which each epoch's scalars are added to: rank 0's, None on the other
+    ranks. The caller reads it (fit: once, its rows also what a new MLflow run is sent).
 
     on_epoch_end(run), called after each epoch's checkpoints were handed to the background writer
     (run.checkpoints.wait() waits until they are on disk), may end training early by returning
     True (scripts/time_to_accuracy.py measures the test accuracy there)."""
     with StopSignals() as stop:
         try:
-            _epochs(run, train, val, writer, stop, on_epoch_end)
+            _epochs(run, train, val, writer, metrics, stop, on_epoch_end)
         finally:  # every way out waits for the checkpoint in flight, and reports its failure
             run.checkpoints.wait()
 
 
-def _epochs(run: Run, train: Split, val: Split, writer: Any, stop: StopSignals,
+def _epochs(run: Run, train: Split, val: Split, writer: Any, metrics: EpochMetrics | None, stop: StopSignals,
             on_epoch_end: EpochHook | None) -> None:
     cfg, d = run.cfg, run.dist
-    metrics = EpochMetrics(run.dir / METRICS_FILE, run.epoch) if d.is_main else None
     while run.epoch < cfg.train.epochs and not run.early_stop.stopped_epoch:  # (a resume after the stop)
         lr = rate_at(run.scheduler, run.epoch * run.steps_per_epoch)  # the epoch's first step's
         with tqdm(total=steps_per_epoch(len(train), d, cfg.train.batch_size), leave=False,
@@ -416,14 +419,15 @@ class EpochMeter:
         first = run.global_step - n_losses + 1
         self.pending.clear()
         self.norms.clear()
+        # The step scalars reach MLflow as they are written (TrackedWriter); only here: the epoch's
+        # wait for the checkpoint that holds them (end_interval's hold), so that writer stays plain.
+        tracked = TrackedWriter(writer, run.tracker)
         for i, value in enumerate(losses):
             if not math.isfinite(value):
                 raise diverged(run, f"non-finite loss ({value}) at epoch {run.epoch + 1}, step {first + i}")
-            writer.add_scalar("train/loss_step", value, first + i)
-            run.tracker.log_metric("train/loss_step", value, first + i)
+            tracked.add_scalar("train/loss_step", value, first + i)
         for i, value in enumerate(norms):
-            writer.add_scalar("train/grad_norm", value, first + i)
-            run.tracker.log_metric("train/grad_norm", value, first + i)
+            tracked.add_scalar("train/grad_norm", value, first + i)
         if not totals:
             return None
         loss, n_correct, n_seen = values[n_losses + n_norms:]
