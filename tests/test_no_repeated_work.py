@@ -1,8 +1,8 @@
 """Work done once where it was done twice (a code review's findings): a checkpoint's weights
-scanned for NaN once as load_model reads them, best.pt read once less by fit's calibration,
-metrics.csv read once at a resume with log.mlflow; and the step scalars still reaching MLflow as
-they are written while the epoch's wait for their checkpoint. Each count is taken in process by a
-wrapper around the real function, on tiny synthetic data."""
+scanned for NaN once as load_model reads them and once as a resume restores them, best.pt read
+once less by fit's calibration, metrics.csv read once at a resume with log.mlflow; and the step
+scalars still reaching MLflow as they are written while the epoch's wait for their checkpoint.
+Each count is taken in process by a wrapper around the real function, on tiny synthetic data."""
 
 from __future__ import annotations
 
@@ -180,3 +180,27 @@ def test_eval_and_fit_write_their_pictures_and_report_md_through_one_function(tm
                      [("misclassified", "misclassified.png"), ("confusion matrix", "confusion_matrix.png")]]
     assert (tmp_path / "curves.png").read_bytes() == b"fit's, kept"
     assert (tmp_path / "report.md").read_text() == "md\n"
+
+
+def test_a_resume_scans_the_stored_weights_for_nan_once(data, tmp_path, monkeypatch):
+    from vggtrain import checkpoint
+
+    cfg = write_yaml(tmp_path / "t.yaml", tiny_config(
+        data, tmp_path / "runs", data={"val_size": 40},
+        train={"epochs": 2, "batch_size": 40, "checkpoint_every_steps": 6}))
+    die_after_mid_epoch_checkpoint(monkeypatch)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["fit", "--config", str(cfg)]) == 130
+    monkeypatch.undo()
+    scans: list[bool] = []
+    real = checkpoint.check_weight_values
+
+    def counted(model, weights, path, **kwargs):
+        scans.append(kwargs.get("scan", True))
+        return real(model, weights, path, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "check_weight_values", counted)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["fit", "--resume", str(tmp_path / "runs" / "tiny")]) == 0
+    # checked twice (the shapes on the meta device, then the real load), scanned the first time only
+    assert scans == [True, False]

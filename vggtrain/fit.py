@@ -128,7 +128,7 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
     if teachers is not None and d.is_main:
         print("\n".join(shown(note) for note in notes(teachers)), flush=True)
     if rd.resume is not None:
-        run.restore(rd.resume[1], rd.resume[0])
+        run.restore(rd.resume[1], rd.resume[0], weights_scanned=True)  # check_weights_fit scanned them
         rank0_verdict(d, lambda: refuse_finished_run(run))
     train, val, test = train.to(run.device), val.to(run.device), test.to(run.device)
     rank0_verdict(d, lambda: rd.prepare(dump_config(cfg)))  # every rank stops, not only the one that knows

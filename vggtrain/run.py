@@ -146,10 +146,13 @@ class Run:
             "versions": {"vggtrain": vggtrain.__version__, "torch": str(torch.__version__)},
         }
 
-    def restore(self, state: dict[str, Any], source: Path) -> None:
-        """Continue from a checkpoint's state (one written by any vggtrain version since 0.1.0)."""
+    def restore(self, state: dict[str, Any], source: Path, *, weights_scanned: bool = False) -> None:
+        """Continue from a checkpoint's state (one written by any vggtrain version since 0.1.0).
+        weights_scanned: state["model"] was checked for NaN and infinity already
+        (checkpoint.check_weights_fit, as fit does before building anything): not read through
+        again."""
         check_resumable(state, self, source)
-        load_model_state(self.model, state["model"], source)
+        load_model_state(self.model, state["model"], source, scan=not weights_scanned)
         try:
             if not isinstance(state["scheduler"], dict):  # not read (see below), but in every checkpoint
                 raise ValueError("its scheduler entry is not a scheduler's state")
