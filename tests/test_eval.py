@@ -229,11 +229,13 @@ def test_metrics_on_chosen_predictions():
 def test_report_from_a_diverged_model_is_valid_json():
     table = torch.tensor([[float("nan"), 0.0]])
     ev = evaluate_split(_Fixed(table), Split(torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
-                                             torch.tensor([0, 1])), EvalSettings(2, 8, torch.device("cpu")))
+                                             torch.tensor([0, 1])),
+                        EvalSettings(2, 8, torch.device("cpu"), calibration=True))
     cfg = TrainConfig()
     report = build_report(ev, split="test", model=_Fixed(table), cfg=cfg, class_names=["a", "b"],
                           checkpoint="x.pt", checkpoint_epoch=1, device="cpu", precision="fp32")
     assert report["metrics"]["loss"] is None and math.isnan(ev.loss)
+    assert report["calibration"]["ece"] is None and report["calibration"]["nll"] is None
     json.dumps(report, allow_nan=False)
     assert "loss -" in format_text(report)
 

@@ -204,3 +204,24 @@ def test_a_resume_scans_the_stored_weights_for_nan_once(data, tmp_path, monkeypa
         assert main(["fit", "--resume", str(tmp_path / "runs" / "tiny")]) == 0
     # checked twice (the shapes on the meta device, then the real load), scanned the first time only
     assert scans == [True, False]
+
+
+def test_a_resume_still_refuses_a_checkpoint_whose_weights_hold_nan(data, tmp_path, monkeypatch, capsys):
+    """The one scan a resume keeps (check_weights_fit's, before anything is built) still refuses."""
+    cfg = write_yaml(tmp_path / "t.yaml", tiny_config(
+        data, tmp_path / "runs", data={"val_size": 40},
+        train={"epochs": 2, "batch_size": 40, "checkpoint_every_steps": 6}))
+    die_after_mid_epoch_checkpoint(monkeypatch)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["fit", "--config", str(cfg)]) == 130
+    monkeypatch.undo()
+    last = tmp_path / "runs" / "tiny" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    key = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][key] = torch.full_like(state["model"][key], float("nan"))
+    save_checkpoint(last, state)
+    capsys.readouterr()
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["fit", "--resume", str(tmp_path / "runs" / "tiny")]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} holds NaN or infinite values" in err and len(err.strip().splitlines()) == 1

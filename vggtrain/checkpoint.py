@@ -243,9 +243,3 @@ def save_of(state: dict[str, Any]) -> tuple[Any, Any]:
     """(epoch, global_step): the save that wrote a checkpoint; two checkpoints of the same save
     hold the same weights."""
     return state.get("epoch"), state.get("global_step")
-
-
-def same_save(a: Path, b: Path) -> bool:
-    """Whether two checkpoints were written by the same save (save_of). Their tensors are mapped,
-    not read."""
-    return save_of(load_checkpoint(a, mmap=True)) == save_of(load_checkpoint(b, mmap=True))

@@ -29,7 +29,8 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
     (rebuilt from the stored data.val_size and seed). Needs nothing but the checkpoint and data.
     tta None means the run's own train.tta, so that a re-test reproduces the run's report.
     calibrated: also measure the probabilities after the checkpoint's temperature for this TTA
-    (checkpoint_temperature; note gets the line saying so when one had to be fitted).
+    (the stored one, else one fitted now on the run's validation split, as checkpoint_temperature
+    gives it; note gets the line saying so when one had to be fitted).
     corruptions: also measure it on CIFAR-10-C corruptions of the split (the report's
     `corruptions`); out: write report.json, report.md and the pictures into that directory."""
     dev = select_device(device)
@@ -48,7 +49,7 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
         note(shown(f"--out {out}: holds this checkpoint's report; {added}"))
     if tta is None:
         tta = cfg.train.tta
-    data, names, temperature, source = _measured_split(loaded, split, tta, calibrated, data_root,
+    data, names, temperature, source = _split_and_temperature(loaded, split, tta, calibrated, data_root,
                                                        batch_size, note)
     data = data.to(dev)
     # the report's calibration entry needs the calibration sums (evaluate.EvalSettings.calibration)
@@ -79,7 +80,7 @@ def checkpoint_temperature(loaded: LoadedModel, tta: str, data_root: str | None 
     return _fitted_temperature(loaded, tta, val, batch_size, note)
 
 
-def _measured_split(loaded: LoadedModel, split: str, tta: str, calibrated: bool, data_root: str | None,
+def _split_and_temperature(loaded: LoadedModel, split: str, tta: str, calibrated: bool, data_root: str | None,
                     batch_size: int | None, note: Callable[[str], None]
                     ) -> tuple[Split, list[str], float | None, str | None]:
     """(the split eval measures, the data's class names, the temperature and where it came from:

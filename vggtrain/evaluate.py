@@ -98,7 +98,8 @@ def log_probs(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Ten
 @torch.no_grad()
 def evaluate_split(model: nn.Module, split: Split, settings: EvalSettings,
                    dist: Dist = distributed.SINGLE) -> Evaluation:
-    """Everything the report needs from one pass; sums stay on the device until the end.
+    """Everything the report needs from one pass (its calibration only with
+    settings.calibration); sums stay on the device until the end.
 
     Under torchrun (dist), each rank measures every world-th image and the sums are all-reduced:
     the metrics are those of the whole split; predictions and confidence cover this rank's share.

@@ -52,6 +52,8 @@ def build_report(ev: Evaluation, *, split: str, model: nn.Module, cfg: TrainConf
                  temperature_from: str | None = None) -> dict[str, Any]:
     """The report as plain data, in the documented schema (docs/evaluation.md, "The report").
     temperature: the one ev was measured with (EvalSettings.temperature), and where it came from."""
+    if ev.calibration is None:  # every report has its calibration: a caller's mistake, not the user's
+        raise ValueError("build_report needs an Evaluation measured with EvalSettings.calibration")
     per_class = [{"class": name, "correct": c, "total": t, "acc": c / t if t else None}
                  for name, (c, t) in zip(class_names, ev.per_class(), strict=True)]
     return {
