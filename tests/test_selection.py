@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,12 +67,7 @@ def test_a_selecting_run_trains_on_the_kept_fraction_and_resumes_exactly(cifar_b
     monkeypatch.undo()
     mid = load_checkpoint(out / "b" / "last.pt")
     assert mid["global_step"] == 13 and mid["selector"] is not None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert main(["fit", "--resume", str(out / "b")]) == 0
-    # the proxy's schedule, rebuilt at step 13, steps before its optimizer's next step (15): no
-    # warning about that order reaches the user
-    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    assert main(["fit", "--resume", str(out / "b")]) == 0
     a, b = load_checkpoint(out / "a" / "last.pt"), load_checkpoint(out / "b" / "last.pt")
     assert all(torch.equal(u, v) for u, v in zip(a["model"].values(), b["model"].values(), strict=True))
     assert all(torch.equal(u, v) for u, v in zip(a["selector"]["model"].values(),

@@ -14,7 +14,6 @@ same examples and needs nothing stored but the proxy's state (checkpointed with 
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +38,6 @@ class Selector:
     every: int
     label_smoothing: float
     precision: str
-    # The schedule's first step after a resume may come before the proxy's optimizer steps (a
-    # resume between two of its steps): torch warns of the order, meant for schedules that count
-    # their own steps; this one is rebuilt at the position (load_state_dict), so nothing is skipped.
-    resumed: bool = False
 
     def select(self, x: torch.Tensor, y: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's hardest examples by the proxy's loss, in their batch order; at every
@@ -54,13 +49,7 @@ class Selector:
         kept = losses.detach().topk(max(1, round(self.keep * len(y)))).indices.sort().values
         if learn:
             optimizer_step(self.model, self.optimizer, self.scaler, losses[kept].mean())
-        if self.resumed:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
-                self.scheduler.step()
-            self.resumed = False
-        else:
-            self.scheduler.step()
+        self.scheduler.step()
         return x[kept], y[kept]
 
     def state_dict(self) -> dict[str, Any]:
@@ -75,7 +64,6 @@ class Selector:
         use_multi_tensor_kernels(self.optimizer)  # the saved groups carry their version's choice
         self.scaler.load_state_dict(state["scaler"])
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, steps_per_epoch, total_steps, position)
-        self.resumed = True
 
 
 def proxy_config(cfg: TrainConfig) -> TrainConfig:
