@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from vggtrain import export, quantize
-from vggtrain.data import split_train_val
+from vggtrain.data import run_split
 from vggtrain.eval import checkpoint_dataset
 from vggtrain.inference import load_model, resolve_checkpoint
 
@@ -39,7 +39,7 @@ def methods(ckpt: str, work: str, count: int = 1000, seed: int = 0) -> None:
     loaded = load_model(resolve_checkpoint(ckpt), "cpu")
     net = export.deployable(loaded)
     full, _, _, _ = checkpoint_dataset(loaded, download=False)
-    train, val = split_train_val(full, loaded.cfg.data.val_size, loaded.cfg.seed)
+    train, val = run_split(full, loaded.cfg.data, loaded.cfg.seed)
     images = quantize.calibration_images(train, count, seed)
     fp32 = work_dir / "fp32.onnx"
     export._export(net, "onnx", fp32)  # the export's own step

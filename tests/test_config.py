@@ -225,6 +225,8 @@ NOT_APPLYING = [
      "data.labels: coarse is CIFAR-100's 20 superclasses (data.dataset is cifar10)"),
     ("data.download", "data: {dataset: folder, download: true}", "data: {download: true}",
      "data.download applies only with data.dataset: cifar10 or cifar100"),
+    ("data.val_seed", "data: {val_size: 0, val_seed: 3}", "data: {val_seed: 3}",
+     "data.val_seed needs a validation split (data.val_size is 0)"),
     ("data.crop_padding", "data: {augment: false, crop_padding: 2}", "data: {crop_padding: 2}",
      "data.crop_padding applies only with data.augment: true"),
     ("data.crop_pad_mode", "data: {crop_padding: 0, crop_pad_mode: reflect}",

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from conftest import tiny_config, write_yaml
 from vggtrain.config import DataConfig
 from vggtrain.data import (
     CIFAR10_MEAN,
@@ -18,6 +19,7 @@ from vggtrain.data import (
     eval_batches,
     load_cifar10,
     normalize,
+    run_split,
     split_train_val,
     train_batches,
 )
@@ -235,6 +237,29 @@ def test_split_is_seeded_and_disjoint(cifar_bin):
     assert len(split_train_val(train, 0, seed=0)[1]) == 0
     with pytest.raises(DataError, match="leaves no training images"):
         split_train_val(train, len(train), seed=0)
+
+
+def test_val_seed_draws_one_validation_split_for_runs_of_every_seed(cifar_bin, tmp_path):
+    from vggtrain.cli import main
+    from vggtrain.eval import checkpoint_split
+    from vggtrain.inference import load_model
+
+    train, _, _ = load_cifar10(cifar_bin)
+    tagged = Split(train.images, torch.arange(len(train)))
+    shared = DataConfig(val_size=100, val_seed=7)
+    vals = [run_split(tagged, shared, seed)[1].labels for seed in (0, 5)]
+    assert torch.equal(vals[0], vals[1]) and torch.equal(vals[0], split_train_val(tagged, 100, 7)[1].labels)
+    own = [run_split(tagged, DataConfig(val_size=100), seed)[1].labels for seed in (0, 5)]
+    assert not torch.equal(own[0], own[1])  # without it, each run's seed draws its own
+    assert torch.equal(own[1], split_train_val(tagged, 100, 5)[1].labels)
+    # a run of seed 1 validates on val_seed 0's images, and eval rebuilds that split from best.pt
+    shared_val = tiny_config(cifar_bin, tmp_path / "runs", seed=1, train={"epochs": 1},
+                             data={"val_size": 40, "val_seed": 0})
+    cfg = write_yaml(tmp_path / "t.yaml", shared_val)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    rebuilt, _ = checkpoint_split(load_model(tmp_path / "runs" / "tiny" / "best.pt"), "val")
+    assert torch.equal(rebuilt.images, split_train_val(train, 40, 0)[1].images)
+    assert not torch.equal(rebuilt.images, split_train_val(train, 40, 1)[1].images)
 
 
 def test_crop_flip_matches_per_image_reference():

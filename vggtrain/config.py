@@ -232,6 +232,12 @@ class DataConfig:
                                         lambda c: c.data.dataset != "folder"))
     val_size: int = _opt(5000, "Training images held out (at random, from the seed) for validation, which "
                          "picks best.pt; 0: none, all train", _between(0, 50_000))
+    val_seed: int | None = _opt(None, "The seed that draws the validation images; null: the run's seed. One "
+                                "value across runs of different seeds validates them all on the same images "
+                                "(an ensemble distilled into a student that validates on images none of its "
+                                "teachers trained on)", _or_null(_between(0, 2**63 - 1)),
+                                applies=_when("data.val_size > 0", lambda c: c.data.val_size > 0,
+                                              "data.val_seed needs a validation split (data.val_size is 0)"))
     classes: list[int | str] | None = _opt(None, "A subset of the dataset's classes, by name or index, "
                                            "relabelled 0..k-1 in this order in the training, validation "
                                            "and test splits alike (the reports keep their names); "
@@ -639,7 +645,8 @@ class TrainConfig:
 
     name: str | None = _opt(None, "The run's name, its directory under train.out_dir; null: the stem of "
                             "the file that is run (never a base's)", _matches(RUN_NAME_RE, RUN_NAME_RULE))
-    seed: int = _opt(0, "Model init, data order and augmentation, the validation split",
+    seed: int = _opt(0, "Model init, data order and augmentation, the validation split (unless "
+                     "data.val_seed)",
                      _between(0, 2**63 - 1))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

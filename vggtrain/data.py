@@ -336,6 +336,21 @@ def _check_labels(path: Path, labels: torch.Tensor, classes: int) -> None:
         raise DataError(f"{path}: label {int(labels.max())} out of range for {classes} classes")
 
 
+def run_split(train: Split, data: DataConfig, run_seed: int) -> tuple[Split, Split]:
+    """(training, validation) images of a run, as fit made them and eval, export and calibration
+    rebuild them from its stored config: data.val_size images drawn by data.val_seed, else by the
+    run's seed."""
+    return split_train_val(train, data.val_size, run_seed if data.val_seed is None else data.val_seed)
+
+
+def validation_draw(data: DataConfig, run_seed: int) -> tuple:
+    """What decides which images run_split holds out: two runs on the same data with equal draws
+    validate on the same images, and neither trained on them."""
+    classes = None if data.classes is None else tuple(data.classes)
+    return (data.dataset, data.labels, classes, data.val_size,
+            run_seed if data.val_seed is None else data.val_seed)
+
+
 def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
     """A seeded, fixed validation split carved out of the training set."""
     if val_size >= len(train):

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vggtrain.data import Split, load_dataset, split_train_val
+from vggtrain.data import Split, load_dataset, run_split
 from vggtrain.device import select_device
 from vggtrain.errors import DataError, UserError, shown
 from vggtrain.evaluate import EvalSettings, Evaluation, eval_settings, evaluate_split, fit_temperatures
@@ -180,7 +180,7 @@ def _refuse_missing_val(loaded: LoadedModel, split: str) -> None:
 
 def _held_out(loaded: LoadedModel, train: Split) -> Split:
     """The validation images the checkpoint's run held out of train (its data.val_size and seed)."""
-    return split_train_val(train, loaded.cfg.data.val_size, loaded.cfg.seed)[1]
+    return run_split(train, loaded.cfg.data, loaded.cfg.seed)[1]
 
 
 # report.md's order

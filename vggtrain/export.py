@@ -31,7 +31,7 @@ from torch import nn
 
 from vggtrain import __version__
 from vggtrain.atomic import replace_together
-from vggtrain.data import Split, norm_stats, split_train_val
+from vggtrain.data import Split, norm_stats, run_split
 from vggtrain.errors import STORAGE_ERRNOS, DataError, UserError, WriteError, first_line, os_reason
 from vggtrain.inference import LoadedModel, load_model, resolve_checkpoint
 from vggtrain.quantize import Int8Options
@@ -215,7 +215,7 @@ def int8_data(loaded: LoadedModel, data_root: str | None) -> tuple[Split, Split,
     from vggtrain.eval import checkpoint_dataset
 
     train, test, _, root = checkpoint_dataset(loaded, data_root, download=False)
-    train, _ = split_train_val(train, loaded.cfg.data.val_size, loaded.cfg.seed)
+    train, _ = run_split(train, loaded.cfg.data, loaded.cfg.seed)
     return train, test, f"the {len(test):,} test images in {root}"
 
 

@@ -19,7 +19,7 @@ from vggtrain.atomic import atomic_write_text
 from vggtrain.checkpoint import add_temperatures, check_weights_fit, load_checkpoint, model_weights, save_of
 from vggtrain.config import TrainConfig, check_resume_changes, config_with_overrides, dump_config
 from vggtrain.curves import learning_curves
-from vggtrain.data import Split, cap_per_class, load_dataset, measure_stats, split_train_val
+from vggtrain.data import Split, cap_per_class, load_dataset, measure_stats, run_split, validation_draw
 from vggtrain.device import set_deterministic
 from vggtrain.distill import Teachers, notes, open_teachers
 from vggtrain.distributed import Dist
@@ -126,7 +126,8 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
     run = build_run(cfg, rd.path, class_names, len(train), d, device_spec, whiten_images=train.images,
                     start=start, teachers=teachers)
     if teachers is not None and d.is_main:
-        print("\n".join(shown(note) for note in notes(teachers)), flush=True)
+        val_draw = validation_draw(cfg.data, cfg.seed)
+        print("\n".join(shown(note) for note in notes(teachers, val_draw)), flush=True)
     if rd.resume is not None:
         run.restore(rd.resume[1], rd.resume[0], weights_scanned=True)  # check_weights_fit scanned them
         rank0_verdict(d, lambda: refuse_finished_run(run))
@@ -299,7 +300,7 @@ def load_data(cfg: TrainConfig, d: Dist) -> tuple[Split, Split, Split, list[str]
     if len(class_names) != cfg.model.num_classes:
         raise UserError(f"config error: model.num_classes is {cfg.model.num_classes} but the data "
                         f"in {cfg.data.root} has {len(class_names)} classes")
-    train, val = split_train_val(train_full, cfg.data.val_size, cfg.seed)
+    train, val = run_split(train_full, cfg.data, cfg.seed)
     if cfg.data.train_per_class is not None:  # after the validation split: it never moves with the cap
         train = cap_per_class(train, cfg.data.train_per_class, cfg.seed, class_names)
     if cfg.data.mean is None and cfg.data.dataset == "folder":  # its own, from the training split
