@@ -182,9 +182,8 @@ def test_eval_and_fit_write_their_pictures_and_report_md_through_one_function(tm
     assert (tmp_path / "report.md").read_text() == "md\n"
 
 
-def test_a_resume_scans_the_stored_weights_for_nan_once(data, tmp_path, monkeypatch):
-    from vggtrain import checkpoint
-
+def killed_mid_epoch(data: Path, tmp_path: Path, monkeypatch) -> Path:
+    """The directory of a tiny run stopped (exit 130) right after its mid-epoch checkpoint."""
     cfg = write_yaml(tmp_path / "t.yaml", tiny_config(
         data, tmp_path / "runs", data={"val_size": 40},
         train={"epochs": 2, "batch_size": 40, "checkpoint_every_steps": 6}))
@@ -192,6 +191,13 @@ def test_a_resume_scans_the_stored_weights_for_nan_once(data, tmp_path, monkeypa
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["fit", "--config", str(cfg)]) == 130
     monkeypatch.undo()
+    return tmp_path / "runs" / "tiny"
+
+
+def test_a_resume_scans_the_stored_weights_for_nan_once(data, tmp_path, monkeypatch):
+    from vggtrain import checkpoint
+
+    run_dir = killed_mid_epoch(data, tmp_path, monkeypatch)
     scans: list[bool] = []
     real = checkpoint.check_weight_values
 
@@ -201,27 +207,21 @@ def test_a_resume_scans_the_stored_weights_for_nan_once(data, tmp_path, monkeypa
 
     monkeypatch.setattr(checkpoint, "check_weight_values", counted)
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["fit", "--resume", str(tmp_path / "runs" / "tiny")]) == 0
+        assert main(["fit", "--resume", str(run_dir)]) == 0
     # checked twice (the shapes on the meta device, then the real load), scanned the first time only
     assert scans == [True, False]
 
 
 def test_a_resume_still_refuses_a_checkpoint_whose_weights_hold_nan(data, tmp_path, monkeypatch, capsys):
     """The one scan a resume keeps (check_weights_fit's, before anything is built) still refuses."""
-    cfg = write_yaml(tmp_path / "t.yaml", tiny_config(
-        data, tmp_path / "runs", data={"val_size": 40},
-        train={"epochs": 2, "batch_size": 40, "checkpoint_every_steps": 6}))
-    die_after_mid_epoch_checkpoint(monkeypatch)
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["fit", "--config", str(cfg)]) == 130
-    monkeypatch.undo()
-    last = tmp_path / "runs" / "tiny" / "last.pt"
+    run_dir = killed_mid_epoch(data, tmp_path, monkeypatch)
+    last = run_dir / "last.pt"
     state = torch.load(last, weights_only=True)
     key = next(k for k, v in state["model"].items() if v.is_floating_point())
     state["model"][key] = torch.full_like(state["model"][key], float("nan"))
     save_checkpoint(last, state)
     capsys.readouterr()
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["fit", "--resume", str(tmp_path / "runs" / "tiny")]) == 2
+        assert main(["fit", "--resume", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert f"{key} holds NaN or infinite values" in err and len(err.strip().splitlines()) == 1
