@@ -3,8 +3,9 @@ and quantization code:
 
   methods CKPT WORKDIR   the fp32 ONNX export of CKPT quantized with each calibration method
                          (MinMax, Entropy, Percentile) on the same seeded training images, each
-                         scored on the run's VALIDATION split (data.val_size, the run's seed):
-                         how export's default method was chosen (never on the test set)
+                         scored on the run's VALIDATION split (data.val_size, drawn by
+                         data.val_seed or the run's seed): how export's default method was chosen
+                         (never on the test set)
   speed FP32 INT8        images/s of both ONNX files in ONNX Runtime on the CPU, intra-op
                          threads 2, batch 256, alternated repeats side by side; then one profiled
                          int8 run, whose kernel names say what executed
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from vggtrain import export, quantize
-from vggtrain.data import run_split
+from vggtrain.data import run_split, validation_seed
 from vggtrain.eval import checkpoint_dataset
 from vggtrain.inference import load_model, resolve_checkpoint
 
@@ -44,7 +45,8 @@ def methods(ckpt: str, work: str, count: int = 1000, seed: int = 0) -> None:
     fp32 = work_dir / "fp32.onnx"
     export._export(net, "onnx", fp32)  # the export's own step
     base = quantize.accuracy(quantize.session(fp32), val, 500)
-    print(json.dumps({"split": f"val ({len(val)} images, seed {loaded.cfg.seed})", "fp32_top1": base}),
+    drawn_by = validation_seed(loaded.cfg.data, loaded.cfg.seed)
+    print(json.dumps({"split": f"val ({len(val)} images, seed {drawn_by})", "fp32_top1": base}),
           flush=True)
     for method in quantize.METHODS:
         out = work_dir / f"int8_{method}.onnx"

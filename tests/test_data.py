@@ -15,6 +15,7 @@ from vggtrain.data import (
     CIFAR10_STD,
     Augmentation,
     Split,
+    ValidationDraw,
     crop_flip,
     eval_batches,
     load_cifar10,
@@ -240,8 +241,11 @@ def test_split_is_seeded_and_disjoint(cifar_bin):
 
 
 def test_val_seed_draws_one_validation_split_for_runs_of_every_seed(cifar_bin, tmp_path):
+    from vggtrain import distributed
     from vggtrain.cli import main
+    from vggtrain.config import config_from_dict
     from vggtrain.eval import checkpoint_split
+    from vggtrain.fit import load_data
     from vggtrain.inference import load_model
 
     train, _, _ = load_cifar10(cifar_bin)
@@ -252,6 +256,12 @@ def test_val_seed_draws_one_validation_split_for_runs_of_every_seed(cifar_bin, t
     own = [run_split(tagged, DataConfig(val_size=100), seed)[1].labels for seed in (0, 5)]
     assert not torch.equal(own[0], own[1])  # without it, each run's seed draws its own
     assert torch.equal(own[1], split_train_val(tagged, 100, 5)[1].labels)
+    # a draw of fewer images from the same seed is a subset (ValidationDraw.holds_out relies on it)
+    fewer = DataConfig(val_size=40, val_seed=7)
+    assert set(run_split(tagged, fewer, 3)[1].labels.tolist()) <= set(vals[0].tolist())
+    assert ValidationDraw.of(shared, 0).holds_out(ValidationDraw.of(fewer, 3))
+    assert not ValidationDraw.of(fewer, 3).holds_out(ValidationDraw.of(shared, 0))
+    assert not ValidationDraw.of(DataConfig(val_size=100), 0).holds_out(ValidationDraw.of(fewer, 3))
     # a run of seed 1 validates on val_seed 0's images, and eval rebuilds that split from best.pt
     shared_val = tiny_config(cifar_bin, tmp_path / "runs", seed=1, train={"epochs": 1},
                              data={"val_size": 40, "val_seed": 0})
@@ -259,6 +269,8 @@ def test_val_seed_draws_one_validation_split_for_runs_of_every_seed(cifar_bin, t
     assert main(["fit", "--config", str(cfg)]) == 0
     rebuilt, _ = checkpoint_split(load_model(tmp_path / "runs" / "tiny" / "best.pt"), "val")
     assert torch.equal(rebuilt.images, split_train_val(train, 40, 0)[1].images)
+    fitted_on = load_data(config_from_dict(shared_val, "t"), distributed.SINGLE)[1]  # as fit split it
+    assert torch.equal(fitted_on.images, rebuilt.images)
     assert not torch.equal(rebuilt.images, split_train_val(train, 40, 1)[1].images)
 
 

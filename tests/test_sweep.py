@@ -223,3 +223,17 @@ def test_seeds_summarise_accuracy_and_time_to_target(cifar_bin, tmp_path, capsys
     # a rerun reuses finished seeds and adds the new one
     assert _quiet(["seeds", "--config", str(cfg), "--seeds", "3", "--target", "0.3"]) == 0
     assert json.loads((runs_dir / "seeds.json").read_text())["test_top1"]["n"] == 3
+    # a seed finished before a config key existed (its report's config lacks it) is still reused;
+    # one that ran another config is refused
+    from vggtrain.config import digest_of
+
+    seed_report = runs_dir / "seed-0" / "report.json"
+    old = json.loads(seed_report.read_text())
+    del old["config"]["data"]["val_seed"]
+    old["config_digest"] = digest_of(old["config"])
+    seed_report.write_text(json.dumps(old))
+    assert _quiet(["seeds", "--config", str(cfg), "--seeds", "3"]) == 0
+    old["config"]["optim"]["lr"] *= 2
+    seed_report.write_text(json.dumps(old))
+    assert main(["seeds", "--config", str(cfg), "--seeds", "3"]) == 2
+    assert "seed-0 was trained with another config" in capsys.readouterr().err

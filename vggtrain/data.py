@@ -340,15 +340,32 @@ def run_split(train: Split, data: DataConfig, run_seed: int) -> tuple[Split, Spl
     """(training, validation) images of a run, as fit made them and eval, export and calibration
     rebuild them from its stored config: data.val_size images drawn by data.val_seed, else by the
     run's seed."""
-    return split_train_val(train, data.val_size, run_seed if data.val_seed is None else data.val_seed)
+    return split_train_val(train, data.val_size, validation_seed(data, run_seed))
 
 
-def validation_draw(data: DataConfig, run_seed: int) -> tuple:
-    """What decides which images run_split holds out: two runs on the same data with equal draws
-    validate on the same images, and neither trained on them."""
-    classes = None if data.classes is None else tuple(data.classes)
-    return (data.dataset, data.labels, classes, data.val_size,
-            run_seed if data.val_seed is None else data.val_seed)
+def validation_seed(data: DataConfig, run_seed: int) -> int:
+    """The seed that draws a run's validation images: data.val_seed, else the run's own."""
+    return run_seed if data.val_seed is None else data.val_seed
+
+
+@dataclass(frozen=True)
+class ValidationDraw:
+    """What decides which images run_split holds out, for runs of the same classes: the data (a
+    folder dataset's images are its root's), the seed and the count."""
+
+    data: tuple
+    seed: int
+    size: int
+
+    @classmethod
+    def of(cls, data: DataConfig, run_seed: int) -> ValidationDraw:
+        folder = data.root if data.dataset == "folder" else None
+        return cls((data.dataset, data.labels, folder), validation_seed(data, run_seed), data.val_size)
+
+    def holds_out(self, other: ValidationDraw) -> bool:
+        """Whether this run held out every image of other's validation split: the same data and
+        seed, and at least as many (a split is the seed's permutation's first `size` images)."""
+        return self.data == other.data and self.seed == other.seed and self.size >= other.size
 
 
 def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:

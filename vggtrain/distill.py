@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vggtrain.config import TrainConfig
-from vggtrain.data import Stats, norm_stats, validation_draw
+from vggtrain.data import Stats, ValidationDraw, norm_stats
 from vggtrain.device import autocast
 from vggtrain.errors import CheckpointError, shown
 from vggtrain.inference import load_model, resolve_checkpoint
@@ -42,7 +42,7 @@ class Teacher:
     config_digest: str  # its stored config's digest, as its report.json gives it
     sha256: str  # the file's: a resumed run refuses a teacher that changed
     weights: str  # "ema" or "raw"
-    val_draw: tuple = ()  # data.validation_draw of its run: which images it held out
+    val_draw: ValidationDraw | None = None  # which images its run held out
     renorm: tuple[torch.Tensor, torch.Tensor] | None = None  # (scale, shift) from the run's normalisation
 
     def record(self) -> dict[str, str]:
@@ -206,7 +206,7 @@ def open_teachers(cfg: TrainConfig, class_names: list[str] | None = None,
         check_classes(loaded.cfg.model.num_classes, loaded.class_names if loaded.names_recorded else None,
                       cfg.model.num_classes, class_names, path)
         members.append(Teacher(path, loaded.model, norm_stats(loaded.cfg.data), loaded.config_digest,
-                               sha, loaded.weights, validation_draw(loaded.cfg.data, loaded.cfg.seed)))
+                               sha, loaded.weights, ValidationDraw.of(loaded.cfg.data, loaded.cfg.seed)))
     return Teachers(members, cfg.distill.alpha, cfg.distill.temperature)
 
 
@@ -221,20 +221,19 @@ def check_classes(theirs: int, their_names: list[str] | None, ours: int, our_nam
                               f"{'...' if ours > 5 else ''} (the same classes, in the same order)")
 
 
-def notes(teachers: Teachers, val_draw: tuple | None = None) -> list[str]:
-    """What the terminal is told at the start, one line per teacher. val_draw: the run's
-    data.validation_draw where it validates: a teacher that held out other images may have trained
-    on the run's validation images, whose accuracy then reads high (said, not refused: a teacher
-    trained on everything is a legitimate choice where the test set decides)."""
+def notes(teachers: Teachers, val_draw: ValidationDraw | None = None) -> list[str]:
+    """What the terminal is told at the start, one line per teacher. val_draw: the run's, where it
+    validates: a teacher that did not hold out all its validation images may have trained on them,
+    and the run's validation accuracy then reads high (said, not refused: a teacher trained on
+    everything is a fair choice where only the test set decides)."""
     lines = []
     for t in teachers.members:
         which = "its weight EMA's" if t.weights == "ema" else "its weights"
         norm = "; the batch re-normalised for its data.mean and data.std" if t.renorm is not None else ""
         lines.append(f"distill: teacher {t.path} ({which}){norm}")
-        if val_draw is not None and val_draw[3] > 0 and t.val_draw != val_draw:
-            lines.append(f"distill: teacher {t.path} did not hold out this run's validation images (another "
-                         f"data.val_size, data.val_seed or seed): it may have trained on them, and the "
-                         f"validation accuracy read high; one data.val_seed for all the runs avoids it")
+        if val_draw is not None and val_draw.size > 0 and not (t.val_draw and t.val_draw.holds_out(val_draw)):
+            lines.append(f"distill: teacher {t.path} held out other validation images: it may have trained "
+                         f"on this run's, whose accuracy then reads high; give all runs one data.val_seed")
     lines.append(f"distill: loss = {1 - teachers.alpha:g} x the usual + {teachers.alpha:g} x T^2 x KL, "
                  f"T = {teachers.temperature:g}")
     return lines

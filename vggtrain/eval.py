@@ -26,7 +26,7 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", data_root: str | 
                         note: Callable[[str], None] = print, corruptions: CorruptionRequest | None = None,
                         out: str | Path | None = None) -> dict[str, Any]:
     """The report for a checkpoint on the test split, or on the validation split its run held out
-    (rebuilt from the stored data.val_size and seed). Needs nothing but the checkpoint and data.
+    (rebuilt by data.run_split from the stored config). Needs nothing but the checkpoint and data.
     tta None means the run's own train.tta, so that a re-test reproduces the run's report.
     calibrated: also measure the probabilities after the checkpoint's temperature for this TTA
     (the stored one, else one fitted now on the run's validation split, as checkpoint_temperature
@@ -71,7 +71,7 @@ def checkpoint_temperature(loaded: LoadedModel, tta: str, data_root: str | None 
                            ) -> tuple[float, str]:
     """(temperature, where it came from) for the loaded model's log-probabilities under tta: the
     one its checkpoint stores for that mode, else one fitted now on the validation split its run
-    held out (rebuilt as fit did, from data.val_size and the seed; note says so in one line).
+    held out (rebuilt as fit did, data.run_split; note says so in one line).
     Without either: UserError (exit 2), before any data is read."""
     stored = _stored_temperature(loaded, tta)
     if stored is not None:
@@ -166,7 +166,7 @@ def checkpoint_dataset(loaded: LoadedModel, data_root: str | None = None, downlo
 def checkpoint_split(loaded: LoadedModel, split: str, data_root: str | None = None
                      ) -> tuple[Split, list[str]]:
     """The split a loaded checkpoint is measured on, with the data's class names: the test set,
-    or the validation images its run held out (rebuilt from the stored data.val_size and seed)."""
+    or the validation images its run held out (rebuilt by data.run_split from the stored config)."""
     _refuse_missing_val(loaded, split)
     train, test, names, _ = checkpoint_dataset(loaded, data_root)
     return (_held_out(loaded, train) if split == "val" else test), names

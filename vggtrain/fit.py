@@ -19,7 +19,7 @@ from vggtrain.atomic import atomic_write_text
 from vggtrain.checkpoint import add_temperatures, check_weights_fit, load_checkpoint, model_weights, save_of
 from vggtrain.config import TrainConfig, check_resume_changes, config_with_overrides, dump_config
 from vggtrain.curves import learning_curves
-from vggtrain.data import Split, cap_per_class, load_dataset, measure_stats, run_split, validation_draw
+from vggtrain.data import Split, ValidationDraw, cap_per_class, load_dataset, measure_stats, run_split
 from vggtrain.device import set_deterministic
 from vggtrain.distill import Teachers, notes, open_teachers
 from vggtrain.distributed import Dist
@@ -126,7 +126,7 @@ def _fit(cfg: TrainConfig, rd: RunDir, d: Dist, device_spec: str, on_epoch_end: 
     run = build_run(cfg, rd.path, class_names, len(train), d, device_spec, whiten_images=train.images,
                     start=start, teachers=teachers)
     if teachers is not None and d.is_main:
-        val_draw = validation_draw(cfg.data, cfg.seed)
+        val_draw = ValidationDraw.of(cfg.data, cfg.seed)
         print("\n".join(shown(note) for note in notes(teachers, val_draw)), flush=True)
     if rd.resume is not None:
         run.restore(rd.resume[1], rd.resume[0], weights_scanned=True)  # check_weights_fit scanned them

@@ -483,7 +483,6 @@ def run_seeds(config: str, overrides: list[str], seeds: int, first_seed: int = 0
     choosing nothing) and record the training time at which it first reached target."""
     from vggtrain.data import load_dataset
     from vggtrain.fit import fit
-    from vggtrain.report import config_digest
 
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise UserError("usage error: vggtrain seeds runs in one process, not under torchrun")
@@ -497,7 +496,7 @@ def run_seeds(config: str, overrides: list[str], seeds: int, first_seed: int = 0
         cfg = load_config(config, [*overrides, f"seed={seed}", f"name=seed-{seed}",
                                    f"train.out_dir={json.dumps(str(out))}"])
         if os.path.lexists(report_file):  # reused only if it ran this very config
-            if _seed_report(report_file)["config_digest"] != config_digest(cfg):
+            if not _ran(_seed_report(report_file), cfg, report_file):
                 raise UserError(f"{run_dir} was trained with another config; move it away (or pick "
                                 f"another name) to run these seeds")
         else:
@@ -532,6 +531,21 @@ def _seed_error(run_dir: Path) -> Any:
     return lambda message: UserError(f"{message}; move {run_dir} away to run this seed again")
 
 
+def _ran(report: dict[str, Any], cfg: TrainConfig, path: Path) -> bool:
+    """Whether a finished seed ran cfg: its stored config read as today's loader reads it (a key
+    added since then at its default, so a seed finished before it is still reused) has cfg's
+    digest; a report without its config, by the digest it recorded."""
+    from vggtrain.config import config_from_dict
+    from vggtrain.report import config_digest
+
+    if report["config"] is None:
+        return report["config_digest"] == config_digest(cfg)
+    try:
+        return config_digest(config_from_dict(report["config"], str(path), stored=True)) == config_digest(cfg)
+    except ConfigError:  # a config today's vggtrain cannot read is not this one
+        return False
+
+
 def _seed_report(path: Path) -> dict[str, Any]:
     """What seeds takes from a seed's report.json, each field typed: the file may be damaged, or
     another program's."""
@@ -540,6 +554,7 @@ def _seed_report(path: Path) -> dict[str, Any]:
     error = _seed_error(path.parent)
     data = read_json(path, REPORT_LIMIT, error)
     return {"config_digest": field(data, "config_digest", "string", error, path),
+            "config": field(data, "config", "mapping|null", error, path),
             "top1": field(data, "metrics.top1", "fraction", error, path),
             "val_acc": field(data, "val_acc", "fraction|null", error, path),
             "ece": field(data, "calibration.ece", "fraction|null", error, path),
