@@ -249,7 +249,7 @@ def test_cuda_graphs_fall_back_to_the_eager_step_with_teachers(tmp_path):
 def test_a_teacher_that_did_not_hold_out_the_students_validation_images_is_said(data, teacher, tmp_path):
     """The teacher ran with seed 0 and 80 validation images: a student of seed 1 validates on
     others (said), one with data.val_seed 0 on the same (nothing said), and so does one of fewer
-    (the first 40 of the same draw); one of more, or without a validation split, as said."""
+    (the first 40 of the same draw); one of more is told; one without a validation split is not."""
     from vggtrain.data import ValidationDraw
     from vggtrain.distill import notes
 
@@ -257,7 +257,7 @@ def test_a_teacher_that_did_not_hold_out_the_students_validation_images_is_said(
         raw = _cfg(data, tmp_path, "s", distill={"teachers": [str(teacher)]}, **sections)
         cfg = config_from_dict(raw, "s")
         lines = notes(open_teachers(cfg, NAMES), ValidationDraw.of(cfg.data, cfg.seed))
-        return [line for line in lines if "held out other validation images" in line]
+        return [line for line in lines if "did not hold out all this run's validation images" in line]
 
     assert len(said(seed=1)) == 1 and str(teacher / "best.pt") in said(seed=1)[0]
     assert said(seed=1, data={"val_seed": 0}) == [] and said() == []

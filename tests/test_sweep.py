@@ -237,3 +237,17 @@ def test_seeds_summarise_accuracy_and_time_to_target(cifar_bin, tmp_path, capsys
     seed_report.write_text(json.dumps(old))
     assert main(["seeds", "--config", str(cfg), "--seeds", "3"]) == 2
     assert "seed-0 was trained with another config" in capsys.readouterr().err
+
+
+def test_seeds_reuses_a_finished_seed_whose_data_mean_fit_measured(tmp_path):
+    """A folder dataset's run writes its measured data.mean/std into its config (and report); the
+    same config asked again, with mean null, is that run: reused, not refused."""
+    from test_hostile_round2 import folder_fit_config, write_folder
+
+    cfg = folder_fit_config(tmp_path, write_folder(tmp_path / "images"))
+    assert _quiet(["seeds", "--config", str(cfg), "--seeds", "1"]) == 0
+    seed_dir = tmp_path / "runs" / "tiny-seeds" / "seed-0"
+    assert json.loads((seed_dir / "report.json").read_text())["config"]["data"]["mean"] is not None
+    written = (seed_dir / "best.pt").stat().st_mtime_ns
+    assert _quiet(["seeds", "--config", str(cfg), "--seeds", "1"]) == 0
+    assert (seed_dir / "best.pt").stat().st_mtime_ns == written  # reused, not trained again

@@ -232,8 +232,9 @@ def notes(teachers: Teachers, val_draw: ValidationDraw | None = None) -> list[st
         norm = "; the batch re-normalised for its data.mean and data.std" if t.renorm is not None else ""
         lines.append(f"distill: teacher {t.path} ({which}){norm}")
         if val_draw is not None and val_draw.size > 0 and not (t.val_draw and t.val_draw.holds_out(val_draw)):
-            lines.append(f"distill: teacher {t.path} held out other validation images: it may have trained "
-                         f"on this run's, whose accuracy then reads high; give all runs one data.val_seed")
+            lines.append(f"distill: teacher {t.path} did not hold out all this run's validation images: its "
+                         f"validation accuracy may read high (one data.val_seed for all runs, and the "
+                         f"teachers' data.val_size at least this run's)")
     lines.append(f"distill: loss = {1 - teachers.alpha:g} x the usual + {teachers.alpha:g} x T^2 x KL, "
                  f"T = {teachers.temperature:g}")
     return lines
