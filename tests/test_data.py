@@ -262,6 +262,13 @@ def test_val_seed_draws_one_validation_split_for_runs_of_every_seed(cifar_bin, t
     assert ValidationDraw.of(shared, 0).holds_out(ValidationDraw.of(fewer, 3))
     assert not ValidationDraw.of(fewer, 3).holds_out(ValidationDraw.of(shared, 0))
     assert not ValidationDraw.of(DataConfig(val_size=100), 0).holds_out(ValidationDraw.of(fewer, 3))
+    # other classes kept: another set permuted, so another draw; none in common: nothing trained on
+    two, other_two = (DataConfig(val_size=100, val_seed=7, classes=c) for c in ([0, 1], [2, 3]))
+    assert not ValidationDraw.of(two, 0).holds_out(ValidationDraw.of(shared, 0))
+    assert ValidationDraw.of(shared, 0).may_have_trained_on(ValidationDraw.of(two, 0))
+    assert ValidationDraw.of(two, 0).may_have_trained_on(ValidationDraw.of(shared, 0))
+    assert not ValidationDraw.of(two, 0).may_have_trained_on(ValidationDraw.of(other_two, 0))
+    assert not ValidationDraw.of(shared, 0).may_have_trained_on(ValidationDraw.of(fewer, 3))
     # a run of seed 1 validates on val_seed 0's images, and eval rebuilds that split from best.pt
     shared_val = tiny_config(cifar_bin, tmp_path / "runs", seed=1, train={"epochs": 1},
                              data={"val_size": 40, "val_seed": 0})

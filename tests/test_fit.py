@@ -36,6 +36,8 @@ def test_fit_learns_and_writes_every_artefact(cifar_bin, tmp_path, capsys):
     assert report["test"]["images"] == 400 and report["epochs"] == 3
     assert report["test"]["acc"] > 0.5  # chance is 0.1
     assert 1 <= report["best_epoch"] <= 3 and report["class_names"][0] == "airplane"
+    status = json.loads((run / "status.json").read_text())  # what a script watching the run reads
+    assert status["state"] == "finished" and status["epoch"] == 3
 
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["optim"]["nesterov"] is False

@@ -176,3 +176,23 @@ def test_init_from_is_the_yaml_key_of_a_field_held_as_from_(tmp_path):
     assert config_from_dict(cfg.to_dict(), "back").init.from_ == "runs/a"
     with pytest.raises(ConfigError, match=r"unknown key init.from_ \(expected one of: from, freeze\)"):
         load_config(str(tmp_path / "c.yaml"), ["init.from_=runs/b"])
+
+
+def test_a_source_that_did_not_hold_out_this_runs_validation_images_is_said(data, source, tmp_path):
+    """The source ran with its seed and 100 validation images of all 20 classes: a run of another
+    seed validates on images the source trained on (said), one with data.val_seed the source's
+    seed on the same images (nothing said), and so does one without a validation split."""
+    seed = load_checkpoint(source / "best.pt")["config"]["seed"]
+
+    def said(classes: list[int] | None = None, **sections) -> list[str]:
+        raw = _coarse(_cfg(data["c100"], tmp_path, "s", init={"from": str(source)}, **sections))
+        if classes is not None:
+            raw["data"]["classes"], raw["model"]["num_classes"] = classes, len(classes)
+        return [n for n in open_source(config_from_dict(raw, "s")).notes
+                if "did not hold out all this run's validation images" in n]
+
+    assert said(seed=seed) == [] and said(seed=seed + 1, data={"val_seed": seed}) == []
+    assert len(said(seed=seed + 1)) == 1 and str(source / "best.pt") in said(seed=seed + 1)[0]
+    assert said(seed=seed + 1, data={"val_size": 0}) == []
+    # a run of some of the source's classes validates on images of them the source trained on
+    assert said([0, 1], seed=seed) != []

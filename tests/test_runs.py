@@ -53,10 +53,12 @@ def _rows(root: Path) -> dict[str, dict]:
 def test_each_status_is_told_apart(runs, tmp_path):
     work = tmp_path / "runs"
     shutil.copytree(runs, work)
-    shutil.copytree(work / "finished", work / "killed")
-    (work / "killed" / "report.json").unlink()  # killed before its report: status.json said running
-    shutil.copytree(work / "finished", work / "live")
-    (work / "live" / "report.json").unlink()
+    for name in ("killed", "live"):  # before its report: status.json says running (finished after it)
+        shutil.copytree(work / "finished", work / name)
+        (work / name / "report.json").unlink()
+        status = json.loads((work / name / "status.json").read_text())
+        assert status["state"] == "finished"
+        (work / name / "status.json").write_text(json.dumps({**status, "state": "running"}))
     with ExitStack() as held:
         assert lock_run_dir(work / "live", held)  # as a fit training in it holds it
         rows = _rows(work)

@@ -18,7 +18,7 @@ import reprlib
 import types
 import typing
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -1018,20 +1018,33 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume_changes(stored: dict, cfg: TrainConfig, source: str) -> None:
-    """Refuse a resumed config that changes more than RESUMABLE_KEYS allows."""
-    try:  # the stored config with today's defaults, so a key added since is not a "change"
+def comparable(stored: dict[str, Any], cfg: TrainConfig, source: str) -> tuple[dict[str, Any], TrainConfig]:
+    """A finished run's stored config and cfg made comparable, for resume and seeds, which both
+    ask whether cfg is that run's config: the stored one as today's loader reads it (a key added
+    since at its default, so a run from before it is no other config; as stored where today's
+    loader refuses it), and cfg with the run's data.mean/std where cfg leaves them null (fit
+    measured them and wrote them into the run's config: a folder's, init.from's source's)."""
+    try:
         stored = config_from_dict(stored, source, stored=True).to_dict()
     except ConfigError:
         pass
-    if cfg.data.mean is None and isinstance(stored.get("data"), dict):  # null: the run's measured ones
-        cfg.data.mean, cfg.data.std = stored["data"].get("mean"), stored["data"].get("std")
+    data = stored.get("data")
+    if cfg.data.mean is None and isinstance(data, dict):
+        cfg = replace(cfg, data=replace(cfg.data, mean=data.get("mean"), std=data.get("std")))
+    return stored, cfg
+
+
+def check_resume_changes(stored: dict, cfg: TrainConfig, source: str) -> TrainConfig:
+    """Refuse a resumed config that changes more than RESUMABLE_KEYS allows; return cfg with the
+    run's measured data.mean/std where it leaves them null."""
+    stored, cfg = comparable(stored, cfg, source)
     old, new = _flatten(stored), _flatten(cfg.to_dict())
     for key in sorted(old.keys() | new.keys()):
         if key not in RESUMABLE_KEYS and old.get(key) != new.get(key):
             raise ConfigError(f"{source}: {key} cannot change when resuming (the run has "
                               f"{_show(old.get(key))}, asked {_show(new.get(key))}); "
                               f"only {', '.join(sorted(RESUMABLE_KEYS))} may")
+    return cfg
 
 
 def digest_of(config: dict[str, Any]) -> str:
@@ -1048,6 +1061,7 @@ def dump_config(cfg: TrainConfig) -> str:
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "LoopConfig",
            "InitConfig", "DistillConfig", "LogConfig", "load_config", "config_from_dict",
            "config_with_overrides", "dump_config",
-           "resolve_config_path", "check_resume_changes", "check_run_name", "RESUMABLE_KEYS", "digest_of",
+           "resolve_config_path", "check_resume_changes", "comparable", "check_run_name", "RESUMABLE_KEYS",
+           "digest_of",
            "TTA_MODES", "WHITEN_MODES", "SECTIONS", "SECTION_RULES", "Applies", "default_of", "DEVICE_RE",
            "DEVICE_RULE", "RUN_NAME_RE", "RUN_NAME_RULE", "yaml_key", "EarlyStopConfig"]

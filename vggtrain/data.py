@@ -350,22 +350,35 @@ def validation_seed(data: DataConfig, run_seed: int) -> int:
 
 @dataclass(frozen=True)
 class ValidationDraw:
-    """What decides which images run_split holds out, for runs of the same classes: the data (a
-    folder dataset's images are its root's), the seed and the count."""
+    """What decides which images run_split holds out: the data (a folder dataset's images are its
+    root's), the classes kept (data.classes as written; None: all), the seed and the count."""
 
     data: tuple
+    classes: tuple | None
     seed: int
     size: int
 
     @classmethod
     def of(cls, data: DataConfig, run_seed: int) -> ValidationDraw:
         folder = data.root if data.dataset == "folder" else None
-        return cls((data.dataset, data.labels, folder), validation_seed(data, run_seed), data.val_size)
+        classes = None if data.classes is None else tuple(data.classes)
+        return cls((data.dataset, data.labels, folder), classes, validation_seed(data, run_seed),
+                   data.val_size)
 
     def holds_out(self, other: ValidationDraw) -> bool:
-        """Whether this run held out every image of other's validation split: the same data and
-        seed, and at least as many (a split is the seed's permutation's first `size` images)."""
-        return self.data == other.data and self.seed == other.seed and self.size >= other.size
+        """Whether this run held out every image of other's validation split: the same data,
+        classes and seed, and at least as many (a split is the seed's permutation's first `size`
+        images of the classes kept)."""
+        return (self.data, self.classes, self.seed) == (other.data, other.classes, other.seed) \
+            and self.size >= other.size
+
+    def may_have_trained_on(self, other: ValidationDraw) -> bool:
+        """Whether this run may have trained on some of other's validation images: other validates,
+        this run did not hold them all out, and it trained on the same data with some of other's
+        classes (as written: a class named here and indexed there is not seen as the same)."""
+        if other.size == 0 or self.data != other.data or self.holds_out(other):
+            return False
+        return self.classes is None or other.classes is None or bool(set(self.classes) & set(other.classes))
 
 
 def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:

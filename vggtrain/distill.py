@@ -231,7 +231,8 @@ def notes(teachers: Teachers, val_draw: ValidationDraw | None = None) -> list[st
         which = "its weight EMA's" if t.weights == "ema" else "its weights"
         norm = "; the batch re-normalised for its data.mean and data.std" if t.renorm is not None else ""
         lines.append(f"distill: teacher {t.path} ({which}){norm}")
-        if val_draw is not None and val_draw.size > 0 and not (t.val_draw and t.val_draw.holds_out(val_draw)):
+        if val_draw is not None and val_draw.size > 0 and (t.val_draw is None
+                                                           or t.val_draw.may_have_trained_on(val_draw)):
             lines.append(f"distill: teacher {t.path} did not hold out all this run's validation images: its "
                          f"validation accuracy may read high (one data.val_seed for all runs, and the "
                          f"teachers' data.val_size at least this run's)")

@@ -98,7 +98,7 @@ def resume_point(cfg: TrainConfig | None, run_dir: str | Path | None, resume: Re
     if cfg.name == run_dir.name:
         # A run directory renamed (a sweep's requeued trial takes the next trial's) takes its name.
         stored = {**stored, "name": cfg.name}
-    check_resume_changes(stored, cfg, "--resume")
+    cfg = check_resume_changes(stored, cfg, "--resume")
     return cfg, run_dir, (ckpt, state)
 
 
@@ -188,6 +188,7 @@ def train_and_report(run: Run, rd: RunDir, writer: Any, metrics: EpochMetrics | 
     report["timings_s"] = clock.summary()
     # Last: a report.json means the pictures and report.md beside it are complete.
     atomic_write_text(rd.path / "report.json", report_json(report))
+    write_status(run, "finished")  # after the report: a run killed in its test pass is stopped
     m = report["metrics"]
     loss = "n/a" if m["loss"] is None else f"{m['loss']:.4f}"
     print(shown(f"test accuracy {m['top1']:.2%} (top-5 {m['top5']:.2%}, loss {loss}, {m['images']} "

@@ -532,24 +532,15 @@ def _seed_error(run_dir: Path) -> Any:
 
 
 def _ran(report: dict[str, Any], cfg: TrainConfig, path: Path) -> bool:
-    """Whether a finished seed ran cfg: its stored config read as today's loader reads it (a key
-    added since then at its default, so a seed finished before it is still reused) has cfg's
-    digest; a report without its config, by the digest it recorded. A data.mean left null is the
-    run's measured one (a folder's, or init.from's source's), which fit wrote into its config."""
-    from dataclasses import replace
-
-    from vggtrain.config import config_from_dict
+    """Whether a finished seed ran cfg: its stored config, as resume compares it
+    (config.comparable), has cfg's digest; a report without its config, by the digest it recorded."""
+    from vggtrain.config import comparable, digest_of
     from vggtrain.report import config_digest
 
     if report["config"] is None:
         return report["config_digest"] == config_digest(cfg)
-    try:
-        stored = config_from_dict(report["config"], str(path), stored=True)
-    except ConfigError:  # a config today's vggtrain cannot read is not this one
-        return False
-    if cfg.data.mean is None:
-        cfg = replace(cfg, data=replace(cfg.data, mean=stored.data.mean, std=stored.data.std))
-    return config_digest(stored) == config_digest(cfg)
+    stored, cfg = comparable(report["config"], cfg, str(path))
+    return digest_of(stored) == config_digest(cfg)
 
 
 def _seed_report(path: Path) -> dict[str, Any]:
