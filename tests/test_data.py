@@ -269,6 +269,15 @@ def test_val_seed_draws_one_validation_split_for_runs_of_every_seed(cifar_bin, t
     assert ValidationDraw.of(two, 0).may_have_trained_on(ValidationDraw.of(shared, 0))
     assert not ValidationDraw.of(two, 0).may_have_trained_on(ValidationDraw.of(other_two, 0))
     assert not ValidationDraw.of(shared, 0).may_have_trained_on(ValidationDraw.of(fewer, 3))
+    # the classes' order keeps the same images; CIFAR-100's fine and coarse labels too, all kept
+    reordered = DataConfig(val_size=100, val_seed=7, classes=[1, 0])
+    assert ValidationDraw.of(reordered, 0).holds_out(ValidationDraw.of(two, 0))
+    fine, coarse = (DataConfig(dataset="cifar100", labels=lb, val_size=100) for lb in ("fine", "coarse"))
+    assert ValidationDraw.of(fine, 0).holds_out(ValidationDraw.of(coarse, 0))
+    assert ValidationDraw.of(fine, 1).may_have_trained_on(ValidationDraw.of(coarse, 0))
+    assert not ValidationDraw.of(fine, 1).may_have_trained_on(ValidationDraw.of(two, 0))  # CIFAR-10's
+    fine_two = DataConfig(dataset="cifar100", val_size=100, val_seed=7, classes=[0, 1])
+    assert ValidationDraw.of(fine_two, 0).may_have_trained_on(ValidationDraw.of(coarse, 0))
     # a run of seed 1 validates on val_seed 0's images, and eval rebuilds that split from best.pt
     shared_val = tiny_config(cifar_bin, tmp_path / "runs", seed=1, train={"epochs": 1},
                              data={"val_size": 40, "val_seed": 0})

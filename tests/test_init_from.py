@@ -196,3 +196,14 @@ def test_a_source_that_did_not_hold_out_this_runs_validation_images_is_said(data
     assert said(seed=seed + 1, data={"val_size": 0}) == []
     # a run of some of the source's classes validates on images of them the source trained on
     assert said([0, 1], seed=seed) != []
+
+
+def test_a_fine_tuning_run_resumed_through_its_config_keeps_the_sources_stats(data, source, tmp_path):
+    """The run normalises with its source's data.mean/std (CIFAR-100's here, on CIFAR-10): its
+    config, resumed with data.mean left null, goes on with them, not CIFAR-10's."""
+    raw = _cfg(data["c10"], tmp_path, "ft", init={"from": str(source)})
+    config = write_yaml(tmp_path / "ft.yaml", raw)
+    assert raw["data"].get("mean") is None and main(["fit", "--config", str(config)]) == 0
+    assert main(["fit", "--config", str(config), "--resume", "--set", "train.epochs=2"]) == 0
+    last = load_checkpoint(tmp_path / "ft" / "last.pt")
+    assert last["epoch"] == 2 and last["config"]["data"]["mean"] == pytest.approx(list(CIFAR100_MEAN))

@@ -251,3 +251,8 @@ def test_seeds_reuses_a_finished_seed_whose_data_mean_fit_measured(tmp_path):
     written = (seed_dir / "best.pt").stat().st_mtime_ns
     assert _quiet(["seeds", "--config", str(cfg), "--seeds", "1"]) == 0
     assert (seed_dir / "best.pt").stat().st_mtime_ns == written  # reused, not trained again
+    # a stored config today's loader refuses is not this config, whatever its mean
+    report = json.loads((seed_dir / "report.json").read_text())
+    report["config"]["data"]["mean"] = "bogus"
+    (seed_dir / "report.json").write_text(json.dumps(report))
+    assert _quiet(["seeds", "--config", str(cfg), "--seeds", "1"]) == 2

@@ -1018,27 +1018,27 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def comparable(stored: dict[str, Any], cfg: TrainConfig, source: str) -> tuple[dict[str, Any], TrainConfig]:
+def comparable(stored: dict[str, Any], cfg: TrainConfig, source: str
+               ) -> tuple[dict[str, Any] | None, TrainConfig]:
     """A finished run's stored config and cfg made comparable, for resume and seeds, which both
     ask whether cfg is that run's config: the stored one as today's loader reads it (a key added
-    since at its default, so a run from before it is no other config; as stored where today's
-    loader refuses it), and cfg with the run's data.mean/std where cfg leaves them null (fit
-    measured them and wrote them into the run's config: a folder's, init.from's source's)."""
+    since at its default, so a run from before it is no other config; None where today's loader
+    refuses it), and cfg with the run's data.mean/std where cfg leaves them null (fit measured
+    them and wrote them into the run's config: a folder's, init.from's source's)."""
     try:
-        stored = config_from_dict(stored, source, stored=True).to_dict()
+        today = config_from_dict(stored, source, stored=True)
     except ConfigError:
-        pass
-    data = stored.get("data")
-    if cfg.data.mean is None and isinstance(data, dict):
-        cfg = replace(cfg, data=replace(cfg.data, mean=data.get("mean"), std=data.get("std")))
-    return stored, cfg
+        return None, cfg
+    if cfg.data.mean is None:
+        cfg = replace(cfg, data=replace(cfg.data, mean=today.data.mean, std=today.data.std))
+    return today.to_dict(), cfg
 
 
 def check_resume_changes(stored: dict, cfg: TrainConfig, source: str) -> TrainConfig:
     """Refuse a resumed config that changes more than RESUMABLE_KEYS allows; return cfg with the
     run's measured data.mean/std where it leaves them null."""
-    stored, cfg = comparable(stored, cfg, source)
-    old, new = _flatten(stored), _flatten(cfg.to_dict())
+    today, cfg = comparable(stored, cfg, source)
+    old, new = _flatten(stored if today is None else today), _flatten(cfg.to_dict())
     for key in sorted(old.keys() | new.keys()):
         if key not in RESUMABLE_KEYS and old.get(key) != new.get(key):
             raise ConfigError(f"{source}: {key} cannot change when resuming (the run has "

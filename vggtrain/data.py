@@ -350,35 +350,48 @@ def validation_seed(data: DataConfig, run_seed: int) -> int:
 
 @dataclass(frozen=True)
 class ValidationDraw:
-    """What decides which images run_split holds out: the data (a folder dataset's images are its
-    root's), the classes kept (data.classes as written; None: all), the seed and the count."""
+    """What decides which images run_split holds out: the images (the dataset; a folder's are its
+    root's), which of them are kept (data.classes as written, in the labels they index; None:
+    all), the seed and the count. The order of data.classes does not matter: the kept images stay
+    in the data's order."""
 
     data: tuple
-    classes: tuple | None
+    labels: str
+    classes: frozenset | None
     seed: int
     size: int
 
     @classmethod
     def of(cls, data: DataConfig, run_seed: int) -> ValidationDraw:
         folder = data.root if data.dataset == "folder" else None
-        classes = None if data.classes is None else tuple(data.classes)
-        return cls((data.dataset, data.labels, folder), classes, validation_seed(data, run_seed),
+        classes = None if data.classes is None else frozenset(data.classes)
+        return cls((data.dataset, folder), data.labels, classes, validation_seed(data, run_seed),
                    data.val_size)
 
+    def keeps_the_same_images(self, other: ValidationDraw) -> bool:
+        """All the images of the same data (CIFAR-100's fine and coarse labels alike), or the same
+        classes of the same labels."""
+        if self.data != other.data:
+            return False
+        if self.classes is None or other.classes is None:
+            return self.classes is other.classes
+        return (self.labels, self.classes) == (other.labels, other.classes)
+
     def holds_out(self, other: ValidationDraw) -> bool:
-        """Whether this run held out every image of other's validation split: the same data,
-        classes and seed, and at least as many (a split is the seed's permutation's first `size`
-        images of the classes kept)."""
-        return (self.data, self.classes, self.seed) == (other.data, other.classes, other.seed) \
-            and self.size >= other.size
+        """Whether this run held out every image of other's validation split: the same images and
+        seed, and at least as many (a split is the seed's permutation's first `size` images)."""
+        return self.keeps_the_same_images(other) and self.seed == other.seed and self.size >= other.size
 
     def may_have_trained_on(self, other: ValidationDraw) -> bool:
         """Whether this run may have trained on some of other's validation images: other validates,
         this run did not hold them all out, and it trained on the same data with some of other's
-        classes (as written: a class named here and indexed there is not seen as the same)."""
+        classes (as written: a class named here and indexed there is not seen as the same; classes
+        of other labels, CIFAR-100's fine against coarse, may be)."""
         if other.size == 0 or self.data != other.data or self.holds_out(other):
             return False
-        return self.classes is None or other.classes is None or bool(set(self.classes) & set(other.classes))
+        if self.classes is None or other.classes is None or self.labels != other.labels:
+            return True
+        return bool(self.classes & other.classes)
 
 
 def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:

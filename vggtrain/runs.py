@@ -106,7 +106,7 @@ def run_row(path: Path, name: str) -> dict[str, Any] | None:
     planned = _number(_get(status, "epochs")) or _number(_get(config, "train", "epochs"))
     if report is not None and _get(report, "metrics", "top1") is not None:
         state = "finished"
-    elif _get(status, "state") == "finished":  # a sweep's trial: ended without touching the test set
+    elif _get(status, "state") == "finished":  # a sweep's trial: its epochs ended, no test pass
         state = "finished"
     elif is_locked(path):
         state = "running"

@@ -540,7 +540,7 @@ def _ran(report: dict[str, Any], cfg: TrainConfig, path: Path) -> bool:
     if report["config"] is None:
         return report["config_digest"] == config_digest(cfg)
     stored, cfg = comparable(report["config"], cfg, str(path))
-    return digest_of(stored) == config_digest(cfg)
+    return stored is not None and digest_of(stored) == config_digest(cfg)  # unreadable: not cfg
 
 
 def _seed_report(path: Path) -> dict[str, Any]:
