@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vggtrain.config import TrainConfig
-from vggtrain.data import Stats, ValidationDraw, norm_stats
+from vggtrain.data import Stats, ValidationDraw, held_out_note, norm_stats
 from vggtrain.device import autocast
 from vggtrain.errors import CheckpointError, shown
 from vggtrain.inference import load_model, resolve_checkpoint
@@ -233,9 +233,7 @@ def notes(teachers: Teachers, val_draw: ValidationDraw | None = None) -> list[st
         lines.append(f"distill: teacher {t.path} ({which}){norm}")
         if val_draw is not None and val_draw.size > 0 and (t.val_draw is None
                                                            or t.val_draw.may_have_trained_on(val_draw)):
-            lines.append(f"distill: teacher {t.path} did not hold out all this run's validation images: its "
-                         f"validation accuracy may read high (one data.val_seed for all runs, and the "
-                         f"teachers' data.val_size at least this run's)")
+            lines.append(held_out_note(f"distill: teacher {t.path}"))
     lines.append(f"distill: loss = {1 - teachers.alpha:g} x the usual + {teachers.alpha:g} x T^2 x KL, "
                  f"T = {teachers.temperature:g}")
     return lines

@@ -23,7 +23,7 @@ from torch import nn
 
 from vggtrain.checkpoint import load_checkpoint, model_weights
 from vggtrain.config import ModelConfig, TrainConfig, config_from_dict, digest_of
-from vggtrain.data import Stats, ValidationDraw, norm_stats
+from vggtrain.data import Stats, ValidationDraw, held_out_note, norm_stats
 from vggtrain.errors import CheckpointError, ConfigError
 from vggtrain.inference import resolve_checkpoint
 from vggtrain.model import build_model
@@ -74,8 +74,7 @@ def open_source(cfg: TrainConfig) -> Start:
     notes.insert(0, f"init: {len(weights) - len(head)} of {len(weights)} tensors from {path} ({loaded})")
     source_draw = ValidationDraw.of(source_cfg.data, source_cfg.seed)
     if source_draw.may_have_trained_on(ValidationDraw.of(cfg.data, cfg.seed)):
-        notes.append(f"init: {path} did not hold out all this run's validation images: its validation "
-                     f"accuracy may read high (one data.val_seed and data.val_size for both runs)")
+        notes.append(held_out_note(f"init: {path}"))
     return Start(str(path), digest_of(state["config"]), head, weights, norm_stats(source_cfg.data), notes)
 
 
