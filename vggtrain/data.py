@@ -398,8 +398,8 @@ def held_out_note(who: str) -> str:
     """The one line said where a run's source or teacher (who) may have trained on the run's
     validation images (ValidationDraw.may_have_trained_on): said, not refused."""
     return (f"{who} did not hold out all this run's validation images, so this run's validation "
-            f"accuracy may read high (give it this run's data.val_seed and a data.val_size at least "
-            f"this run's)")
+            f"accuracy may read high (give both runs one data.val_seed and the same data.classes, and "
+            f"it a data.val_size at least this run's)")
 
 
 def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
