@@ -112,6 +112,27 @@ def test_random_erasing_erases_each_image_with_its_probability(images, p):
     assert bool(((area[erased] >= lo * 0.8) & (area[erased] <= hi * 1.2)).all())
 
 
+@pytest.mark.parametrize("name", ["autoaugment", "randaugment", "trivialaugment"])
+def test_running_only_the_gated_rows_returns_what_kornias_own_forward_does(images, name):
+    """Policy runs each operation on the rows its gate chose, without kornia's blend: the same
+    images, bit for bit, as kornia's policy classes run as they come, for every candidate."""
+    from vggtrain.policies import _kornia_candidates, _seeded, kornia_augmentation
+
+    spec = PolicySpec(name, magnitude=12)
+    ours = Policy(spec, CPU).candidates
+    theirs = _kornia_candidates(spec, kornia_augmentation().auto)
+    x = images[:400].float().div(255)
+    gated = 0
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        with _seeded(i, CPU):
+            mine = a(x.clone())
+        with _seeded(i, CPU):
+            kornias = b(x.clone())
+        assert torch.equal(mine, kornias), (name, i)
+        gated += sum(int(item.data["batch_prob"].sum()) < len(x) for item in a._params[0].data)
+    assert (gated > 0) == (name == "autoaugment")  # the rows-only path was taken where gates are < 1
+
+
 def test_a_policy_draws_the_same_for_the_same_seed_and_leaves_torchs_generator_alone(images):
     policy = Policy(PolicySpec("trivialaugment", erasing=0.5), CPU)
     torch.manual_seed(123)

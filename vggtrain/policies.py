@@ -98,9 +98,9 @@ class Policy:
 
     def __call__(self, images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(images after the policy, uint8 like the input; the (n, 1, h, w) bool mask random
-        erasing drew, or None). The policy runs on float [0, 1] and is rounded back to uint8: what
-        torchvision's policies on PIL images or uint8 tensors return, and what the data path
-        normalises."""
+        erasing drew, or None). Each step (a sub-policy, or one of RandAugment's N operations) runs
+        on float [0, 1] and is rounded back to uint8: what torchvision's policies on PIL images or
+        uint8 tensors return, and what the data path normalises."""
         with _seeded(seed, images.device), torch.no_grad():
             draw = Draw(self.choose(len(images)))
             if self.candidates:
@@ -110,20 +110,24 @@ class Policy:
         return images, mask
 
     def _apply(self, images: torch.Tensor, draw: Draw) -> torch.Tensor:
-        x = images.float().div_(255)
+        out = images  # never written: each step gathers a new tensor
         for step, chosen in enumerate(draw.choices):
-            # Sorted on the CPU: each candidate's rows are one slice, found without a device sync.
+            # Sorted on the CPU (no device sync): one gather puts each candidate's rows in one slice.
             order = chosen.argsort(stable=True)
             counts = torch.bincount(chosen, minlength=len(self.candidates)).tolist()
-            order_dev, first = order.to(x.device), 0
+            first, grouped = 0, out.index_select(0, order.to(out.device))
             for candidate, count in enumerate(counts):
                 if count:
-                    rows = order_dev[first:first + count]
                     module = self.candidates[candidate]
-                    x[rows] = module(x[rows]).clamp_(0, 1).to(x.dtype)
+                    # Only these rows go to float and back, rounded to uint8 after each step as
+                    # torchvision's policies on uint8 images: a chunk in float is 4x the bytes to pass over.
+                    x = grouped[first:first + count].float().div_(255)
+                    grouped[first:first + count] = module(x).clamp_(0, 1).mul_(255).round_().to(torch.uint8)
                     draw.applied.append((step, candidate, order[first:first + count], module._params))
                 first += count
-        return x.mul_(255).round_().to(torch.uint8)
+            # Back in place by the inverse permutation: a gather, several times faster than a uint8 scatter.
+            out = grouped.index_select(0, order.argsort().to(out.device))
+        return out
 
     def _erase(self, images: torch.Tensor, draw: Draw) -> torch.Tensor:
         """Where kornia's RandomErasing erases, as a mask: the data path fills it with 0 after
@@ -135,20 +139,63 @@ class Policy:
 
 
 def _candidates(spec: PolicySpec, K: Any) -> list[torch.nn.Module]:
-    """kornia's policy class around each of its own candidates, one at a time."""
-    auto = K.auto
+    """kornia's policy class around each of its own candidates, one at a time, its operations
+    run on the rows their gates chose (_gated_rows_only)."""
+    candidates = _kornia_candidates(spec, K.auto)
+    operation_type = K.auto.operations.OperationBase
+    for operation in (m for c in candidates for m in c.modules() if isinstance(m, operation_type)):
+        operation.forward = _gated_rows_only(operation)
+    return candidates
+
+
+def _gated_rows_only(operation: Any) -> Any:
+    """kornia's OperationBase.forward for a policy's hard gates, on the gated rows only.
+
+    kornia runs an operation with p < 1 on every row and then keeps the gated ones (torch.where),
+    and its OperationBase blends that with the input, batch_prob * op(x) + (1 - batch_prob) * x, for
+    differentiable policy search where a gate may be fractional. The gates its sampling draws are 0
+    or 1 (drawn here as kornia draws them, in forward_parameters), so this runs the op on the rows
+    whose gate is 1, with those rows' parameters, and leaves the others as they were: what kornia
+    returns (a test holds it), without transforming rows it throws away (AutoAugment's gates are
+    0.1-0.9) or three more passes over the batch."""
+
+    def forward(input: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if params is None:
+            params = operation.forward_parameters(input.shape)
+        gate = params["batch_prob"] > 0  # on the CPU, where kornia draws its parameters
+        n, rows = len(gate), gate.nonzero().flatten()
+        if len(rows) == n:
+            return operation.op(input, params=dict(params, batch_prob=torch.ones_like(params["batch_prob"])))
+        if not len(rows):
+            return input
+        chosen = {key: value[rows] if key != "forward_input_shape" and value.shape[:1] == (n,) else value
+                  for key, value in params.items()}
+        chosen["batch_prob"] = torch.ones(len(rows), dtype=params["batch_prob"].dtype)
+        chosen["forward_input_shape"] = torch.tensor((len(rows), *input.shape[1:]))
+        on_device = rows.to(input.device, non_blocking=True)
+        # In place: input is _apply's gathered rows or the previous operation's output, held nowhere else.
+        return input.index_copy_(0, on_device, operation.op(input.index_select(0, on_device), params=chosen))
+
+    return forward
+
+
+def _kornia_candidates(spec: PolicySpec, auto: Any) -> list[torch.nn.Module]:
+    """kornia's policy classes as they come, one per candidate. transformation_matrix_mode "skip":
+    the chained geometric matrices are for boxes and keypoints, which a policy here never sees (and
+    the rows-only forward would give kornia a matrix per gated row, not per row)."""
     if spec.name == "autoaugment":
         from kornia.augmentation.auto.autoaugment.autoaugment import cifar10_policy
 
-        return [auto.AutoAugment(policy=[sub]) for sub in cifar10_policy]
+        return [auto.AutoAugment(policy=[sub], transformation_matrix_mode="skip") for sub in cifar10_policy]
     if spec.name == "randaugment":
         from kornia.augmentation.auto.rand_augment.rand_augment import default_policy
 
-        return [auto.RandAugment(n=1, m=spec.magnitude, policy=[op]) for op in default_policy]
+        return [auto.RandAugment(n=1, m=spec.magnitude, policy=[op], transformation_matrix_mode="skip")
+                for op in default_policy]
     if spec.name == "trivialaugment":
         from kornia.augmentation.auto.trivial_augment.trivial_augment import default_policy as trivial
 
-        return [auto.TrivialAugment(policy=[op]) for op in trivial]
+        return [auto.TrivialAugment(policy=[op], transformation_matrix_mode="skip") for op in trivial]
     return []
 
 
