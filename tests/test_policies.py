@@ -120,8 +120,11 @@ def test_running_only_the_gated_rows_returns_what_kornias_own_forward_does(image
 
     spec = PolicySpec(name, magnitude=12)
     ours = Policy(spec, CPU).candidates
-    theirs = _kornia_candidates(spec, kornia_augmentation().auto)
+    auto = kornia_augmentation().auto
+    theirs = _kornia_candidates(spec, auto)
     x = images[:400].float().div(255)
+    operations = [m for c in ours for m in c.modules() if isinstance(m, auto.operations.OperationBase)]
+    assert operations and all("forward" in vars(op) for op in operations)  # the rows-only forward is in place
     gated = 0
     for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         with _seeded(i, CPU):

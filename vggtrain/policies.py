@@ -98,9 +98,10 @@ class Policy:
 
     def __call__(self, images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(images after the policy, uint8 like the input; the (n, 1, h, w) bool mask random
-        erasing drew, or None). Each step (a sub-policy, or one of RandAugment's N operations) runs
-        on float [0, 1] and is rounded back to uint8: what torchvision's policies on PIL images or
-        uint8 tensors return, and what the data path normalises."""
+        erasing drew, or None). Each step (an AutoAugment sub-policy, a TrivialAugment operation, each
+        of RandAugment's N) runs on float [0, 1] and is rounded back to uint8, what the data path
+        normalises: torchvision's policies on PIL images or uint8 tensors round after every
+        operation, so an AutoAugment sub-policy's two operations here round once."""
         with _seeded(seed, images.device), torch.no_grad():
             draw = Draw(self.choose(len(images)))
             if self.candidates:
@@ -115,7 +116,8 @@ class Policy:
             # Sorted on the CPU (no device sync): one gather puts each candidate's rows in one slice.
             order = chosen.argsort(stable=True)
             counts = torch.bincount(chosen, minlength=len(self.candidates)).tolist()
-            first, grouped = 0, out.index_select(0, order.to(out.device))
+            order_dev = order.to(out.device, non_blocking=True)
+            first, grouped = 0, out.index_select(0, order_dev)
             for candidate, count in enumerate(counts):
                 if count:
                     module = self.candidates[candidate]
@@ -126,7 +128,7 @@ class Policy:
                     draw.applied.append((step, candidate, order[first:first + count], module._params))
                 first += count
             # Back in place by the inverse permutation: a gather, several times faster than a uint8 scatter.
-            out = grouped.index_select(0, order.argsort().to(out.device))
+            out = grouped.index_select(0, order_dev.argsort())
         return out
 
     def _erase(self, images: torch.Tensor, draw: Draw) -> torch.Tensor:
@@ -149,20 +151,26 @@ def _candidates(spec: PolicySpec, K: Any) -> list[torch.nn.Module]:
 
 
 def _gated_rows_only(operation: Any) -> Any:
-    """kornia's OperationBase.forward for a policy's hard gates, on the gated rows only.
+    """kornia's OperationBase.forward for a policy's hard gates, on the CPU on the gated rows only.
 
     kornia runs an operation with p < 1 on every row and then keeps the gated ones (torch.where),
     and its OperationBase blends that with the input, batch_prob * op(x) + (1 - batch_prob) * x, for
     differentiable policy search where a gate may be fractional. The gates its sampling draws are 0
-    or 1 (drawn here as kornia draws them, in forward_parameters), so this runs the op on the rows
-    whose gate is 1, with those rows' parameters, and leaves the others as they were: what kornia
-    returns (a test holds it), without transforming rows it throws away (AutoAugment's gates are
-    0.1-0.9) or three more passes over the batch."""
+    or 1 (drawn here as kornia draws them, in forward_parameters), so on the CPU this runs the op on
+    the rows whose gate is 1, with those rows' parameters, and leaves the others as they were: what
+    kornia returns (a test holds it), without transforming rows it throws away (AutoAugment's gates
+    are 0.1-0.9) or three more passes over the batch. On a GPU kornia's own forward runs: finding
+    the gated rows there would wait for the device at every operation, and the GPU has the
+    throughput to spare."""
+
+    kornias = operation.forward
 
     def forward(input: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if input.device.type != "cpu":
+            return kornias(input, params)
         if params is None:
             params = operation.forward_parameters(input.shape)
-        gate = params["batch_prob"] > 0  # on the CPU, where kornia draws its parameters
+        gate = params["batch_prob"] > 0
         n, rows = len(gate), gate.nonzero().flatten()
         if len(rows) == n:
             return operation.op(input, params=dict(params, batch_prob=torch.ones_like(params["batch_prob"])))
@@ -172,9 +180,8 @@ def _gated_rows_only(operation: Any) -> Any:
                   for key, value in params.items()}
         chosen["batch_prob"] = torch.ones(len(rows), dtype=params["batch_prob"].dtype)
         chosen["forward_input_shape"] = torch.tensor((len(rows), *input.shape[1:]))
-        on_device = rows.to(input.device, non_blocking=True)
         # In place: input is _apply's gathered rows or the previous operation's output, held nowhere else.
-        return input.index_copy_(0, on_device, operation.op(input.index_select(0, on_device), params=chosen))
+        return input.index_copy_(0, rows, operation.op(input.index_select(0, rows), params=chosen))
 
     return forward
 
