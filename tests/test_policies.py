@@ -136,6 +136,27 @@ def test_running_only_the_gated_rows_returns_what_kornias_own_forward_does(image
     assert (gated > 0) == (name == "autoaugment")  # the rows-only path was taken where gates are < 1
 
 
+class _AddLevels(torch.nn.Module):
+    """A stand-in candidate that adds k grey levels: which candidates an image went through, in
+    which steps, reads off its pixels."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k, self._params = k, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.k / 255
+
+
+def test_each_image_gets_back_the_result_of_its_own_candidates(images):
+    policy = Policy(PolicySpec("randaugment", ops=2), CPU)
+    policy.candidates = [_AddLevels(k) for k in range(len(policy.candidates))]
+    small = images[:1000] // 2  # 0-127: two steps of at most 14 levels stay below 255
+    out, _ = policy(small, seed=11)
+    steps = policy.last.choices  # (2, n): the candidate of each image at each step
+    assert torch.equal(out.int(), small.int() + steps.sum(0)[:, None, None, None].int())
+
+
 def test_a_policy_draws_the_same_for_the_same_seed_and_leaves_torchs_generator_alone(images):
     policy = Policy(PolicySpec("trivialaugment", erasing=0.5), CPU)
     torch.manual_seed(123)

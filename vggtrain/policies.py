@@ -176,6 +176,8 @@ def _gated_rows_only(operation: Any) -> Any:
             return operation.op(input, params=dict(params, batch_prob=torch.ones_like(params["batch_prob"])))
         if not len(rows):
             return input
+        # Per row: every parameter whose first dimension is the batch's (all of kornia 0.9.0's for
+        # these operations; the test against kornia's forward covers each candidate).
         chosen = {key: value[rows] if key != "forward_input_shape" and value.shape[:1] == (n,) else value
                   for key, value in params.items()}
         chosen["batch_prob"] = torch.ones(len(rows), dtype=params["batch_prob"].dtype)
