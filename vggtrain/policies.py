@@ -177,9 +177,9 @@ def _gated_rows_only(operation: Any) -> Any:
         if not len(rows):
             return input
         # Per row: every parameter whose first dimension is the batch's (all of kornia 0.9.0's for
-        # these operations; the test against kornia's forward covers each candidate).
-        chosen = {key: value[rows] if key != "forward_input_shape" and value.shape[:1] == (n,) else value
-                  for key, value in params.items()}
+        # these operations; the test against kornia's forward covers each candidate); the gate and
+        # the input's shape are then set for the chosen rows.
+        chosen = {key: value[rows] if value.shape[:1] == (n,) else value for key, value in params.items()}
         chosen["batch_prob"] = torch.ones(len(rows), dtype=params["batch_prob"].dtype)
         chosen["forward_input_shape"] = torch.tensor((len(rows), *input.shape[1:]))
         # In place: input is _apply's gathered rows or the previous operation's output, held nowhere else.
