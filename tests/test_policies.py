@@ -136,6 +136,17 @@ def test_running_only_the_gated_rows_returns_what_kornias_own_forward_does(image
     assert (gated > 0) == (name == "autoaugment")  # the rows-only path was taken where gates are < 1
 
 
+def test_kornias_operations_keep_their_probabilities_after_a_call(images):
+    """The rows-only forward runs each op as if p were 1 (no blend) and puts p back."""
+    auto = __import__("kornia").augmentation.auto
+    policy = Policy(PolicySpec("autoaugment"), CPU)
+    kinds = auto.operations.OperationBase
+    ops = [m.op for c in policy.candidates for m in c.modules() if isinstance(m, kinds)]
+    before = [op.p for op in ops]
+    policy(images[:500], seed=3)
+    assert [op.p for op in ops] == before and min(before) < 1.0
+
+
 class _AddLevels(torch.nn.Module):
     """A stand-in candidate that adds k grey levels: which candidates an image went through, in
     which steps, reads off its pixels."""

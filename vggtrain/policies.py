@@ -121,10 +121,11 @@ class Policy:
             for candidate, count in enumerate(counts):
                 if count:
                     module = self.candidates[candidate]
-                    # Only these rows go to float and back, rounded to uint8 after each step as
-                    # torchvision's policies on uint8 images: a chunk in float is 4x the bytes to pass over.
-                    x = grouped[first:first + count].float().div_(255)
-                    grouped[first:first + count] = module(x).clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+                    # Only these rows go to float and back (one pass each way), rounded to uint8 after
+                    # each step as torchvision's policies on uint8 images: a chunk in float is 4x the
+                    # bytes to pass over.
+                    rows = grouped[first:first + count]
+                    rows.copy_(module(torch.div(rows, 255)).clamp_(0, 1).mul_(255).round_())
                     draw.applied.append((step, candidate, order[first:first + count], module._params))
                 first += count
             # Back in place by the inverse permutation: a gather, several times faster than a uint8 scatter.
@@ -173,7 +174,8 @@ def _gated_rows_only(operation: Any) -> Any:
         gate = params["batch_prob"] > 0
         n, rows = len(gate), gate.nonzero().flatten()
         if len(rows) == n:
-            return operation.op(input, params=dict(params, batch_prob=torch.ones_like(params["batch_prob"])))
+            every = dict(params, batch_prob=torch.ones_like(params["batch_prob"]))
+            return _on_every_row(operation.op, input, every)
         if not len(rows):
             return input
         # Per row: every parameter whose first dimension is the batch's (all of kornia 0.9.0's for
@@ -183,9 +185,22 @@ def _gated_rows_only(operation: Any) -> Any:
         chosen["batch_prob"] = torch.ones(len(rows), dtype=params["batch_prob"].dtype)
         chosen["forward_input_shape"] = torch.tensor((len(rows), *input.shape[1:]))
         # In place: input is _apply's gathered rows or the previous operation's output, held nowhere else.
-        return input.index_copy_(0, rows, operation.op(input.index_select(0, rows), params=chosen))
+        return input.index_copy_(0, rows, _on_every_row(operation.op, input.index_select(0, rows), chosen))
 
     return forward
+
+
+def _on_every_row(op: Any, input: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """kornia's augmentation op on input with params whose gates are all 1, run as kornia runs an op
+    of p = 1: with p < 1 it also blends the output with the input by the gates (a torch.where
+    over every row; without it AutoAugment's batched path ran 1.06-1.18x faster, see
+    docs/performance.md) and gates the matrices, which all-1 gates leave as they are. op.p is
+    restored after the call."""
+    p, op.p = op.p, 1.0
+    try:
+        return op(input, params=params)
+    finally:
+        op.p = p
 
 
 def _kornia_candidates(spec: PolicySpec, auto: Any) -> list[torch.nn.Module]:
