@@ -136,8 +136,15 @@ def test_running_only_the_gated_rows_returns_what_kornias_own_forward_does(image
     assert (gated > 0) == (name == "autoaugment")  # the rows-only path was taken where gates are < 1
 
 
-def test_kornias_operations_keep_their_probabilities_after_a_call(images):
-    """The rows-only forward runs each op as if p were 1 (no blend) and puts p back."""
+def test_kornias_blend_is_skipped_and_the_probabilities_kept(images, monkeypatch):
+    """On the CPU the rows-only forward runs each op as if p were 1: kornia's blend of output and
+    input by the gates is never called (though AutoAugment's ops have p < 1), and p is put back."""
+    import kornia.augmentation.base as kornia_base
+
+    blends = []
+    blend = kornia_base._AugmentationBase._blend_by_prob
+    monkeypatch.setattr(kornia_base._AugmentationBase, "_blend_by_prob",
+                        staticmethod(lambda *args: blends.append(1) or blend(*args)))
     auto = __import__("kornia").augmentation.auto
     policy = Policy(PolicySpec("autoaugment"), CPU)
     kinds = auto.operations.OperationBase
@@ -145,6 +152,10 @@ def test_kornias_operations_keep_their_probabilities_after_a_call(images):
     before = [op.p for op in ops]
     policy(images[:500], seed=3)
     assert [op.p for op in ops] == before and min(before) < 1.0
+    assert not blends
+    # kornia's own p < 1 path does blend: the counter counts
+    next(op for op in ops if op.p < 1)(images[:8].float() / 255)
+    assert blends
 
 
 class _AddLevels(torch.nn.Module):

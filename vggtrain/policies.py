@@ -193,11 +193,12 @@ def _gated_rows_only(operation: Any) -> Any:
 def _on_every_row(op: Any, input: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
     """kornia's augmentation op on input with params whose gates are all 1, run as kornia runs an op
     of p = 1: with p < 1 it also blends the output with the input by the gates (a torch.where
-    over every row; without it AutoAugment's batched path ran 1.06-1.18x faster, see
-    docs/performance.md) and gates the matrices, which all-1 gates leave as they are. op.p is
-    restored after the call."""
-    p, op.p = op.p, 1.0
+    over every row) and gates the matrices, which all-1 gates leave as they are. Without the blend,
+    and with one uint8/float pass each way in Policy._apply, AutoAugment's batched path ran
+    1.06-1.18x faster (docs/performance.md). op.p is restored after the call."""
+    p = op.p
     try:
+        op.p = 1.0
         return op(input, params=params)
     finally:
         op.p = p
