@@ -116,14 +116,14 @@ def test_random_erasing_erases_each_image_with_its_probability(images, p):
 def test_running_only_the_gated_rows_returns_what_kornias_own_forward_does(images, name):
     """Policy runs each operation on the rows its gate chose, without kornia's blend: the same
     images, bit for bit, as kornia's policy classes run as they come, for every candidate."""
-    from vggtrain.policies import _kornia_candidates, _seeded, kornia_augmentation
+    from vggtrain.policies import _kornia_candidates, _seeded, kornia_augmentation, kornia_operations
 
     spec = PolicySpec(name, magnitude=12)
     ours = Policy(spec, CPU).candidates
     auto = kornia_augmentation().auto
     theirs = _kornia_candidates(spec, auto)
     x = images[:400].float().div(255)
-    operations = [m for c in ours for m in c.modules() if isinstance(m, auto.operations.OperationBase)]
+    operations = kornia_operations(ours, auto)
     assert operations and all("forward" in vars(op) for op in operations)  # the rows-only forward is in place
     gated = 0
     for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
@@ -145,10 +145,10 @@ def test_kornias_blend_is_skipped_and_the_probabilities_kept(images, monkeypatch
     blend = kornia_base._AugmentationBase._blend_by_prob
     monkeypatch.setattr(kornia_base._AugmentationBase, "_blend_by_prob",
                         staticmethod(lambda *args: blends.append(1) or blend(*args)))
-    auto = __import__("kornia").augmentation.auto
+    from vggtrain.policies import kornia_augmentation, kornia_operations
+
     policy = Policy(PolicySpec("autoaugment"), CPU)
-    kinds = auto.operations.OperationBase
-    ops = [m.op for c in policy.candidates for m in c.modules() if isinstance(m, kinds)]
+    ops = [operation.op for operation in kornia_operations(policy.candidates, kornia_augmentation().auto)]
     before = [op.p for op in ops]
     policy(images[:500], seed=3)
     assert [op.p for op in ops] == before and min(before) < 1.0

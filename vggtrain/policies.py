@@ -145,10 +145,15 @@ def _candidates(spec: PolicySpec, K: Any) -> list[torch.nn.Module]:
     """kornia's policy class around each of its own candidates, one at a time, its operations
     run on the rows their gates chose (_gated_rows_only)."""
     candidates = _kornia_candidates(spec, K.auto)
-    operation_type = K.auto.operations.OperationBase
-    for operation in (m for c in candidates for m in c.modules() if isinstance(m, operation_type)):
+    for operation in kornia_operations(candidates, K.auto):
         operation.forward = _gated_rows_only(operation)
     return candidates
+
+
+def kornia_operations(candidates: list[torch.nn.Module], auto: Any) -> list[Any]:
+    """The kornia policy operations (OperationBase, each around one augmentation, its .op) inside
+    the candidates."""
+    return [m for c in candidates for m in c.modules() if isinstance(m, auto.operations.OperationBase)]
 
 
 def _gated_rows_only(operation: Any) -> Any:
