@@ -146,7 +146,7 @@ def _candidates(spec: PolicySpec, K: Any) -> list[torch.nn.Module]:
     run on the rows their gates chose (_gated_rows_only)."""
     candidates = _kornia_candidates(spec, K.auto)
     for operation in kornia_operations(candidates, K.auto):
-        operation.forward = _gated_rows_only(operation)
+        operation.forward = _gated_rows_only(operation, isinstance(operation.op, K.RandomSharpness))
     return candidates
 
 
@@ -156,7 +156,7 @@ def kornia_operations(candidates: list[torch.nn.Module], auto: Any) -> list[Any]
     return [m for c in candidates for m in c.modules() if isinstance(m, auto.operations.OperationBase)]
 
 
-def _gated_rows_only(operation: Any) -> Any:
+def _gated_rows_only(operation: Any, channels_last: bool = False) -> Any:
     """kornia's OperationBase.forward for a policy's hard gates, on the CPU on the gated rows only.
 
     kornia runs an operation with p < 1 on every row and then keeps the gated ones (torch.where),
@@ -167,7 +167,8 @@ def _gated_rows_only(operation: Any) -> Any:
     kornia returns (a test holds it), without transforming rows it throws away (AutoAugment's gates
     are 0.1-0.9) or three more passes over the batch. On a GPU kornia's own forward runs: finding
     the gated rows there would wait for the device at every operation, and the GPU has the
-    throughput to spare."""
+    throughput to spare. channels_last: the op runs on a channels_last copy of its rows (for
+    sharpness: see _on_every_row)."""
 
     kornias = operation.forward
 
@@ -180,7 +181,7 @@ def _gated_rows_only(operation: Any) -> Any:
         n, rows = len(gate), gate.nonzero().flatten()
         if len(rows) == n:
             every = dict(params, batch_prob=torch.ones_like(params["batch_prob"]))
-            return _on_every_row(operation.op, input, every)
+            return _on_every_row(operation.op, input, every, channels_last)
         if not len(rows):
             return input
         # Per row: every parameter whose first dimension is the batch's (all of kornia 0.9.0's for
@@ -190,21 +191,32 @@ def _gated_rows_only(operation: Any) -> Any:
         chosen["batch_prob"] = torch.ones(len(rows), dtype=params["batch_prob"].dtype)
         chosen["forward_input_shape"] = torch.tensor((len(rows), *input.shape[1:]))
         # In place: input is _apply's gathered rows or the previous operation's output, held nowhere else.
-        return input.index_copy_(0, rows, _on_every_row(operation.op, input.index_select(0, rows), chosen))
+        return input.index_copy_(0, rows, _on_every_row(operation.op, input.index_select(0, rows), chosen,
+                                                             channels_last))
 
     return forward
 
 
-def _on_every_row(op: Any, input: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+def _on_every_row(op: Any, input: torch.Tensor, params: dict[str, torch.Tensor],
+                  channels_last: bool = False) -> torch.Tensor:
     """kornia's augmentation op on input with params whose gates are all 1, run as kornia runs an op
     of p = 1: with p < 1 it also blends the output with the input by the gates (a torch.where
     over every row) and gates the matrices, which all-1 gates leave as they are. Without the blend,
     and with one uint8/float pass each way in Policy._apply, AutoAugment's batched path ran
-    1.06-1.18x faster (docs/performance.md). op.p is restored after the call."""
+    1.06-1.18x faster (docs/performance.md). op.p is restored after the call.
+
+    channels_last (kornia's sharpness, a depthwise 3x3 convolution): on NCHW input oneDNN reorders
+    the 3 channels to a blocked layout padded to 8 or 16 and back around its kernel, on channels_last
+    it runs directly: 1.5 ms against 9 ms for 1,000 float 32x32 images (docs/performance.md), the
+    same floats (the per-candidate test against kornia's NCHW forward; it held with oneDNN limited
+    to SSE4.1, AVX2 and AVX-512 code). The other operations were slower on channels_last, so only
+    this one goes there and back."""
     p = op.p
     try:
         op.p = 1.0
-        return op(input, params=params)
+        if not channels_last:
+            return op(input, params=params)
+        return op(input.contiguous(memory_format=torch.channels_last), params=params).contiguous()
     finally:
         op.p = p
 
