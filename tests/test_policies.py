@@ -158,25 +158,31 @@ def test_kornias_blend_is_skipped_and_the_probabilities_kept(images, monkeypatch
     assert blends
 
 
-def test_only_sharpness_runs_on_channels_last_rows_and_hands_back_nchw(images, monkeypatch):
-    """kornia's sharpness (a depthwise convolution, many times faster in oneDNN on channels_last)
-    gets channels_last rows, the other operations NCHW ones as before; each candidate hands back NCHW."""
+@pytest.mark.parametrize("name", ["trivialaugment", "autoaugment"])
+def test_only_sharpness_runs_on_channels_last_rows_and_hands_back_nchw(images, monkeypatch, name):
+    """kornia's sharpness (a depthwise convolution, faster in oneDNN on channels_last) gets
+    channels_last rows, the other operations NCHW ones as before, on every row (TrivialAugment's
+    p = 1) and on the gated rows (AutoAugment's p < 1); each candidate hands back NCHW."""
     from vggtrain.policies import kornia_augmentation
 
     K = kornia_augmentation()
     layouts: dict[str, set[str]] = {}
+    rows: list[int] = []
     for cls in (K.RandomSharpness, K.RandomEqualize, K.RandomRotation):
         def recording(self, input, *args, _apply=cls.apply_transform, _name=cls.__name__, **kwargs):
             layout = "nchw" if input.is_contiguous() else \
                 "channels_last" if input.is_contiguous(memory_format=torch.channels_last) else "other"
             layouts.setdefault(_name, set()).add(layout)
+            if _name == "RandomSharpness":
+                rows.append(len(input))
             return _apply(self, input, *args, **kwargs)
         monkeypatch.setattr(cls, "apply_transform", recording)
     x = images[:600].float().div(255)
-    for candidate in Policy(PolicySpec("trivialaugment"), CPU).candidates:
+    for candidate in Policy(PolicySpec(name), CPU).candidates:
         assert candidate(x.clone()).is_contiguous()
     assert layouts == {"RandomSharpness": {"channels_last"}, "RandomEqualize": {"nchw"},
                        "RandomRotation": {"nchw"}}
+    assert (min(rows) < len(x)) == (name == "autoaugment")  # the gated-rows path was taken there
 
 
 class _AddLevels(torch.nn.Module):

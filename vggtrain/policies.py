@@ -207,10 +207,11 @@ def _on_every_row(op: Any, input: torch.Tensor, params: dict[str, torch.Tensor],
 
     channels_last (kornia's sharpness, a depthwise 3x3 convolution): on NCHW input oneDNN reorders
     the 3 channels to a blocked layout padded to 8 or 16 and back around its kernel, on channels_last
-    it runs directly: 1.5 ms against 9 ms for 1,000 float 32x32 images (docs/performance.md), the
-    same floats (the per-candidate test against kornia's NCHW forward; it held with oneDNN limited
-    to SSE4.1, AVX2 and AVX-512 code). The other operations were slower on channels_last, so only
-    this one goes there and back."""
+    it runs directly: 1.5 ms against 9 ms for 1,000 float 32x32 images on an AVX-512 AMD EPYC
+    (docs/performance.md), the same floats (the per-candidate test against kornia's NCHW forward
+    holds it; it held with oneDNN limited to SSE4.1, AVX2 and AVX-512 code). With every operation
+    on channels_last the whole policies ran 0.8-0.9x as fast there, so only this one goes there
+    and back."""
     p = op.p
     try:
         op.p = 1.0
