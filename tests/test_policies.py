@@ -221,6 +221,24 @@ def _batches(loader: TrainLoader, epoch: int, start: int = 0) -> list[tuple[torc
     return list(loader.epoch(epoch, start=start))
 
 
+def test_a_policy_gets_nchw_chunks_and_channels_last_runs_get_the_same_batches_laid_out_channels_last(
+        monkeypatch):
+    """Under a policy the chunk is cropped NCHW (kornia's layout; gathering rows of a channels_last
+    chunk transposes it), and a channels_last run's batches are channels_last, the same values."""
+    monkeypatch.setattr(data_module, "AUGMENT_CHUNK_IMAGES", 96)
+    seen: list[bool] = []
+    call = Policy.__call__
+    monkeypatch.setattr(Policy, "__call__", lambda self, images, seed: seen.append(images.is_contiguous())
+                        or call(self, images, seed))
+    aug = Augmentation(policy=PolicySpec("trivialaugment", erasing=0.5), cutout=8)
+    split = random_split(300, CPU, seed=5)
+    nchw, last = (_batches(TrainLoader(split, 32, seed=7, aug=aug, channels_last=layout), 0)
+                  for layout in (False, True))
+    assert seen and all(seen)
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in last)
+    assert all(torch.equal(a, b) and torch.equal(ya, yb) for (a, ya), (b, yb) in zip(nchw, last, strict=True))
+
+
 @pytest.mark.parametrize("name", ["autoaugment", "randaugment"])
 def test_a_resumed_epoch_gets_the_same_batches_bit_for_bit(monkeypatch, name):
     # chunks of 3 batches, so a resume lands inside a chunk and in later ones

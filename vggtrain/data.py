@@ -622,10 +622,13 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator,
     # A policy's draws are seeded per chunk, so its chunks stay where an uninterrupted epoch has
     # them: a resumed epoch augments the chunk it resumes in whole and yields from its batch on.
     begin = first_image - first_image % per_chunk if policy else first_image
+    # A policy's chunk is cropped NCHW: its row gathers would transpose a channels_last chunk (the
+    # slow part of them), kornia works on NCHW, and normalize lays each batch out channels_last anyway.
+    crop_channels_last = channels_last and policy is None
     for chunk_start in range(begin, end if first_image < end else begin, per_chunk):
         idx = perm[chunk_start:min(chunk_start + per_chunk, end)]
-        images = crop_flip(split, idx, shifts[idx], flips[idx], channels_last, pad, aug.pad_mode) if aug \
-            else split.images[idx]
+        images = crop_flip(split, idx, shifts[idx], flips[idx], crop_channels_last, pad, aug.pad_mode) \
+            if aug else split.images[idx]
         erased = None
         if policy is not None:
             images, erased = policy(images, chunk_seed(policy_base, rank, chunk_start // per_chunk))
