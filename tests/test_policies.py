@@ -221,20 +221,23 @@ def _batches(loader: TrainLoader, epoch: int, start: int = 0) -> list[tuple[torc
     return list(loader.epoch(epoch, start=start))
 
 
+@pytest.mark.parametrize("name", ["trivialaugment", "none"])
 def test_a_policy_gets_nchw_chunks_and_channels_last_runs_get_the_same_batches_laid_out_channels_last(
-        monkeypatch):
+        monkeypatch, name):
     """Under a policy the chunk is cropped NCHW (kornia's layout; gathering rows of a channels_last
-    chunk transposes it), and a channels_last run's batches are channels_last, the same values."""
+    chunk transposes it); random erasing alone keeps a channels_last run's chunk channels_last.
+    Either way a channels_last run's batches are channels_last, the same values."""
     monkeypatch.setattr(data_module, "AUGMENT_CHUNK_IMAGES", 96)
     seen: list[bool] = []
     call = Policy.__call__
     monkeypatch.setattr(Policy, "__call__", lambda self, images, seed: seen.append(images.is_contiguous())
                         or call(self, images, seed))
-    aug = Augmentation(policy=PolicySpec("trivialaugment", erasing=0.5), cutout=8)
+    aug = Augmentation(policy=PolicySpec(name, erasing=0.5), cutout=8)
     split = random_split(300, CPU, seed=5)
     nchw, last = (_batches(TrainLoader(split, 32, seed=7, aug=aug, channels_last=layout), 0)
                   for layout in (False, True))
-    assert seen and all(seen)
+    assert len(seen) == 6 and all(seen[:3])  # 3 chunks a run: the NCHW run's, then the channels_last run's
+    assert all(seen[3:]) == (name != "none") and any(seen[3:]) == (name != "none")
     assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in last)
     assert all(torch.equal(a, b) and torch.equal(ya, yb) for (a, ya), (b, yb) in zip(nchw, last, strict=True))
 
