@@ -112,17 +112,31 @@ def test_random_erasing_erases_each_image_with_its_probability(images, p):
     assert bool(((area[erased] >= lo * 0.8) & (area[erased] <= hi * 1.2)).all())
 
 
+def _rounding_after_each_operation(candidates: list[torch.nn.Module], auto) -> None:
+    """kornia's own operations (their forward, blend and all) on float images, each rounded back
+    to uint8: the reference for Policy's candidates."""
+    from vggtrain.policies import kornia_operations
+
+    for operation in kornia_operations(candidates, auto):
+        def forward(x, params=None, _kornias=operation.forward):
+            return _kornias(x.float() / 255, params).clamp(0, 1).mul(255).round().to(torch.uint8)
+        operation.forward = forward
+
+
 @pytest.mark.parametrize("name", ["autoaugment", "randaugment", "trivialaugment"])
-def test_running_only_the_gated_rows_returns_what_kornias_own_forward_does(images, name):
-    """Policy runs each operation on the rows its gate chose, without kornia's blend: the same
-    images, bit for bit, as kornia's policy classes run as they come, for every candidate."""
+def test_each_candidate_returns_what_kornias_own_operations_do_rounded_after_each(images, name):
+    """Policy runs each operation on the rows its gate chose, without kornia's blend, on uint8
+    images (pointwise operations through a table of the 256 levels, autocontrast through a probe,
+    equalize through torchvision's): the same images, bit for bit, as kornia's policy classes run
+    as they come with each operation rounded back to uint8, for every candidate."""
     from vggtrain.policies import _kornia_candidates, _seeded, kornia_augmentation, kornia_operations
 
     spec = PolicySpec(name, magnitude=12)
     ours = Policy(spec, CPU).candidates
     auto = kornia_augmentation().auto
     theirs = _kornia_candidates(spec, auto)
-    x = images[:400].float().div(255)
+    _rounding_after_each_operation(theirs, auto)
+    x = torch.cat([images[:300], _natural(100)])  # random levels, and images with few levels and a range
     operations = kornia_operations(ours, auto)
     assert operations and all("forward" in vars(op) for op in operations)  # the rows-only forward is in place
     gated = 0
@@ -131,9 +145,51 @@ def test_running_only_the_gated_rows_returns_what_kornias_own_forward_does(image
             mine = a(x.clone())
         with _seeded(i, CPU):
             kornias = b(x.clone())
-        assert torch.equal(mine, kornias), (name, i)
+        assert mine.dtype == torch.uint8 and torch.equal(mine, kornias), (name, i)
+        assert not torch.equal(mine, x) or name == "autoaugment", (name, i)  # each candidate changes images
         gated += sum(int(item.data["batch_prob"].sum()) < len(x) for item in a._params[0].data)
     assert (gated > 0) == (name == "autoaugment")  # the rows-only path was taken where gates are < 1
+
+
+@pytest.mark.parametrize("name", ["randaugment", "trivialaugment"])
+def test_rotate_shear_and_translate_sample_the_nearest_pixel(images, name):
+    """Each geometric candidate's output holds only levels of its own image or the fill (0), as
+    torchvision's policies' default nearest interpolation gives; kornia's bilinear default makes
+    new levels between neighbours (the reference, to show the check can fail)."""
+    from vggtrain.policies import _kornia_policies, kornia_augmentation, kornia_operations
+
+    auto = kornia_augmentation().auto
+    spec = PolicySpec(name, magnitude=20)
+    x = images[:200] // 64 * 64 + 32  # four levels an image: a blend of neighbours makes others
+    geometric = 0
+    for ours, bilinear in zip(Policy(spec, CPU).candidates, _kornia_policies(spec, auto), strict=True):
+        if "resample" not in kornia_operations([ours], auto)[0].op.flags:
+            continue
+        geometric += 1
+        out = ours(x.clone())
+        # per image, a bitmap of the levels it holds: the output's within the input's, plus 0
+        held = torch.zeros(len(x), 256, dtype=torch.bool).scatter_(1, x.view(len(x), -1).long(), True)
+        held[:, 0] = True
+        made = torch.zeros_like(held).scatter_(1, out.view(len(x), -1).long(), True)
+        assert not (made & ~held).any() and not torch.equal(out, x)
+        smooth = bilinear(x.float() / 255).mul(255).round().to(torch.uint8)
+        made = torch.zeros_like(held).scatter_(1, smooth.view(len(x), -1).long(), True)
+        assert (made & ~held).any()
+    assert geometric == 5  # rotate, shear x and y, translate x and y
+
+
+def _natural(n: int) -> torch.Tensor:
+    """n smooth uint8 images with a narrower range per channel than uniform noise, some of one
+    level (autocontrast's and equalize's edge cases: a flat channel, a few levels)."""
+    generator = torch.Generator().manual_seed(1)
+    coarse = torch.rand(n, 3, 4, 4, generator=generator)
+    smooth = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
+    low = torch.rand(n, 3, 1, 1, generator=generator) * 0.5
+    spread = torch.rand(n, 3, 1, 1, generator=generator) * 0.5
+    images = (low + smooth * spread).mul(255).round().to(torch.uint8)
+    images[: n // 10] = images[: n // 10, :, :1, :1]  # flat images
+    images[n // 10: n // 5] //= 64  # four levels
+    return images
 
 
 def test_kornias_blend_is_skipped_and_the_probabilities_kept(images, monkeypatch):
@@ -168,7 +224,7 @@ def test_only_sharpness_runs_on_channels_last_rows_and_hands_back_nchw(images, m
     K = kornia_augmentation()
     layouts: dict[str, set[str]] = {}
     rows: list[int] = []
-    for cls in (K.RandomSharpness, K.RandomEqualize, K.RandomRotation):
+    for cls in (K.RandomSharpness, K.RandomShear, K.RandomRotation):
         def recording(self, input, *args, _apply=cls.apply_transform, _name=cls.__name__, **kwargs):
             layout = "nchw" if input.is_contiguous() else \
                 "channels_last" if input.is_contiguous(memory_format=torch.channels_last) else "other"
@@ -177,10 +233,11 @@ def test_only_sharpness_runs_on_channels_last_rows_and_hands_back_nchw(images, m
                 rows.append(len(input))
             return _apply(self, input, *args, **kwargs)
         monkeypatch.setattr(cls, "apply_transform", recording)
-    x = images[:600].float().div(255)
+    x = images[:600]
     for candidate in Policy(PolicySpec(name), CPU).candidates:
-        assert candidate(x.clone()).is_contiguous()
-    assert layouts == {"RandomSharpness": {"channels_last"}, "RandomEqualize": {"nchw"},
+        out = candidate(x.clone())
+        assert out.is_contiguous() and out.dtype == torch.uint8
+    assert layouts == {"RandomSharpness": {"channels_last"}, "RandomShear": {"nchw"},
                        "RandomRotation": {"nchw"}}
     assert (min(rows) < len(x)) == (name == "autoaugment")  # the gated-rows path was taken there
 
@@ -194,7 +251,7 @@ class _AddLevels(torch.nn.Module):
         self.k, self._params = k, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.k / 255
+        return x + self.k  # uint8 in and out, as a candidate
 
 
 def test_each_image_gets_back_the_result_of_its_own_candidates(images):

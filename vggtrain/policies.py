@@ -23,6 +23,7 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from torchvision.transforms.v2.functional import equalize
 
 from vggtrain.errors import UserError
 
@@ -98,10 +99,8 @@ class Policy:
 
     def __call__(self, images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(images after the policy, uint8 like the input; the (n, 1, h, w) bool mask random
-        erasing drew, or None). Each step (an AutoAugment sub-policy, a TrivialAugment operation, each
-        of RandAugment's N) runs on float [0, 1] and is rounded back to uint8, what the data path
-        normalises: torchvision's policies on PIL images or uint8 tensors round after every
-        operation, so an AutoAugment sub-policy's two operations here round once."""
+        erasing drew, or None). Each operation takes and hands back uint8 images, rounded to the
+        nearest level, as torchvision's policies on PIL or uint8 images round after every operation."""
         with _seeded(seed, images.device), torch.no_grad():
             draw = Draw(self.choose(len(images)))
             if self.candidates:
@@ -121,11 +120,11 @@ class Policy:
             for candidate, count in enumerate(counts):
                 if count:
                     module = self.candidates[candidate]
-                    # Only these rows go to float and back (one pass each way), rounded to uint8 after
-                    # each step as torchvision's policies on uint8 images: a chunk in float is 4x the
-                    # bytes to pass over.
+                    # uint8 in and out: each operation rounds back to uint8 (_on_every_row).
                     rows = grouped[first:first + count]
-                    rows.copy_(module(torch.div(rows, 255)).clamp_(0, 1).mul_(255).round_())
+                    result = module(rows)
+                    if result.data_ptr() != rows.data_ptr():
+                        rows.copy_(result)
                     draw.applied.append((step, candidate, order[first:first + count], module._params))
                 first += count
             # Back in place by the inverse permutation: a gather, several times faster than a uint8 scatter.
@@ -142,11 +141,12 @@ class Policy:
 
 
 def _candidates(spec: PolicySpec, K: Any) -> list[torch.nn.Module]:
-    """kornia's policy class around each of its own candidates, one at a time, its operations
-    run on the rows their gates chose (_gated_rows_only)."""
+    """kornia's policy classes around each of its own candidates, one at a time, on uint8 rows:
+    each operation runs on the rows its gate chose (_gated_rows_only), the way its kind allows
+    (_kind)."""
     candidates = _kornia_candidates(spec, K.auto)
     for operation in kornia_operations(candidates, K.auto):
-        operation.forward = _gated_rows_only(operation, isinstance(operation.op, K.RandomSharpness))
+        operation.forward = _gated_rows_only(operation, _kind(operation.op, K))
     return candidates
 
 
@@ -156,8 +156,28 @@ def kornia_operations(candidates: list[torch.nn.Module], auto: Any) -> list[Any]
     return [m for c in candidates for m in c.modules() if isinstance(m, auto.operations.OperationBase)]
 
 
-def _gated_rows_only(operation: Any, channels_last: bool = False) -> Any:
-    """kornia's OperationBase.forward for a policy's hard gates, on the CPU on the gated rows only.
+def _kind(op: Any, K: Any) -> str:
+    """How _on_every_row runs kornia's augmentation op on uint8 images:
+    levels: each pixel's output is a function of its own level and the row's parameters
+        (posterize, solarize, brightness, contrast, invert), so kornia's op runs on the 256 levels
+        once per row and the images go through that table;
+    min_max: also a function of each channel's minimum and maximum (autocontrast): the 256 levels
+        clamped to them make a probe with the same minimum and maximum;
+    equalize: torchvision's equalize of uint8 images, PIL's algorithm as kornia's;
+    channels_last: sharpness, on float rows laid out channels_last; float: the rest, on float rows."""
+    if isinstance(op, (K.RandomPosterize, K.RandomSolarize, K.RandomBrightness, K.RandomContrast,
+                       K.RandomInvert)):
+        return "levels"
+    if isinstance(op, K.RandomAutoContrast):
+        return "min_max"
+    if isinstance(op, K.RandomEqualize):
+        return "equalize"
+    return "channels_last" if isinstance(op, K.RandomSharpness) else "float"
+
+
+def _gated_rows_only(operation: Any, kind: str) -> Any:
+    """kornia's OperationBase.forward for a policy's hard gates, on uint8 images; on the CPU on the
+    gated rows only.
 
     kornia runs an operation with p < 1 on every row and then keeps the gated ones (torch.where),
     and its OperationBase blends that with the input, batch_prob * op(x) + (1 - batch_prob) * x, for
@@ -165,23 +185,22 @@ def _gated_rows_only(operation: Any, channels_last: bool = False) -> Any:
     or 1 (drawn here as kornia draws them, in forward_parameters), so on the CPU this runs the op on
     the rows whose gate is 1, with those rows' parameters, and leaves the others as they were: what
     kornia returns (a test holds it), without transforming rows it throws away (AutoAugment's gates
-    are 0.1-0.9) or three more passes over the batch. On a GPU kornia's own forward runs: finding
-    the gated rows there would wait for the device at every operation, and the GPU has the
-    throughput to spare. channels_last: the op runs on a channels_last copy of its rows (for
-    sharpness: see _on_every_row)."""
+    are 0.1-0.9) or three more passes over the batch. On a GPU kornia's own forward runs on float
+    images: finding the gated rows there would wait for the device at every operation, and the GPU
+    has the throughput to spare."""
 
     kornias = operation.forward
 
     def forward(input: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if input.device.type != "cpu":
-            return kornias(input, params)
         if params is None:
             params = operation.forward_parameters(input.shape)
+        if input.device.type != "cpu":
+            return _to_uint8(kornias(torch.div(input, 255), params))
         gate = params["batch_prob"] > 0
         n, rows = len(gate), gate.nonzero().flatten()
         if len(rows) == n:
             every = dict(params, batch_prob=torch.ones_like(params["batch_prob"]))
-            return _on_every_row(operation.op, input, every, channels_last)
+            return _on_every_row(operation.op, kind, input, every)
         if not len(rows):
             return input
         # Per row: every parameter whose first dimension is the batch's (all of kornia 0.9.0's for
@@ -191,41 +210,84 @@ def _gated_rows_only(operation: Any, channels_last: bool = False) -> Any:
         chosen["batch_prob"] = torch.ones(len(rows), dtype=params["batch_prob"].dtype)
         chosen["forward_input_shape"] = torch.tensor((len(rows), *input.shape[1:]))
         # In place: input is _apply's gathered rows or the previous operation's output, held nowhere else.
-        return input.index_copy_(0, rows, _on_every_row(operation.op, input.index_select(0, rows), chosen,
-                                                             channels_last))
+        done = _on_every_row(operation.op, kind, input.index_select(0, rows), chosen)
+        return input.index_copy_(0, rows, done)
 
     return forward
 
 
-def _on_every_row(op: Any, input: torch.Tensor, params: dict[str, torch.Tensor],
-                  channels_last: bool = False) -> torch.Tensor:
-    """kornia's augmentation op on input with params whose gates are all 1, run as kornia runs an op
-    of p = 1: with p < 1 it also blends the output with the input by the gates (a torch.where
-    over every row) and gates the matrices, which all-1 gates leave as they are. Without the blend,
-    and with one uint8/float pass each way in Policy._apply, AutoAugment's batched path ran
-    1.06-1.18x faster (docs/performance.md). op.p is restored after the call.
+def _on_every_row(op: Any, kind: str, input: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """kornia's augmentation op on uint8 input with params whose gates are all 1, rounded back to
+    uint8 (as torchvision's policies round after every operation on uint8 images), run as kornia
+    runs an op of p = 1: with p < 1 it also blends the output with the input by the gates (a
+    torch.where over every row) and gates the matrices, which all-1 gates leave as they are.
+    op.p is restored after the call.
 
-    channels_last (kornia's sharpness, a depthwise 3x3 convolution): on NCHW input oneDNN reorders
-    the 3 channels to a blocked layout padded to 8 or 16 and back around its kernel, on channels_last
-    it runs directly: 1.5 ms against 9 ms for 1,000 float 32x32 images on an AVX-512 AMD EPYC
-    (docs/performance.md), the same floats (the per-candidate test against kornia's NCHW forward
-    holds it; it held with oneDNN limited to SSE4.1, AVX2 and AVX-512 code). With every operation
-    on channels_last the whole policies ran 0.8-0.9x as fast there, so only this one goes there
-    and back."""
+    Why the kinds (_kind): kornia's operations work on float images, several passes of 4 bytes an
+    element each. Run on 256 levels a row instead of 3,072 pixels, with the uint8 images then read
+    through the table by one gather, TrivialAugment's posterize took 2.0 microseconds an image
+    against 8.2 and solarize 1.6 against 5.5 (682 images, 2 threads, on an AVX-512 AMD EPYC), the
+    same uint8 images (the per-candidate test against kornia's forward holds it).
+    channels_last (sharpness, a depthwise 3x3 convolution): on NCHW input oneDNN reorders the 3
+    channels to a blocked layout padded to 8 or 16 and back around its kernel, on channels_last
+    it runs directly: 1.5 ms against 9 ms for 1,000 float 32x32 images on an AVX-512 AMD EPYC."""
     p = op.p
     try:
         op.p = 1.0
-        if not channels_last:
-            return op(input, params=params)
-        return op(input.contiguous(memory_format=torch.channels_last), params=params).contiguous()
+        if kind == "equalize":
+            return equalize(input)
+        if kind in ("levels", "min_max"):
+            return _through_levels(op, kind, input, params)
+        x = torch.div(input, 255)
+        if kind == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return _to_uint8(op(x, params=params).contiguous())
     finally:
         op.p = p
 
 
+def _through_levels(op: Any, kind: str, input: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """input (n, c, h, w) uint8 through the table kornia's op makes of the 256 levels, per row
+    (levels) or per row and channel (min_max: the levels clamped to each channel's minimum and
+    maximum, the only statistics autocontrast reads, which the probe then shares with the image)."""
+    n, c = input.shape[:2]
+    levels = torch.arange(256, device=input.device, dtype=torch.uint8)
+    if kind == "levels":
+        probe = levels.expand(n, 1, 1, 256)
+    else:
+        flat = input.view(n, c, -1)
+        low, high = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
+        probe = torch.minimum(torch.maximum(levels.expand(n, c, 256), low), high).unsqueeze(2)
+    probe_params = dict(params, forward_input_shape=torch.tensor(probe.shape))
+    table = _to_uint8(op(torch.div(probe, 255), params=probe_params)).view(n, -1, 256)
+    index = input.reshape(n, table.shape[1], -1).long()
+    return table.gather(2, index).view(input.shape)
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [0, 1] images rounded to uint8 levels."""
+    return images.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+
+
 def _kornia_candidates(spec: PolicySpec, auto: Any) -> list[torch.nn.Module]:
-    """kornia's policy classes as they come, one per candidate. transformation_matrix_mode "skip":
-    the chained geometric matrices are for boxes and keypoints, which a policy here never sees (and
-    the rows-only forward would give kornia a matrix per gated row, not per row)."""
+    """kornia's policy classes, one per candidate, their rotate, shear and translate sampling the
+    nearest pixel. transformation_matrix_mode "skip": the chained geometric matrices are for boxes
+    and keypoints, which a policy here never sees (and the rows-only forward would give kornia a
+    matrix per gated row, not per row)."""
+    from kornia.constants import Resample
+
+    candidates = _kornia_policies(spec, auto)
+    for operation in kornia_operations(candidates, auto):
+        if "resample" in operation.op.flags:
+            # Nearest, as torchvision's policies by default (and the AutoAugment paper's code): each
+            # pixel keeps a level of the image or the fill, and it costs less than kornia's bilinear
+            # default (docs/performance.md).
+            operation.op.flags["resample"] = Resample.NEAREST
+    return candidates
+
+
+def _kornia_policies(spec: PolicySpec, auto: Any) -> list[torch.nn.Module]:
+    """kornia's policy classes as they come, one per candidate."""
     if spec.name == "autoaugment":
         from kornia.augmentation.auto.autoaugment.autoaugment import cifar10_policy
 
