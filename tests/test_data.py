@@ -314,6 +314,20 @@ def test_normalize_matches_torchvision():
     torch.testing.assert_close(normalize(images), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_normalize_gives_the_floats_of_a_converting_copy_and_two_passes_in_any_layout():
+    """normalize converts and scales in one multiply: the same floats as the copy-then-scale it
+    replaced (x.float() * scale - shift), from NCHW or channels_last uint8, into either layout."""
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    scale, shift = 1.0 / (255.0 * std), mean / std
+    expected = images.float().mul_(scale).sub_(shift)
+    for source in (images, images.contiguous(memory_format=torch.channels_last)):
+        for channels_last in (False, True):
+            out = normalize(source, channels_last)
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            assert torch.equal(out, expected) and out.is_contiguous(memory_format=layout)
+
+
 def test_train_batches_shuffle_cover_and_repeat(cifar_bin):
     train, _, _ = load_cifar10(cifar_bin)
     tagged = Split(train.images, torch.arange(len(train)))

@@ -110,13 +110,15 @@ class Policy:
         return images, mask
 
     def _apply(self, images: torch.Tensor, draw: Draw) -> torch.Tensor:
-        out = images  # never written: each step gathers a new tensor
+        # Image i is grouped[where[i]] (where None: grouped[i]). images is never written.
+        grouped, where = images, None
         for step, chosen in enumerate(draw.choices):
-            # Sorted on the CPU (no device sync): one gather puts each candidate's rows in one slice.
+            # Sorted on the CPU (no device sync): one gather puts each candidate's rows in one slice,
+            # straight from the previous step's order (RandAugment's N steps: N + 1 gathers, not 2N).
             order = chosen.argsort(stable=True)
             counts = torch.bincount(chosen, minlength=len(self.candidates)).tolist()
-            order_dev = order.to(out.device, non_blocking=True)
-            first, grouped = 0, out.index_select(0, order_dev)
+            source = order if where is None else where[order]
+            first, grouped = 0, grouped.index_select(0, source.to(images.device, non_blocking=True))
             for candidate, count in enumerate(counts):
                 if count:
                     module = self.candidates[candidate]
@@ -127,9 +129,11 @@ class Policy:
                         rows.copy_(result)
                     draw.applied.append((step, candidate, order[first:first + count], module._params))
                 first += count
-            # Back in place by the inverse permutation: a gather, several times faster than a uint8 scatter.
-            out = grouped.index_select(0, order_dev.argsort())
-        return out
+            where = order.argsort()
+        if where is None:
+            return grouped
+        # Back in place by the inverse permutation: a gather, several times faster than a uint8 scatter.
+        return grouped.index_select(0, where.to(images.device, non_blocking=True))
 
     def _erase(self, images: torch.Tensor, draw: Draw) -> torch.Tensor:
         """Where kornia's RandomErasing erases, as a mask: the data path fills it with 0 after
@@ -164,6 +168,9 @@ def _kind(op: Any, K: Any) -> str:
     min_max: also a function of each channel's minimum and maximum (autocontrast): the 256 levels
         clamped to them make a probe with the same minimum and maximum;
     equalize: torchvision's equalize of uint8 images, PIL's algorithm as kornia's;
+    positions: a warp sampling the nearest pixel (rotate, shear, translate here) moves pixels, so
+        kornia's op runs on one float image of pixel positions and each image's pixels are
+        gathered from where it says;
     channels_last: sharpness, on float rows laid out channels_last; float: the rest, on float rows."""
     if isinstance(op, (K.RandomPosterize, K.RandomSolarize, K.RandomBrightness, K.RandomContrast,
                        K.RandomInvert)):
@@ -172,6 +179,10 @@ def _kind(op: Any, K: Any) -> str:
         return "min_max"
     if isinstance(op, K.RandomEqualize):
         return "equalize"
+    from kornia.constants import Resample
+
+    if getattr(op, "flags", {}).get("resample") == Resample.NEAREST:
+        return "positions"
     return "channels_last" if isinstance(op, K.RandomSharpness) else "float"
 
 
@@ -238,6 +249,8 @@ def _on_every_row(op: Any, kind: str, input: torch.Tensor, params: dict[str, tor
             return equalize(input)
         if kind in ("levels", "min_max"):
             return _through_levels(op, kind, input, params)
+        if kind == "positions":
+            return _through_positions(op, input, params)
         x = torch.div(input, 255)
         if kind == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -262,6 +275,20 @@ def _through_levels(op: Any, kind: str, input: torch.Tensor, params: dict[str, t
     table = _to_uint8(op(torch.div(probe, 255), params=probe_params)).view(n, -1, 256)
     index = input.reshape(n, table.shape[1], -1).long()
     return table.gather(2, index).view(input.shape)
+
+
+def _through_positions(op: Any, input: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """input (n, c, h, w) uint8 moved as kornia's nearest-pixel warp moves one image of positions
+    (1 to h*w, exact in float32) per row: each output pixel takes the position it was sampled from,
+    or 0 where the warp sampled outside the image (the zero fill)."""
+    n, c, h, w = input.shape
+    positions = torch.arange(1, h * w + 1, device=input.device, dtype=torch.float32)
+    probe = positions.view(1, 1, h, w).expand(n, 1, h, w).contiguous()
+    moved = op(probe, params=dict(params, forward_input_shape=torch.tensor(probe.shape)))
+    source = moved.view(n, 1, h * w).long().expand(n, c, h * w)
+    # Position 0 is the fill: a zero pixel put in front of each channel's.
+    filled = torch.cat([input.new_zeros(n, c, 1), input.view(n, c, h * w)], dim=2)
+    return filled.gather(2, source).view(input.shape)
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
