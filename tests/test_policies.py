@@ -178,6 +178,24 @@ def test_rotate_shear_and_translate_sample_the_nearest_pixel(images, name):
     assert geometric == 5  # rotate, shear x and y, translate x and y
 
 
+@pytest.mark.parametrize("shape", [(40, 3, 32, 32), (40, 3, 5, 5)])
+def test_copying_rows_back_is_index_copy_as_words_or_bytes(shape):
+    """_copy_rows writes the rows in place as int64 words (3,072 bytes a row) or bytes (75),
+    what index_copy_ writes, into contiguous images and into a strided view of them."""
+    from vggtrain.policies import _copy_rows
+
+    generator = torch.Generator().manual_seed(2)
+    into = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    rows = torch.tensor([0, 3, 17, 39])
+    source = torch.randint(0, 256, (4, *shape[1:]), dtype=torch.uint8, generator=generator)
+    expected = into.clone().index_copy_(0, rows, source)
+    assert _copy_rows(into, rows, source) is into and torch.equal(into, expected)
+    wide = torch.zeros(shape[0], shape[1] + 1, *shape[2:], dtype=torch.uint8)
+    strided = wide[:, 1:]  # not contiguous: bytes, through the view
+    _copy_rows(strided, rows, source)
+    assert torch.equal(wide[rows, 1:], source) and not wide[:, 0].any()
+
+
 def _natural(n: int) -> torch.Tensor:
     """n smooth uint8 images with a narrower range per channel than uniform noise, some of one
     level (autocontrast's and equalize's edge cases: a flat channel, a few levels)."""
