@@ -211,8 +211,9 @@ def _natural(n: int) -> torch.Tensor:
 
 
 def test_kornias_blend_is_skipped_and_the_probabilities_kept(images, monkeypatch):
-    """On the CPU the rows-only forward runs each op as if p were 1: kornia's blend of output and
-    input by the gates is never called (though AutoAugment's ops have p < 1), and p is put back."""
+    """On the CPU the rows-only forward runs each op as kornia runs p = 1: kornia's blend of output
+    and input by the gates is never called (though AutoAugment's ops have p < 1), and p is left
+    as it was."""
     import kornia.augmentation.base as kornia_base
 
     blends = []
