@@ -38,6 +38,7 @@ def test_bench_policies_measures_each_policy_both_ways(tmp_path, capsys, monkeyp
     from vggtrain import data
 
     monkeypatch.setattr(data, "AUGMENT_CHUNK_IMAGES", 100)  # chunks of 2 batches of 50: seconds, not minutes
+    monkeypatch.setattr(data, "POLICY_CHUNK_IMAGES", 100)
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(tmp_path / "unused", tmp_path / "runs"))
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()

@@ -304,6 +304,7 @@ def test_a_policy_gets_nchw_chunks_and_channels_last_runs_get_the_same_batches_l
     chunk transposes it); random erasing alone keeps a channels_last run's chunk channels_last.
     Either way a channels_last run's batches are channels_last, the same values."""
     monkeypatch.setattr(data_module, "AUGMENT_CHUNK_IMAGES", 96)
+    monkeypatch.setattr(data_module, "POLICY_CHUNK_IMAGES", 96)
     seen: list[bool] = []
     call = Policy.__call__
     monkeypatch.setattr(Policy, "__call__", lambda self, images, seed: seen.append(images.is_contiguous())
@@ -322,6 +323,7 @@ def test_a_policy_gets_nchw_chunks_and_channels_last_runs_get_the_same_batches_l
 def test_a_resumed_epoch_gets_the_same_batches_bit_for_bit(monkeypatch, name):
     # chunks of 3 batches, so a resume lands inside a chunk and in later ones
     monkeypatch.setattr(data_module, "AUGMENT_CHUNK_IMAGES", 96)
+    monkeypatch.setattr(data_module, "POLICY_CHUNK_IMAGES", 96)
     aug = Augmentation(policy=PolicySpec(name, erasing=0.5), cutout=8)
     loader = TrainLoader(random_split(400, CPU, seed=5), 32, seed=7, aug=aug)
     whole = _batches(loader, 1)

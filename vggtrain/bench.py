@@ -192,12 +192,12 @@ def _policy_rates(cfg: TrainConfig, split: Split, reference_ds: _PILDataset, spe
                   workers: int) -> tuple[float, float]:
     """(batched, torchvision) images/s of one policy: spec on split's tensor, reference_ds (the
     same images under torchvision_policy(spec)) in a DataLoader. The batched path is timed over
-    whole chunks of 8,192 images (data.AUGMENT_CHUNK_IMAGES, the policy's unit of work) after one
+    whole chunks of 16,384 images (data.POLICY_CHUNK_IMAGES, the policy's unit of work) after one
     untimed chunk, crop, flip and normalisation included; torchvision's over as many images, after
     3 batches."""
     bs, device = cfg.train.batch_size, split.images.device
     channels_last = channels_last_for(cfg.train.channels_last, device)
-    chunk_steps = max(1, data_path.AUGMENT_CHUNK_IMAGES // bs)
+    chunk_steps = max(1, data_path.POLICY_CHUNK_IMAGES // bs)
     aug = Augmentation(policy=spec)
     batches = _endless(lambda: train_batches(split, bs, torch.Generator().manual_seed(0), aug, channels_last))
     batched = _rate(lambda: len(next(batches)[1]), device, chunk_steps, 2 * chunk_steps)
@@ -364,7 +364,7 @@ def run_bench(cfg: TrainConfig, config_arg: str, overrides: list[str], parts: li
             counted = count_step(cfg)
             res["ops_per_step"], res["syncs_per_step"] = counted.ops, counted.syncs
         if "policies" in parts:
-            res["policies"] = bench_policies(cfg, random_split(3 * data_path.AUGMENT_CHUNK_IMAGES, device, 5))
+            res["policies"] = bench_policies(cfg, random_split(3 * data_path.POLICY_CHUNK_IMAGES, device, 5))
         if "eval" in parts:
             res["eval"] = bench_eval(cfg, Path(tmp), random_split(cfg.train.eval_batch_size * 4, device, 4))
     res["peak_memory_mib"] = peak_memory_mib(device)

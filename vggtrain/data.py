@@ -41,6 +41,10 @@ MAX_PER_BATCH = 10_000  # the published batch size; larger files are refused bef
 C100_TRAIN, C100_TEST = 50_000, 10_000  # CIFAR-100 keeps each split in one file
 PAD = 4  # the default crop padding (data.crop_padding)
 AUGMENT_CHUNK_IMAGES = 8192  # images train_batches augments at once (~25 MB of uint8)
+# Under data.policy or data.random_erasing: each of a policy's kornia calls (25 to 30 a chunk) has
+# a fixed cost, which a chunk twice as large halves per image; AutoAugment's batched path ran
+# 1.10-1.15x as fast on the CPU (docs/performance.md).
+POLICY_CHUNK_IMAGES = 16384
 
 
 @dataclass
@@ -616,7 +620,7 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator,
     policy_base = int(torch.randint(0, 2**62, (1,), generator=generator)) if policy else 0
     # The augmentation runs on a chunk of batches at a time (airbench augments the epoch at once):
     # a step then costs a few operator launches, not thirty, and a chunk's memory stays bounded.
-    per_chunk = max(1, AUGMENT_CHUNK_IMAGES // batch_size) * batch_size
+    per_chunk = max(1, (POLICY_CHUNK_IMAGES if policy else AUGMENT_CHUNK_IMAGES) // batch_size) * batch_size
     end = len(perm) - len(perm) % batch_size
     if stop is not None:
         end = min(end, max(stop, 0) * batch_size)

@@ -6,8 +6,9 @@ kornia picks one sub-policy (AutoAugment, TrivialAugment) or one set of N operat
 (RandAugment) per call, for the whole batch; only magnitudes and probability gates are drawn per
 row. These policies are per image, so the choice is drawn here, per image, and each candidate
 runs once on the rows that chose it: kornia's own policy class wrapped around that one candidate,
-so its magnitudes, signs and gates are kornia's. A chunk of 8,192 images costs one kornia call per
-candidate (and per RandAugment step), not one per image.
+so its magnitudes, signs and gates are kornia's. A chunk of 16,384 images costs one kornia call
+per candidate (and per RandAugment step), not one per image. Images stay uint8 from operation to
+operation, each operation run the cheapest exact way its kind allows (_kind).
 
 All draws (the choices here, kornia's inside) come from torch's global generators, forked and
 seeded from the caller's key, so a chunk augments the same way whenever it is made (a resumed
