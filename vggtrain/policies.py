@@ -208,7 +208,7 @@ def _gated_rows_only(operation: Any, kind: str) -> Any:
         if params is None:
             params = operation.forward_parameters(input.shape)
         if input.device.type != "cpu":
-            return _to_uint8(kornias(torch.div(input, 255), params))
+            return _rounded(kornias(torch.div(input, 255), params)).to(torch.uint8)
         gate = params["batch_prob"] > 0
         n, rows = len(gate), gate.nonzero().flatten()
         if len(rows) == n:
@@ -242,9 +242,10 @@ def _copy_rows(into: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> 
 
 def _on_every_row(op: Any, kind: str, input: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
     """kornia's augmentation op on uint8 input with params whose gates are all 1, rounded back to
-    uint8 (as torchvision's policies round after every operation on uint8 images), as kornia runs
-    an op of p = 1 (_transform): with p < 1 it also blends the output with the input by the gates
-    (a torch.where over every row) and gates the matrices, which all-1 gates leave as they are.
+    uint8 (as torchvision's policies round after every operation on uint8 images), in place where
+    input is contiguous, as kornia runs an op of p = 1 (_transform): with p < 1 it also blends the
+    output with the input by the gates (a torch.where over every row) and gates the matrices,
+    which all-1 gates leave as they are.
 
     Why the kinds (_kind): kornia's operations work on float images, several passes of 4 bytes an
     element each. Run on 256 levels a row instead of 3,072 pixels, with the uint8 images then read
@@ -253,13 +254,15 @@ def _on_every_row(op: Any, kind: str, input: torch.Tensor, params: dict[str, tor
     same uint8 images (the per-candidate test against kornia's forward holds it)."""
     if kind == "equalize":
         return equalize(input)
+    # The other kinds write their result into input (no uint8 copy back in Policy._apply).
+    input = input.contiguous()
     if kind in ("levels", "min_max"):
         return _through_levels(op, kind, input, params)
     if kind == "positions":
         return _through_positions(op, input, params)
     if kind == "sharpness":
         return _sharpness(input, params["sharpness"])
-    return _to_uint8(_transform(op, torch.div(input, 255), params))
+    return input.copy_(_rounded(_transform(op, torch.div(input, 255), params)))
 
 
 def _through_levels(op: Any, kind: str, input: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -275,9 +278,9 @@ def _through_levels(op: Any, kind: str, input: torch.Tensor, params: dict[str, t
         low, high = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
         probe = torch.minimum(torch.maximum(levels.expand(n, c, 256), low), high).unsqueeze(2)
     probe_params = dict(params, forward_input_shape=torch.tensor(probe.shape))
-    table = _to_uint8(_transform(op, torch.div(probe, 255), probe_params)).view(n, -1, 256)
+    table = _rounded(_transform(op, torch.div(probe, 255), probe_params)).to(torch.uint8).view(n, -1, 256)
     index = input.reshape(n, table.shape[1], -1).long()
-    return table.gather(2, index).view(input.shape)
+    return torch.gather(table, 2, index, out=input.view(index.shape)).view(input.shape)
 
 
 def _sharpness(input: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -298,7 +301,7 @@ def _sharpness(input: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     inner = x[:, :, 1:-1, 1:-1]
     weight = factor.to(x.device, x.dtype).view(-1, 1, 1, 1)
     inner.copy_((inner - smooth).mul_(weight).add_(smooth).clamp_(0, 1))
-    return _to_uint8(x).contiguous()
+    return input.copy_(_rounded(x))
 
 
 def _through_positions(op: Any, input: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -312,7 +315,7 @@ def _through_positions(op: Any, input: torch.Tensor, params: dict[str, torch.Ten
     source = moved.view(n, 1, h * w).long().expand(n, c, h * w)
     # Position 0 is the fill: a zero pixel put in front of each channel's.
     filled = torch.cat([input.new_zeros(n, c, 1), input.view(n, c, h * w)], dim=2)
-    return filled.gather(2, source).view(input.shape)
+    return torch.gather(filled, 2, source, out=input.view(n, c, h * w)).view(input.shape)
 
 
 def _transform(op: Any, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -331,9 +334,10 @@ def _geometric(op: Any) -> bool:
     return isinstance(op, GeometricAugmentationBase2D)
 
 
-def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float [0, 1] images rounded to uint8 levels."""
-    return images.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+def _rounded(images: torch.Tensor) -> torch.Tensor:
+    """float [0, 1] images, in place, as the uint8 levels they round to (still float: copy_ into
+    uint8 images or .to(torch.uint8) makes them uint8)."""
+    return images.clamp_(0, 1).mul_(255).round_()
 
 
 def _kornia_candidates(spec: PolicySpec, auto: Any) -> list[torch.nn.Module]:
