@@ -196,6 +196,22 @@ def test_copying_rows_back_is_index_copy_as_words_or_bytes(shape):
     assert torch.equal(wide[rows, 1:], source) and not wide[:, 0].any()
 
 
+@pytest.mark.parametrize("shape", [(32, 32), (20, 24)])
+def test_equalize_is_torchvisions(images, shape):
+    """_equalize gives torchvision's equalize (PIL's) of uint8 images, written into them: random,
+    smooth, four-level and flat channels, and images of another size."""
+    from torchvision.transforms.v2.functional import equalize
+
+    from vggtrain.policies import _equalize
+
+    x = torch.cat([images[:100], _natural(100)])[:, :, :shape[0], :shape[1]].contiguous()
+    x[:5, 1] = 255  # a channel all at the top level
+    expected = equalize(x)
+    out = x.clone()
+    assert _equalize(out).data_ptr() == out.data_ptr() and torch.equal(out, expected)
+    assert not torch.equal(expected, x)
+
+
 def _natural(n: int) -> torch.Tensor:
     """n smooth uint8 images with a narrower range per channel than uniform noise, some of one
     level (autocontrast's and equalize's edge cases: a flat channel, a few levels)."""

@@ -24,7 +24,6 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from torchvision.transforms.v2.functional import equalize
 
 from vggtrain.errors import UserError
 
@@ -168,7 +167,7 @@ def _kind(op: Any, K: Any) -> str:
         once per row and the images go through that table;
     min_max: also a function of each channel's minimum and maximum (autocontrast): the 256 levels
         clamped to them make a probe with the same minimum and maximum;
-    equalize: torchvision's equalize of uint8 images, PIL's algorithm as kornia's;
+    equalize: PIL's algorithm, as kornia's and torchvision's, on uint8 images (_equalize);
     positions: a warp sampling the nearest pixel (rotate, shear, translate here) moves pixels, so
         kornia's op runs on one float image of pixel positions and each image's pixels are
         gathered from where it says;
@@ -252,10 +251,10 @@ def _on_every_row(op: Any, kind: str, input: torch.Tensor, params: dict[str, tor
     through the table by one gather, TrivialAugment's posterize took 2.0 microseconds an image
     against 8.2 and solarize 1.6 against 5.5 (682 images, 2 threads, on an AVX-512 AMD EPYC), the
     same uint8 images (the per-candidate test against kornia's forward holds it)."""
-    if kind == "equalize":
-        return equalize(input)
-    # The other kinds write their result into input (no uint8 copy back in Policy._apply).
+    # Every kind writes its result into input (no uint8 copy back in Policy._apply).
     input = input.contiguous()
+    if kind == "equalize":
+        return _equalize(input)
     if kind in ("levels", "min_max"):
         return _through_levels(op, kind, input, params)
     if kind == "positions":
@@ -281,6 +280,29 @@ def _through_levels(op: Any, kind: str, input: torch.Tensor, params: dict[str, t
     table = _rounded(_transform(op, torch.div(probe, 255), probe_params)).to(torch.uint8).view(n, -1, 256)
     index = input.reshape(n, table.shape[1], -1).long()
     return torch.gather(table, 2, index, out=input.view(index.shape)).view(input.shape)
+
+
+def _equalize(images: torch.Tensor) -> torch.Tensor:
+    """torchvision's equalize of contiguous uint8 images (n, c, h, w) (PIL's ImageOps.equalize,
+    channel by channel: kornia's too), written into them: the same table from the same counts,
+    its arithmetic on float32 (exact: the counts stay below 2**24), the count at the highest
+    level read at the image's maximum (torchvision takes an argmax of the running sums), and a
+    channel PIL leaves as it is (step 0) given the identity table rather than a torch.where over
+    the images. 3.0 microseconds an image against torchvision's 4.7 (1,100 images, 2 threads, an
+    AVX-512 AMD EPYC); a test holds the images the same."""
+    n, c = images.shape[:2]
+    flat = images.view(n, c, -1)
+    index = flat.long()
+    hist = torch.zeros(n, c, 256, dtype=torch.int32, device=images.device)
+    hist.scatter_add_(2, index, hist.new_ones(1).expand_as(index))
+    top = hist.gather(2, flat.amax(2, keepdim=True).long())  # the pixels at the highest level held
+    step = (flat.shape[2] - top).div_(255, rounding_mode="floor").float()
+    table = torch.zeros(n, c, 256, device=images.device)
+    running = hist[..., :-1].cumsum(2, dtype=torch.float32).add_(step.div(2).floor_())
+    torch.div(running, step.clamp(min=1), out=table[..., 1:]).floor_().clamp_(0, 255)
+    levels = torch.arange(256, device=images.device, dtype=table.dtype)
+    table = torch.where(step == 0, levels, table).to(torch.uint8)
+    return torch.gather(table, 2, index, out=flat).view(images.shape)
 
 
 def _sharpness(input: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
