@@ -127,7 +127,8 @@ def _rounding_after_each_operation(candidates: list[torch.nn.Module], auto) -> N
 def test_each_candidate_returns_what_kornias_own_operations_do_rounded_after_each(images, name):
     """Policy runs each operation on the rows its gate chose, without kornia's blend, on uint8
     images (pointwise operations through a table of the 256 levels, autocontrast through a probe,
-    equalize through torchvision's): the same images, bit for bit, as kornia's policy classes run
+    warps through an image of positions, equalize, sharpness and colour written out here): the same
+    images, bit for bit, as kornia's policy classes run
     as they come with each operation rounded back to uint8, for every candidate."""
     from vggtrain.policies import _kornia_candidates, _seeded, kornia_augmentation, kornia_operations
 
@@ -212,12 +213,30 @@ def test_equalize_is_torchvisions(images, shape):
     assert not torch.equal(expected, x)
 
 
+def test_an_operation_of_no_other_kind_runs_as_kornias_on_float_images(images):
+    """The fallback for an operation none of the kinds covers (none in these three policies with
+    kornia 0.9.0; hue here) is kornia's op on float images, rounded back into the uint8 ones; a
+    bilinear rotation is not taken for a move of pixels, nor saturation of one channel for RGB."""
+    from vggtrain.policies import _kind, _on_every_row, kornia_augmentation
+
+    K = kornia_augmentation()
+    hue = K.RandomHue((-0.3, 0.3), p=1.0)
+    x = images[:50]
+    params = hue.forward_parameters(x.shape)
+    expected = hue(x.float() / 255, params=params).clamp(0, 1).mul(255).round().to(torch.uint8)
+    assert _kind(hue, K) == "float" and torch.equal(_on_every_row(hue, "float", x.clone(), params), expected)
+    assert not torch.equal(expected, x)
+    assert _kind(K.RandomRotation(30.0, resample="bilinear"), K) == "float"
+    assert _kind(K.RandomRotation(30.0, resample="nearest"), K) == "positions"
+    assert _kind(K.RandomShear(10.0, resample="nearest", padding_mode="border"), K) == "float"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["autoaugment", "randaugment", "trivialaugment"])
 def test_on_a_gpu_each_candidate_gives_the_cpus_images_to_within_a_level(images, name):
     """On a GPU kornia's own forward runs on float images, rounded after each operation; the CPU's
     kinds give the same images bit for bit on the CPU. Across devices the float kernels differ,
-    so a pixel may round the other way: at most one level, on few pixels."""
+    so a pixel may round the other way (one level) or a warp sample the neighbour: few pixels."""
     from vggtrain.policies import _seeded
 
     spec = PolicySpec(name, magnitude=12)
@@ -227,8 +246,9 @@ def test_on_a_gpu_each_candidate_gives_the_cpus_images_to_within_a_level(images,
         with _seeded(i, CPU):
             on_cpu = a(x.clone())
         on_gpu = b(x.to(cuda), params=a._params).cpu()  # the parameters the CPU drew
+        # A nearest warp near a tie may take the neighbouring pixel (any level), so: few pixels.
         differ = (on_cpu.int() - on_gpu.int()).abs()
-        assert differ.max() <= 1 and (differ > 0).float().mean() < 1e-3, (name, i)
+        assert (differ > 1).float().mean() < 1e-3 and (differ > 0).float().mean() < 1e-2, (name, i)
 
 
 def _natural(n: int) -> torch.Tensor:

@@ -41,9 +41,9 @@ MAX_PER_BATCH = 10_000  # the published batch size; larger files are refused bef
 C100_TRAIN, C100_TEST = 50_000, 10_000  # CIFAR-100 keeps each split in one file
 PAD = 4  # the default crop padding (data.crop_padding)
 AUGMENT_CHUNK_IMAGES = 8192  # images train_batches augments at once (~25 MB of uint8)
-# Under data.policy or data.random_erasing: each of a policy's kornia calls (25 to 30 a chunk) has
-# a fixed cost, which a chunk twice as large halves per image; AutoAugment's batched path ran
-# 1.10-1.15x as fast on the CPU (docs/performance.md).
+# Under data.policy (and random erasing, which shares its path): each of a policy's kornia calls
+# (12 to 30 a chunk) has a fixed cost, which a chunk twice as large halves per image; AutoAugment's
+# batched path ran 1.10-1.15x as fast on the CPU (docs/performance.md).
 POLICY_CHUNK_IMAGES = 16384
 
 
@@ -503,13 +503,18 @@ def _normalization(device: torch.device, stats: Stats) -> tuple[torch.Tensor, to
 def normalize(images: torch.Tensor, channels_last: bool = False, stats: Stats = CIFAR10_STATS
               ) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> normalised float32 ((x / 255 - mean) / std), laid out as asked: one
-    converting multiply into the output, then in place. The same floats as a converting copy and
-    two passes in place, in one pass fewer: from NCHW uint8 into a channels_last output (a chunk
-    under a policy) 1.5 microseconds an image against 2.5 (2 threads, an AVX-512 AMD EPYC)."""
+    converting copy, then in place. From NCHW into channels_last (a policy's chunk; a converting
+    copy that also transposes is slow) one multiply from the uint8 images instead, the same floats:
+    on the CPU torch converts them to a float temporary and transposes in the multiply: 1.9-2.1
+    microseconds an image against 2.5 with vggtrain's allocator, 4.7-4.8 against 5.5-5.9 with
+    glibc's defaults (batches of 512, 2 threads, an AVX-512 AMD EPYC, alternated in one process).
+    Other layouts keep the copy: there the multiply's temporary made it slower."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     scale, shift = _normalization(images.device, stats)
     out = torch.empty_like(images, dtype=torch.float32, memory_format=fmt)
-    return torch.mul(images, scale, out=out).sub_(shift)
+    if channels_last and images.is_contiguous() and images.shape[1] > 1:
+        return torch.mul(images, scale, out=out).sub_(shift)
+    return out.copy_(images).mul_(scale).sub_(shift)
 
 
 def crop_flip(split: Split, idx: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor,

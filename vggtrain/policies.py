@@ -180,9 +180,12 @@ def _kind(op: Any, K: Any) -> str:
         return "min_max"
     if isinstance(op, K.RandomEqualize):
         return "equalize"
-    from kornia.constants import Resample
+    from kornia.constants import Resample, SamplePadding
 
-    if getattr(op, "flags", {}).get("resample") == Resample.NEAREST:
+    flags = getattr(op, "flags", {})
+    # Zero fill only (rotation's always is: it has no padding_mode flag).
+    zero_fill = flags.get("padding_mode", SamplePadding.ZEROS) == SamplePadding.ZEROS
+    if flags.get("resample") == Resample.NEAREST and zero_fill:
         return "positions"
     if isinstance(op, K.RandomSaturation):
         return "saturation"
@@ -263,7 +266,7 @@ def _on_every_row(op: Any, kind: str, input: torch.Tensor, params: dict[str, tor
         return _through_positions(op, input, params)
     if kind == "sharpness":
         return _sharpness(input, params["sharpness"])
-    if kind == "saturation":
+    if kind == "saturation" and input.shape[1] == 3:  # kornia refuses other channel counts
         return _saturation(input, params["saturation_factor"])
     return input.copy_(_rounded(_transform(op, torch.div(input, 255), params)))
 
