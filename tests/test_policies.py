@@ -213,6 +213,29 @@ def test_equalize_is_torchvisions(images, shape):
     assert not torch.equal(expected, x)
 
 
+@pytest.mark.parametrize("name, most", [("randaugment", 2), ("trivialaugment", None)])
+def test_rows_with_the_same_parameters_share_one_warp(images, monkeypatch, name, most):
+    """RandAugment's fixed magnitude leaves each warp one or two parameter sets (a sign): only
+    those are warped, and every row indexed to its own (the per-candidate test holds the images
+    the same); TrivialAugment's magnitudes differ per row, so every row is warped."""
+    from vggtrain import policies
+
+    warped: list[int] = []
+    transform = policies._transform
+
+    def recording(op, images, params):
+        if images.shape[1] == 1 and images.shape[2] > 1:  # a probe of positions (levels' are 1 x 256)
+            warped.append(len(images))
+        return transform(op, images, params)
+
+    monkeypatch.setattr(policies, "_transform", recording)
+    x = images[:400]
+    for candidate in Policy(PolicySpec(name), CPU).candidates:
+        candidate(x.clone())
+    assert len(warped) == 5
+    assert all(w <= most for w in warped) if most else all(w == len(x) for w in warped)
+
+
 def test_an_operation_of_no_other_kind_runs_as_kornias_on_float_images(images):
     """The fallback for an operation none of the kinds covers (none in these three policies with
     kornia 0.9.0; hue here) is kornia's op on float images, rounded back into the uint8 ones; a

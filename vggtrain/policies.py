@@ -356,15 +356,40 @@ def _sharpness(input: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 def _through_positions(op: Any, input: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
     """input (n, c, h, w) uint8 moved as kornia's nearest-pixel warp moves one image of positions
     (1 to h*w, exact in float32) per row: each output pixel takes the position it was sampled from,
-    or 0 where the warp sampled outside the image (the zero fill)."""
+    or 0 where the warp sampled outside the image (the zero fill). Rows with the same parameters
+    share one warp (_distinct_rows)."""
     n, c, h, w = input.shape
+    params, row_of = _distinct_rows(params, n)
+    m = n if row_of is None else int(row_of.max()) + 1
     positions = torch.arange(1, h * w + 1, device=input.device, dtype=torch.float32)
-    probe = positions.view(1, 1, h, w).expand(n, 1, h, w).contiguous()
+    probe = positions.view(1, 1, h, w).expand(m, 1, h, w).contiguous()
     moved = _transform(op, probe, dict(params, forward_input_shape=torch.tensor(probe.shape)))
-    source = moved.view(n, 1, h * w).long().expand(n, c, h * w)
+    moved = moved.view(m, 1, h * w)
+    source = (moved if row_of is None else moved.index_select(0, row_of)).long().expand(n, c, h * w)
     # Position 0 is the fill: a zero pixel put in front of each channel's.
     filled = torch.cat([input.new_zeros(n, c, 1), input.view(n, c, h * w)], dim=2)
     return torch.gather(filled, 2, source, out=input.view(n, c, h * w)).view(input.shape)
+
+
+def _distinct_rows(params: dict[str, torch.Tensor], n: int
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """(the parameters of the distinct rows, each row's index among them), or (params, None) where
+    most rows differ. RandAugment's magnitude is fixed, so each of its warps has one or two
+    parameter sets (a sign) among ~1,000 rows: warping those few and indexing is the same per row,
+    as nothing in a warp mixes rows (the per-candidate test holds it), and saves kornia's grid of
+    every output pixel of every row, most of a warp's cost."""
+    keys = [key for key, value in params.items()
+            if value.shape[:1] == (n,) and key not in ("batch_prob", "forward_input_shape")]
+    if not keys or n < 2:
+        return params, None
+    table = torch.cat([params[key].reshape(n, -1).double() for key in keys], dim=1)
+    distinct, row_of = torch.unique(table, dim=0, return_inverse=True)
+    if len(distinct) > n // 2:
+        return params, None
+    first = torch.zeros(len(distinct), dtype=torch.long).scatter_(0, row_of, torch.arange(n))
+    shared = {key: value.index_select(0, first) if value.shape[:1] == (n,) else value
+              for key, value in params.items()}
+    return shared, row_of
 
 
 def _transform(op: Any, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
