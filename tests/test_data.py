@@ -315,8 +315,9 @@ def test_normalize_matches_torchvision():
 
 
 def test_normalize_gives_the_floats_of_a_converting_copy_and_two_passes_in_any_layout():
-    """normalize converts and scales in one multiply: the same floats as the copy-then-scale it
-    replaced (x.float() * scale - shift), from NCHW or channels_last uint8, into either layout."""
+    """normalize (one multiply from the uint8 images from NCHW into channels_last, a converting
+    copy and two passes otherwise) gives the floats of x.float() * scale - shift, from NCHW or
+    channels_last uint8, into either layout."""
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
     scale, shift = 1.0 / (255.0 * std), mean / std

@@ -256,7 +256,7 @@ def test_an_operation_of_no_other_kind_runs_as_kornias_on_float_images(images):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["autoaugment", "randaugment", "trivialaugment"])
-def test_on_a_gpu_each_candidate_gives_the_cpus_images_to_within_a_level(images, name):
+def test_on_a_gpu_each_candidate_gives_the_cpus_images_but_on_few_pixels(images, name):
     """On a GPU kornia's own forward runs on float images, rounded after each operation; the CPU's
     kinds give the same images bit for bit on the CPU. Across devices the float kernels differ,
     so a pixel may round the other way (one level) or a warp sample the neighbour: few pixels."""
